@@ -1,0 +1,81 @@
+"""The Backend interface: something a prompt can be dispatched to, with a cost model and health."""
+from __future__ import annotations
+
+import abc
+import enum
+import threading
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Sequence
+
+from router.costs import CostModel
+from router.registry import Registry
+
+
+class Status(str, enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    UNAVAILABLE = "unavailable"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"                    # the model ended its answer (EOS)
+    LENGTH = "length"                # max_tokens reached
+    STOP_SEQUENCE = "stop_sequence"  # a caller's stop string appeared
+    CANCELLED = "cancelled"          # the caller went away or its deadline passed
+
+
+@dataclass
+class GenerationRequest:
+    """messages: (role, content) pairs, oldest first. cancel: set it to stop generation early."""
+
+    messages: Sequence[tuple[str, str]]
+    max_tokens: int = 128
+    temperature: float = 0.0
+    stop: Sequence[str] = ()
+    seed: int | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(frozen=True)
+class TextChunk:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    decode_s: float  # time spent producing the completion tokens after the first
+
+
+class Backend(abc.ABC):
+    """One dispatch target. ``generate`` yields TextChunk* then exactly one Finished.
+
+    Implementations raise router.errors.BackendError on failure; the caller decides on fallback
+    (only possible before the first chunk was forwarded).
+    """
+
+    name: str
+    kind: str
+    description: str
+
+    @abc.abstractmethod
+    async def load(self) -> None:
+        """Make the backend ready; on failure set status UNAVAILABLE with a reason, do not raise."""
+
+    @abc.abstractmethod
+    def status(self) -> tuple[Status, str]:
+        """(status, human-readable detail)."""
+
+    @abc.abstractmethod
+    def cost_model(self) -> CostModel: ...
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TextChunk | Finished]: ...
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+
+BACKENDS: Registry = Registry("backend kind")

@@ -1,0 +1,110 @@
+"""Structured MLP pruning of Llama-style decoders, with genuinely smaller weights.
+
+Importance of MLP neuron j in a layer (activation-aware, as in Wanda, at neuron granularity):
+
+    I_j = ||h_j||_2 * ||W_down[:, j]||_2
+
+where h_j is the neuron's activation act(gate(x))_j * up(x)_j over the calibration tokens: a
+neuron matters when it both fires and writes a large vector into the residual stream. Each layer
+keeps the same number of neurons (the top ``keep`` share), so the result is a standard config
+with a smaller ``intermediate_size`` and the pruned model saves and loads like any HF model, and
+its matmuls are really smaller (hence really faster, not masked).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def calibration_texts() -> list[str]:
+    p = Path(__file__).parent / "data" / "calibration.txt"
+    return [line.strip() for line in p.read_text().splitlines() if line.strip()]
+
+
+def mlp_neuron_importance(model: torch.nn.Module, tokenizer, texts: Sequence[str]) -> list[torch.Tensor]:
+    """One float32 tensor (intermediate_size,) of importances per decoder layer."""
+    layers = model.model.layers
+    sq = [torch.zeros(layer.mlp.down_proj.in_features, dtype=torch.float64) for layer in layers]
+    hooks = []
+    for i, layer in enumerate(layers):
+        def hook(_mod, inputs, i=i):
+            h = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
+            sq[i] += (h * h).sum(0)
+        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(hook))
+    try:
+        with torch.inference_mode():
+            for t in texts:
+                ids = tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                                    return_tensors="pt", return_dict=True)["input_ids"]
+                model(input_ids=ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = []
+    for layer, s in zip(layers, sq):
+        wnorm = layer.mlp.down_proj.weight.detach().to(torch.float64).norm(dim=0)
+        out.append((s.sqrt() * wnorm).to(torch.float32))
+    return out
+
+
+def _slice_linear(lin: torch.nn.Linear, idx: torch.Tensor, dim: int) -> torch.nn.Linear:
+    w = lin.weight.detach().index_select(dim, idx).clone()
+    new = torch.nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None, dtype=w.dtype, device=w.device)
+    new.weight.data.copy_(w)
+    if lin.bias is not None:
+        b = lin.bias.detach() if dim == 1 else lin.bias.detach().index_select(0, idx)
+        new.bias.data.copy_(b)
+    return new
+
+
+def prune_mlp(model: torch.nn.Module, importances: Sequence[torch.Tensor], keep: float) -> list[torch.Tensor]:
+    """Keep the top ``keep`` share of MLP neurons in every layer, in place; returns kept indices."""
+    n = model.config.intermediate_size
+    kept_n = max(1, int(round(keep * n)))
+    kept = []
+    for layer, imp in zip(model.model.layers, importances):
+        idx = torch.topk(imp, kept_n).indices.sort().values
+        mlp = layer.mlp
+        mlp.gate_proj = _slice_linear(mlp.gate_proj, idx, 0)
+        mlp.up_proj = _slice_linear(mlp.up_proj, idx, 0)
+        mlp.down_proj = _slice_linear(mlp.down_proj, idx, 1)
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = kept_n
+        kept.append(idx)
+    model.config.intermediate_size = kept_n
+    return kept
+
+
+def pruned_weights(base_dir: Path, keep: float, cache: Path) -> Path:
+    """A cached HF folder with the MLP-pruned variant of ``base_dir`` (built once)."""
+    texts = calibration_texts()
+    key = hashlib.sha256(json.dumps([str(base_dir.name), keep, texts]).encode()).hexdigest()[:12]
+    out = cache / f"{base_dir.name}-mlp{int(round(keep * 100))}-{key}"
+    if (out / "pruning.json").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("pruning %s to %.0f%% of MLP neurons on %d calibration prompts", base_dir.name, keep * 100, len(texts))
+    tok = AutoTokenizer.from_pretrained(str(base_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
+    imp = mlp_neuron_importance(model, tok, texts)
+    prune_mlp(model, imp, keep)
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    (tmp / "pruning.json").write_text(json.dumps({
+        "base": str(base_dir), "method": "mlp-activation-aware", "keep": keep,
+        "intermediate_size": model.config.intermediate_size, "calibration_prompts": len(texts)}, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out

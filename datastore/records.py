@@ -1,0 +1,101 @@
+"""Outcome records and the reader for outcome files.
+
+Schema (one JSON object a line, optionally gzip-compressed), shared with ../shared/data/routing:
+
+    {"id": str, "prompt": str, "scores": {backend: float in [0, 1]},
+     "category"?: str, "source"?: str, "split"?: "train" | "test",
+     "cost"?: {backend: float}, "latency_ms"?: {backend: float}, "meta"?: {...}}
+
+A backend missing from ``scores`` was not run on that prompt.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from router.errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class OutcomeRecord:
+    id: str
+    prompt: str
+    scores: dict[str, float]
+    category: str = ""
+    source: str = ""
+    split: str = ""
+    cost: dict[str, float] = field(default_factory=dict)
+    latency_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"id": self.id, "prompt": self.prompt, "scores": self.scores}
+        for k in ("category", "source", "split"):
+            if getattr(self, k):
+                d[k] = getattr(self, k)
+        if self.cost:
+            d["cost"] = self.cost
+        if self.latency_ms:
+            d["latency_ms"] = self.latency_ms
+        return d
+
+
+def _float_map(obj: Any, what: str, where: str, *, unit: bool) -> dict[str, float]:
+    if obj is None:
+        return {}
+    if not isinstance(obj, dict):
+        raise InvalidArgument(f"{where}: {what} must be an object of backend -> number")
+    out: dict[str, float] = {}
+    for k, v in obj.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise InvalidArgument(f"{where}: {what}[{k!r}] must be a finite number, got {v!r}")
+        if unit and not 0.0 <= v <= 1.0:
+            raise InvalidArgument(f"{where}: {what}[{k!r}] = {v} is outside [0, 1]")
+        if not unit and v < 0:
+            raise InvalidArgument(f"{where}: {what}[{k!r}] = {v} is negative")
+        out[str(k)] = float(v)
+    return out
+
+
+def parse_record(obj: Any, where: str) -> OutcomeRecord:
+    """Validate one decoded JSON object; ``where`` (file:line) prefixes every error message."""
+    if not isinstance(obj, dict):
+        raise InvalidArgument(f"{where}: expected a JSON object")
+    prompt = obj.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InvalidArgument(f"{where}: 'prompt' must be a non-empty string")
+    scores = _float_map(obj.get("scores"), "scores", where, unit=True)
+    if not scores:
+        raise InvalidArgument(f"{where}: 'scores' must name at least one backend")
+    return OutcomeRecord(
+        id=str(obj.get("id") or where),
+        prompt=prompt,
+        scores=scores,
+        category=str(obj.get("category") or ""),
+        source=str(obj.get("source") or ""),
+        split=str(obj.get("split") or ""),
+        cost=_float_map(obj.get("cost"), "cost", where, unit=False),
+        latency_ms=_float_map(obj.get("latency_ms"), "latency_ms", where, unit=False),
+    )
+
+
+def read_outcomes(path: str | Path) -> Iterator[OutcomeRecord]:
+    """Yield the records of a .jsonl or .jsonl.gz file; blank lines are skipped."""
+    p = Path(path)
+    if not p.exists():
+        raise InvalidArgument(f"outcomes file not found: {p}")
+    raw = gzip.open(p, "rb") if p.suffix == ".gz" else open(p, "rb")
+    with raw, io.TextIOWrapper(raw, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{p.name}:{n}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InvalidArgument(f"{where}: not valid JSON ({e.msg})") from None
+            yield parse_record(obj, where)

@@ -1,0 +1,320 @@
+"""FAISS kNN datastore: exact inner-product search over unit-norm prompt embeddings.
+
+State on disk (one folder):
+
+    snapshot/manifest.json   embedder, dim, source hash, record count, backends
+    snapshot/index.faiss     the FAISS index of the base outcomes
+    snapshot/records.jsonl   their scores and costs, row-aligned with the index
+    feedback.log             durable appends (Feedback, new outcomes) with their embeddings
+
+The snapshot is derived data, rebuilt whenever the outcome files or the embedder change; the
+feedback log is the user's data and is never rewritten, only replayed on top of the snapshot
+(re-embedded if the embedder changed).
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import faiss
+import numpy as np
+import numpy.typing as npt
+
+from datastore.base import DATASTORES, BackendStats, Estimate
+from datastore.log import AppendLog, _fsync_dir
+from datastore.records import OutcomeRecord, read_outcomes
+from router.errors import ArtifactError, InvalidArgument
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_FORMAT = 1
+
+
+def _b64(v: npt.NDArray[np.float32]) -> str:
+    return base64.b64encode(np.ascontiguousarray(v, dtype="<f4").tobytes()).decode("ascii")
+
+
+def _unb64(s: str, dim: int) -> npt.NDArray[np.float32]:
+    v = np.frombuffer(base64.b64decode(s), dtype="<f4")
+    if v.shape != (dim,):
+        raise ArtifactError(f"stored embedding has {v.size} values, expected {dim}")
+    return v.astype(np.float32)
+
+
+def source_hash(paths: Sequence[Path], embedder_id: str, encoder_settings: str) -> str:
+    h = hashlib.sha256(f"v{SNAPSHOT_FORMAT}|{embedder_id}|{encoder_settings}".encode())
+    for p in paths:
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+class _Columns:
+    """Row-growable float32 matrix with growable columns (new backends appear in feedback)."""
+
+    def __init__(self) -> None:
+        self.data = np.full((0, 0), np.nan, dtype=np.float32)
+        self.rows = 0
+
+    def ensure(self, rows: int, cols: int) -> None:
+        r, c = self.data.shape
+        if rows <= r and cols <= c:
+            return
+        new = np.full((max(rows, 2 * r, 64) if rows > r else r, max(cols, c)), np.nan, dtype=np.float32)
+        new[:r, :c] = self.data
+        self.data = new
+
+    def view(self) -> npt.NDArray[np.float32]:
+        return self.data[: self.rows]
+
+
+@DATASTORES.register("faiss-knn")
+class FaissKnnDatastore:
+    """kNN quality estimate: similarity-weighted mean of neighbour scores, shrunk to a prior.
+
+    For prompt q with neighbours i (cosine s_i, s_1 the largest) and backend b:
+        w_i = exp((s_i - s_1) / T)
+        quality_b = (sum_i w_i y_ib + a * prior_b) / (sum_i w_i [i scored b] + a)
+    where prior_b is b's mean score over the whole store and a = prior_strength: a backend with
+    few scored neighbours falls back towards its overall mean instead of trusting one neighbour.
+    """
+
+    def __init__(self, dim: int, embedder_id: str, *, k: int = 32, prior_strength: float = 2.0,
+                 temperature: float = 0.05) -> None:
+        self.dim = dim
+        self.embedder_id = embedder_id
+        self.k = k
+        self.prior_strength = prior_strength
+        self.temperature = temperature
+        self.index = faiss.IndexFlatIP(dim)
+        self.backends: list[str] = []
+        self._col: dict[str, int] = {}
+        self._scores = _Columns()
+        self._cost = _Columns()
+        self._ids: list[str] = []
+        self._sum = np.zeros(0, dtype=np.float64)
+        self._cnt = np.zeros(0, dtype=np.int64)
+        self._lock = threading.RLock()
+        self._log: AppendLog | None = None
+        self.state_dir: Path | None = None
+
+    # ---- in-memory core ----------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def _column(self, backend: str) -> int:
+        c = self._col.get(backend)
+        if c is None:
+            c = self._col[backend] = len(self.backends)
+            self.backends.append(backend)
+            self._sum = np.append(self._sum, 0.0)
+            self._cnt = np.append(self._cnt, 0)
+        return c
+
+    def _insert(self, embeddings: npt.NDArray[np.float32], ids: Sequence[str],
+                scores: Sequence[dict[str, float]], costs: Sequence[dict[str, float]]) -> None:
+        emb = np.ascontiguousarray(embeddings, dtype=np.float32)
+        if emb.ndim != 2 or emb.shape[1] != self.dim or emb.shape[0] != len(ids):
+            raise InvalidArgument(f"embeddings must be ({len(ids)}, {self.dim}), got {emb.shape}")
+        with self._lock:
+            for s, c in zip(scores, costs):
+                for b in (*s, *c):
+                    self._column(b)
+            n0, n = len(self._ids), len(ids)
+            for m in (self._scores, self._cost):
+                m.ensure(n0 + n, len(self.backends))
+                m.rows = n0 + n
+            for j, (s, c) in enumerate(zip(scores, costs)):
+                for b, v in s.items():
+                    col = self._col[b]
+                    self._scores.data[n0 + j, col] = v
+                    self._sum[col] += v
+                    self._cnt[col] += 1
+                for b, v in c.items():
+                    self._cost.data[n0 + j, self._col[b]] = v
+            self.index.add(emb)
+            self._ids.extend(ids)
+
+    def priors(self) -> npt.NDArray[np.float32]:
+        """float32 (B,): each backend's mean score; the global mean for a backend with none."""
+        with self._lock:
+            total = self._sum.sum() / max(self._cnt.sum(), 1) if self._cnt.sum() else 0.5
+            return np.where(self._cnt > 0, self._sum / np.maximum(self._cnt, 1), total).astype(np.float32)
+
+    def estimate(self, embeddings: npt.NDArray[np.float32]) -> Estimate:
+        """embeddings: float32 (n, d), unit rows -> Estimate over all known backends."""
+        q = np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1, self.dim)
+        with self._lock:
+            B = len(self.backends)
+            n = q.shape[0]
+            if len(self._ids) == 0 or B == 0:
+                z = np.zeros((n, B), dtype=np.float32)
+                return Estimate(tuple(self.backends), z + self.priors(), z, z + np.nan)
+            k = min(self.k, len(self._ids))
+            sims, idx = self.index.search(q, k)
+            scores = self._scores.view()[idx]          # (n, k, B)
+            costs = self._cost.view()[idx]             # (n, k, B)
+            prior = self.priors()
+            backends = tuple(self.backends)
+        w = np.exp((sims - sims[:, :1]) / self.temperature).astype(np.float32)  # (n, k)
+        w[idx < 0] = 0.0
+        seen = ~np.isnan(scores)
+        num = np.einsum("nk,nkb->nb", w, np.where(seen, scores, 0.0))
+        den = np.einsum("nk,nkb->nb", w, seen.astype(np.float32))
+        a = self.prior_strength
+        quality = np.where(den + a > 0, (num + a * prior) / np.maximum(den + a, 1e-12), prior)
+        cseen = ~np.isnan(costs)
+        cnum = np.einsum("nk,nkb->nb", w, np.where(cseen, costs, 0.0))
+        cden = np.einsum("nk,nkb->nb", w, cseen.astype(np.float32))
+        cost = np.where(cden > 0, cnum / np.maximum(cden, 1e-12), np.nan)
+        return Estimate(backends, np.clip(quality, 0, 1).astype(np.float32), den.astype(np.float32),
+                        cost.astype(np.float32))
+
+    def stats(self) -> dict[str, BackendStats]:
+        with self._lock:
+            return {b: BackendStats(int(self._cnt[i]), float(self._sum[i] / self._cnt[i]) if self._cnt[i] else float("nan"))
+                    for i, b in enumerate(self.backends)}
+
+    # ---- durable appends -------------------------------------------------------------------------
+    def add(self, embeddings: npt.NDArray[np.float32], records: Sequence[dict[str, Any]]) -> list[str]:
+        """Append outcomes durably, then make them visible to estimates.
+
+        records[i]: {"prompt": str, "scores": {backend: score}, "cost"?: {backend: cost}, ...extra}
+        Returns the new record ids. Raises if the store has no log (opened read-only).
+        """
+        if self._log is None:
+            raise ArtifactError("this datastore was not opened with a state folder; cannot persist")
+        emb = np.asarray(embeddings, dtype=np.float32).reshape(len(records), self.dim)
+        entries = []
+        for e, r in zip(emb, records):
+            entry = dict(r)
+            entry.setdefault("id", uuid.uuid4().hex)
+            entry["ts"] = time.time()
+            entry["embedder"] = self.embedder_id
+            entry["embedding"] = _b64(e)
+            entries.append(entry)
+        self._log.append(entries)  # durable from here on
+        self._insert(emb, [e["id"] for e in entries], [e["scores"] for e in entries],
+                     [e.get("cost") or {} for e in entries])
+        return [e["id"] for e in entries]
+
+    # ---- persistence -----------------------------------------------------------------------------
+    @classmethod
+    def open(cls, state_dir: str | Path, encoder: Any, outcome_files: Sequence[str | Path], *,
+             k: int = 32, prior_strength: float = 2.0, temperature: float = 0.05,
+             encoder_settings: str = "", progress: bool = True) -> "FaissKnnDatastore":
+        """Load (or build) the snapshot of ``outcome_files`` and replay the feedback log.
+
+        encoder: a PromptEncoder, used for building and for re-embedding logged prompts whose
+        embedder differs from the current one.
+        """
+        state = Path(state_dir)
+        state.mkdir(parents=True, exist_ok=True)
+        files = [Path(p) for p in outcome_files]
+        digest = source_hash(files, encoder.model_id, encoder_settings)
+        store = cls(encoder.dim, encoder.model_id, k=k, prior_strength=prior_strength, temperature=temperature)
+        store.state_dir = state
+        snap = state / "snapshot"
+        manifest = _read_manifest(snap)
+        if manifest and manifest.get("source_hash") == digest and manifest.get("dim") == encoder.dim:
+            store._load_snapshot(snap, manifest)
+            log.info("datastore: loaded snapshot of %d outcomes from %s", len(store), snap)
+        else:
+            store._build(files, encoder, progress=progress)
+            store._write_snapshot(snap, digest, [str(p) for p in files])
+            log.info("datastore: built snapshot of %d outcomes in %s", len(store), snap)
+        store._log = AppendLog.open(state / "feedback.log")
+        store._replay(store._log.replayed, encoder)
+        return store
+
+    def _build(self, files: Sequence[Path], encoder: Any, *, progress: bool) -> None:
+        records: list[OutcomeRecord] = [r for p in files for r in read_outcomes(p)]
+        emb = _encode_all(encoder, [r.prompt for r in records], progress=progress, what="embedding outcomes")
+        self._insert(emb, [r.id for r in records], [r.scores for r in records], [r.cost for r in records])
+
+    def _write_snapshot(self, snap: Path, digest: str, sources: list[str]) -> None:
+        tmp = snap.with_name(f"snapshot.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        faiss.write_index(self.index, str(tmp / "index.faiss"))
+        with open(tmp / "records.jsonl", "w") as f:
+            for i, rid in enumerate(self._ids):
+                row_s = self._scores.view()[i]
+                row_c = self._cost.view()[i]
+                f.write(json.dumps({
+                    "id": rid,
+                    "scores": {b: float(row_s[c]) for b, c in self._col.items() if not np.isnan(row_s[c])},
+                    "cost": {b: float(row_c[c]) for b, c in self._col.items() if not np.isnan(row_c[c])},
+                }) + "\n")
+        manifest = {"format": SNAPSHOT_FORMAT, "embedder": self.embedder_id, "dim": self.dim,
+                    "source_hash": digest, "sources": sources, "records": len(self),
+                    "backends": self.backends, "created_unix": time.time()}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        for p in tmp.iterdir():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        old = snap.with_name("snapshot.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if snap.exists():
+            snap.rename(old)
+        tmp.rename(snap)
+        _fsync_dir(snap.parent)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _load_snapshot(self, snap: Path, manifest: dict[str, Any]) -> None:
+        index = faiss.read_index(str(snap / "index.faiss"))
+        rows = [json.loads(line) for line in open(snap / "records.jsonl")]
+        if index.ntotal != len(rows) or index.d != self.dim:
+            raise ArtifactError(f"snapshot {snap} is inconsistent: {index.ntotal} vectors, {len(rows)} records")
+        emb = index.reconstruct_n(0, index.ntotal) if index.ntotal else np.zeros((0, self.dim), np.float32)
+        self._insert(emb, [r["id"] for r in rows], [r["scores"] for r in rows], [r.get("cost") or {} for r in rows])
+
+    def _replay(self, entries: list[dict[str, Any]], encoder: Any) -> None:
+        if not entries:
+            return
+        same = [e for e in entries if e.get("embedder") == self.embedder_id and "embedding" in e]
+        other = [e for e in entries if not (e.get("embedder") == self.embedder_id and "embedding" in e)]
+        if same:
+            emb = np.stack([_unb64(e["embedding"], self.dim) for e in same])
+            self._insert(emb, [e["id"] for e in same], [e["scores"] for e in same], [e.get("cost") or {} for e in same])
+        if other:
+            log.info("datastore: re-embedding %d logged outcomes for embedder %s", len(other), self.embedder_id)
+            emb = _encode_all(encoder, [e["prompt"] for e in other], progress=False, what="re-embedding")
+            self._insert(emb, [e["id"] for e in other], [e["scores"] for e in other], [e.get("cost") or {} for e in other])
+        log.info("datastore: replayed %d feedback records", len(entries))
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def _read_manifest(snap: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((snap / "manifest.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _encode_all(encoder: Any, texts: Iterable[str], *, progress: bool, what: str) -> npt.NDArray[np.float32]:
+    from tqdm import tqdm
+
+    texts = list(texts)
+    step = 256
+    parts = []
+    with tqdm(total=len(texts), desc=what, unit="prompt", disable=not progress or len(texts) < step) as bar:
+        for s in range(0, len(texts), step):
+            parts.append(encoder.encode(texts[s:s + step]))
+            bar.update(min(step, len(texts) - s))
+    return np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float32)

@@ -1,0 +1,1 @@
+"""Generated wire code for the caprouter API (see proto/)."""

@@ -1,0 +1,89 @@
+"""The composition root: ``build_app(config)`` builds and wires every component."""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from router.config import AppConfig, builtin_data, caprouter_home
+
+log = logging.getLogger(__name__)
+
+
+def build_backends(config: AppConfig) -> dict:
+    """Construct (not load) every configured backend, found in the registry by kind."""
+    from backends import BACKENDS, register_builtin_backends
+
+    register_builtin_backends()
+    return {b.name: BACKENDS.get(b.kind)(b, cost_unit=config.routing.cost_unit, models_dir=config.models_dir())
+            for b in config.backends}
+
+
+def outcome_files(config: AppConfig) -> list[Path]:
+    return [Path(p) for p in config.datastore.outcomes] or [builtin_data("aptitude_outcomes.jsonl")]
+
+
+def state_dir(config: AppConfig) -> Path:
+    if config.datastore.state_dir:
+        return Path(config.datastore.state_dir).expanduser()
+    # Keyed by which files feed the store (not their contents), so feedback survives a rebuild
+    # of the snapshot when the outcome files are edited.
+    key = hashlib.sha256("\n".join(str(p.resolve()) for p in outcome_files(config)).encode()).hexdigest()[:12]
+    return caprouter_home() / "datastore" / key
+
+
+@dataclass
+class App:
+    """Everything ``caprouter serve`` runs, wired from one config. ``load`` does the slow part
+    (models, datastore) so that a server can answer health checks while it happens."""
+
+    config: AppConfig
+    service: "object | None" = None
+    loading_detail: str = "not started"
+    _backends: dict = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        return self.service is not None
+
+    async def load(self, *, progress: bool = False) -> None:
+        import asyncio
+
+        from datastore import DATASTORES
+        from encoders import ENCODERS
+        from encoders import minilm  # noqa: F401 - registers the built-in encoder
+        from router.service import RouterService
+
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        self.loading_detail = "loading the prompt encoder"
+        enc_cfg = cfg.encoder
+        encoder = await loop.run_in_executor(None, lambda: ENCODERS.get(enc_cfg.kind)(
+            enc_cfg.model_path, max_tokens=enc_cfg.max_tokens, batch_size=enc_cfg.batch_size, device=enc_cfg.device))
+        self.loading_detail = "loading the datastore"
+        ds = cfg.datastore
+        store_cls = DATASTORES.get("faiss-knn")
+        store = await loop.run_in_executor(None, lambda: store_cls.open(
+            state_dir(cfg), encoder, outcome_files(cfg), k=ds.k, prior_strength=ds.prior_strength,
+            temperature=ds.temperature, encoder_settings=f"max_tokens={enc_cfg.max_tokens}", progress=progress))
+        self.loading_detail = "loading backends"
+        self._backends = build_backends(cfg)
+        for b in self._backends.values():
+            self.loading_detail = f"loading backend {b.name}"
+            await b.load()
+        self.service = RouterService(cfg, encoder, store, self._backends)
+        self.loading_detail = "ready"
+        log.info("caprouter ready: %d backends, %d outcomes in the datastore", len(self._backends), len(store))
+
+    async def close(self) -> None:
+        if self.service is not None:
+            await self.service.close()
+        else:
+            for b in self._backends.values():
+                await b.close()
+
+
+def build_app(config: AppConfig) -> App:
+    """The composition root. Nothing is loaded until ``await app.load()``."""
+    return App(config)

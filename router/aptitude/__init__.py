@@ -1,0 +1,1 @@
+"""The aptitude suite: fixed questions with automatic scorers, run on every backend."""

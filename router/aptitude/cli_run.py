@@ -1,0 +1,38 @@
+"""`caprouter aptitude`: run the configured backends on the suite and write their outcomes."""
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from router.aptitude.runner import load_suite, run_suite, suite_path
+from router.app import build_backends
+from router.config import AppConfig
+from router.errors import ConfigError
+
+
+def run(config: AppConfig, out: Path, *, only: list[str] | None = None, limit: int | None = None,
+        progress: bool = True) -> dict[str, dict[str, float]]:
+    backends = build_backends(config)
+    if only:
+        missing = sorted(set(only) - set(backends))
+        if missing:
+            raise ConfigError(f"unknown backend(s) {', '.join(missing)}; configured: {', '.join(backends)}")
+        backends = {n: backends[n] for n in only}
+    items = load_suite(suite_path(config.aptitude.suite))
+    if limit:
+        items = items[:limit]
+
+    async def go() -> dict[str, dict[str, float]]:
+        for b in backends.values():
+            await b.load()
+        try:
+            return await run_suite(list(backends.values()), items, out, max_tokens=config.aptitude.max_tokens,
+                                   progress=progress)
+        finally:
+            for b in backends.values():
+                await b.close()
+
+    summary = asyncio.run(go())
+    print(json.dumps(summary, indent=2))
+    return summary

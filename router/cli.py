@@ -1,0 +1,289 @@
+"""`caprouter`: serve, call (route / generate / feedback / backends), and build data.
+
+    caprouter serve [--config FILE] [--host H] [--port P]
+    caprouter route    --address HOST:PORT "prompt" [--cost-weight L] [--min-quality Q] [--max-cost C]
+                       [--allow NAME ...] [--deny NAME ...] [--json]
+    caprouter generate --address HOST:PORT "prompt" [knobs] [--max-tokens N] [--temperature T] [--stop S ...]
+    caprouter feedback --address HOST:PORT --decision-id ID --score S [--backend NAME]
+    caprouter backends --address HOST:PORT
+    caprouter aptitude [--config FILE] [--out FILE] [--backends A,B] [--limit N]
+    caprouter build-datastore [--config FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def _config(args: argparse.Namespace):
+    from router.config import load_config
+
+    overrides = {"server.host": getattr(args, "host", None), "server.port": getattr(args, "port", None),
+                 "routing.cost_weight": getattr(args, "default_cost_weight", None),
+                 "cache_dir": getattr(args, "cache_dir", None), "log_level": getattr(args, "log_level", None)}
+    if getattr(args, "state_dir", None):
+        overrides["datastore.state_dir"] = args.state_dir
+    return load_config(args.config, overrides)
+
+
+def _add_knobs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", nargs="?", default="", help="the prompt (or use --messages)")
+    p.add_argument("--messages", help="JSON file ('-' for stdin) with a list of {role, content}")
+    p.add_argument("--address", default="127.0.0.1:50051", help="HOST:PORT of a running caprouter")
+    p.add_argument("--cost-weight", type=float, help="lambda: quality given up per unit of cost")
+    p.add_argument("--min-quality", type=float)
+    p.add_argument("--max-cost", type=float)
+    p.add_argument("--allow", nargs="*", default=[], help="only these backends")
+    p.add_argument("--deny", nargs="*", default=[], help="never these backends")
+    p.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
+    p.add_argument("--json", action="store_true", help="print the response as JSON")
+
+
+def _request_fields(args: argparse.Namespace) -> dict[str, Any]:
+    from caprouter.v1 import router_pb2 as pb
+
+    msgs = []
+    if args.messages:
+        raw = sys.stdin.read() if args.messages == "-" else Path(args.messages).read_text()
+        msgs = [pb.Message(role=m["role"], content=m["content"]) for m in json.loads(raw)]
+    knobs = pb.RoutingKnobs(allowed_backends=args.allow, denied_backends=args.deny)
+    for f, v in (("cost_weight", args.cost_weight), ("min_quality", args.min_quality), ("max_cost", args.max_cost)):
+        if v is not None:
+            setattr(knobs, f, v)
+    return {"prompt": args.prompt, "messages": msgs, "knobs": knobs}
+
+
+def _stub(address: str):
+    import grpc
+
+    from caprouter.v1 import router_pb2_grpc as pb_grpc
+
+    return pb_grpc.RouterStub(grpc.insecure_channel(address))
+
+
+def _print_decision(backend: str, decision_id: str, candidates, excluded, timings, unit: str) -> None:
+    print(f"backend: {backend}   decision: {decision_id}")
+    print(f"{'rank':>4}  {'backend':<28} {'quality':>8} {'cost (' + unit + ')':>14} {'utility':>9} {'support':>8}")
+    for c in candidates:
+        print(f"{c.rank:>4}  {c.backend:<28} {c.predicted_quality:>8.3f} {c.predicted_cost:>14.4g} "
+              f"{c.utility:>9.4f} {c.support:>8.2f}")
+    for e in excluded:
+        print(f"   -  {e.backend:<28} excluded: {e.reason}")
+    print(f"timings: embedding {timings.embedding_ms:.2f} ms, prediction {timings.prediction_ms:.2f} ms, "
+          f"total {timings.total_ms:.2f} ms")
+
+
+def _rpc_error(e) -> int:
+    print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+    return 2
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf.json_format import MessageToJson
+
+    from caprouter.v1 import router_pb2 as pb
+
+    try:
+        resp = _stub(args.address).Route(pb.RouteRequest(**_request_fields(args)), timeout=args.timeout)
+    except grpc.RpcError as e:
+        return _rpc_error(e)
+    if args.json:
+        print(MessageToJson(resp))
+    else:
+        _print_decision(resp.backend, resp.decision_id, resp.candidates, resp.excluded, resp.timings, resp.cost_unit)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from caprouter.v1 import router_pb2 as pb
+
+    params = pb.GenerationParams(stop=args.stop)
+    if args.max_tokens is not None:
+        params.max_tokens = args.max_tokens
+    if args.temperature is not None:
+        params.temperature = args.temperature
+    req = pb.GenerateRequest(params=params, **_request_fields(args))
+    try:
+        for chunk in _stub(args.address).Generate(req, timeout=args.timeout):
+            if chunk.HasField("start"):
+                s = chunk.start
+                for fb in s.fallbacks:
+                    print(f"[fallback] {fb.backend}: {fb.error}", file=sys.stderr)
+                _print_decision(s.backend, s.decision_id, s.candidates, s.excluded, s.timings, s.cost_unit)
+                print("---")
+            if chunk.text:
+                print(chunk.text, end="", flush=True)
+            if chunk.HasField("end"):
+                e = chunk.end
+                print("\n---")
+                print(f"finish: {pb.FinishReason.Name(e.finish_reason)}  backend: {e.backend}  "
+                      f"tokens: {e.usage.prompt_tokens} prompt + {e.usage.completion_tokens} completion  "
+                      f"latency: {e.latency_ms:.0f} ms  first token: {e.time_to_first_token_ms:.0f} ms  "
+                      f"{e.tokens_per_second:.1f} tokens/s")
+    except grpc.RpcError as e:
+        print()
+        return _rpc_error(e)
+    return 0
+
+
+def cmd_feedback(args: argparse.Namespace) -> int:
+    import grpc
+
+    from caprouter.v1 import router_pb2 as pb
+
+    req = pb.FeedbackRequest(decision_id=args.decision_id or "", prompt=args.prompt or "", backend=args.backend or "",
+                             score=args.score)
+    try:
+        resp = _stub(args.address).Feedback(req, timeout=args.timeout)
+    except grpc.RpcError as e:
+        return _rpc_error(e)
+    print(f"recorded {resp.record_id} for backend {resp.backend}")
+    return 0
+
+
+def cmd_backends(args: argparse.Namespace) -> int:
+    import grpc
+
+    from caprouter.v1 import router_pb2 as pb
+
+    try:
+        resp = _stub(args.address).ListBackends(pb.ListBackendsRequest(), timeout=args.timeout)
+    except grpc.RpcError as e:
+        return _rpc_error(e)
+    for b in resp.backends:
+        print(f"{b.name:<28} {b.kind:<14} {pb.BackendStatus.Name(b.status):<28} prior {b.prior_quality:.3f} "
+              f"({b.outcomes} outcomes)  cost: {b.cost_model.summary}")
+        if b.description:
+            print(f"{'':<28} {b.description}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from router.app import build_app
+    from router.grpc_server import serve
+    from router.logs import setup_logging
+
+    cfg = _config(args)
+    setup_logging(cfg.log_level, args.log_format)
+    asyncio.run(serve(build_app(cfg), ready_file=args.ready_file, progress=sys.stderr.isatty()))
+    return 0
+
+
+def cmd_aptitude(args: argparse.Namespace) -> int:
+    from router.aptitude.cli_run import run
+    from router.config import builtin_data
+    from router.logs import setup_logging
+
+    cfg = _config(args)
+    setup_logging(cfg.log_level, "text")
+    out = Path(args.out) if args.out else builtin_data("aptitude_outcomes.jsonl")
+    run(cfg, out, only=args.backends.split(",") if args.backends else None, limit=args.limit)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_build_datastore(args: argparse.Namespace) -> int:
+    from datastore import DATASTORES
+    from encoders import ENCODERS
+    from encoders import minilm  # noqa: F401
+    from router.app import outcome_files, state_dir
+    from router.logs import setup_logging
+
+    cfg = _config(args)
+    setup_logging(cfg.log_level, "text")
+    e = cfg.encoder
+    enc = ENCODERS.get(e.kind)(e.model_path, max_tokens=e.max_tokens, batch_size=e.batch_size, device=e.device)
+    store = DATASTORES.get("faiss-knn").open(state_dir(cfg), enc, outcome_files(cfg), k=cfg.datastore.k,
+                                             prior_strength=cfg.datastore.prior_strength,
+                                             temperature=cfg.datastore.temperature,
+                                             encoder_settings=f"max_tokens={e.max_tokens}", progress=True)
+    print(f"datastore at {state_dir(cfg)}: {len(store)} outcomes")
+    for name, s in store.stats().items():
+        print(f"  {name:<28} {s.outcomes:>7} outcomes, mean score {s.mean_score:.3f}")
+    store.close()
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="caprouter", description="LLM router and model-selection service")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", help="YAML config (default: the embedded default)")
+        sp.add_argument("--cache-dir", help="where converted and pruned weights are cached")
+        sp.add_argument("--state-dir", help="datastore state folder (snapshot + feedback log)")
+        sp.add_argument("--log-level")
+
+    s = sub.add_parser("serve", help="run the gRPC server")
+    with_config(s)
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--default-cost-weight", type=float, help="default lambda for requests that set none")
+    s.add_argument("--log-format", choices=["json", "text"], default="json")
+    s.add_argument("--ready-file", help="write the bound address here once serving")
+    s.set_defaults(fn=cmd_serve)
+
+    r = sub.add_parser("route", help="ask a running server for a decision")
+    _add_knobs(r)
+    r.set_defaults(fn=cmd_route)
+
+    g = sub.add_parser("generate", help="route and stream the answer")
+    _add_knobs(g)
+    g.add_argument("--max-tokens", type=int)
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--stop", nargs="*", default=[])
+    g.set_defaults(fn=cmd_generate)
+
+    f = sub.add_parser("feedback", help="report an observed score")
+    f.add_argument("--address", default="127.0.0.1:50051")
+    f.add_argument("--decision-id")
+    f.add_argument("--prompt")
+    f.add_argument("--backend")
+    f.add_argument("--score", type=float, required=True)
+    f.add_argument("--timeout", type=float, default=30.0)
+    f.set_defaults(fn=cmd_feedback)
+
+    b = sub.add_parser("backends", help="list a server's backends")
+    b.add_argument("--address", default="127.0.0.1:50051")
+    b.add_argument("--timeout", type=float, default=30.0)
+    b.set_defaults(fn=cmd_backends)
+
+    a = sub.add_parser("aptitude", help="run the backends on the aptitude suite and write outcomes")
+    with_config(a)
+    a.add_argument("--out", help="outcomes file (default: the bundled one)")
+    a.add_argument("--backends", help="comma-separated subset of the configured backends")
+    a.add_argument("--limit", type=int, help="first N items only")
+    a.set_defaults(fn=cmd_aptitude)
+
+    d = sub.add_parser("build-datastore", help="build the datastore snapshot from the configured outcomes")
+    with_config(d)
+    d.set_defaults(fn=cmd_build_datastore)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = parser().parse_args(argv)
+    from router.errors import CaprouterError
+
+    try:
+        return int(args.fn(args) or 0)
+    except CaprouterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The one error hierarchy of caprouter, and its one mapping table to wire status codes.
+
+Every domain error derives from :class:`CaprouterError` and carries a :class:`ErrorCode`. Adapters
+(gRPC, HTTP) translate the code with :data:`GRPC_STATUS` and never inspect exception types, so a
+new error needs exactly one line here. The core stays free of grpc imports: codes are names,
+resolved to ``grpc.StatusCode`` members by the adapter.
+
+=====================  ======================  ===========================================
+error                  code                    when
+=====================  ======================  ===========================================
+InvalidArgument        INVALID_ARGUMENT        malformed request: empty prompt, bad knob...
+UnknownBackend         INVALID_ARGUMENT        a knob names a backend that is not configured
+NotFound               NOT_FOUND               unknown decision id or backend in a lookup
+NoEligibleBackend      FAILED_PRECONDITION     constraints exclude every backend
+FailedPrecondition     FAILED_PRECONDITION     request valid but not servable in this state
+Unavailable            UNAVAILABLE             not ready yet, or every backend failed
+BackendError           UNAVAILABLE             a backend failed while generating
+DeadlineExceeded       DEADLINE_EXCEEDED       the caller's deadline passed
+ConfigError            (not on the wire)       invalid configuration at start-up
+ArtifactError          (not on the wire)       a stored artifact is missing or inconsistent
+=====================  ======================  ===========================================
+"""
+from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(str, enum.Enum):
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    UNAVAILABLE = "UNAVAILABLE"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    INTERNAL = "INTERNAL"
+
+
+class CaprouterError(Exception):
+    """Base of every caprouter error. ``str(err)`` is a message that says what to fix."""
+
+    code: ErrorCode = ErrorCode.INTERNAL
+
+
+class InvalidArgument(CaprouterError):
+    code = ErrorCode.INVALID_ARGUMENT
+
+
+class UnknownBackend(InvalidArgument):
+    """A request names a backend that is not configured."""
+
+
+class NotFound(CaprouterError):
+    code = ErrorCode.NOT_FOUND
+
+
+class FailedPrecondition(CaprouterError):
+    code = ErrorCode.FAILED_PRECONDITION
+
+
+class NoEligibleBackend(FailedPrecondition):
+    """The caller's constraints leave no backend; the message lists why each was excluded."""
+
+
+class Unavailable(CaprouterError):
+    code = ErrorCode.UNAVAILABLE
+
+
+class BackendError(Unavailable):
+    """A backend failed while serving a request."""
+
+    def __init__(self, backend: str, message: str, *, tokens_streamed: int = 0) -> None:
+        super().__init__(f"backend {backend!r} failed: {message}")
+        self.backend = backend
+        self.tokens_streamed = tokens_streamed
+
+
+class DeadlineExceeded(CaprouterError):
+    code = ErrorCode.DEADLINE_EXCEEDED
+
+
+class ConfigError(CaprouterError):
+    """Invalid configuration; raised at start-up, never on a request."""
+
+
+class ArtifactError(CaprouterError):
+    """A stored artifact (weights cache, datastore snapshot) is missing or inconsistent."""
+
+
+# The one mapping table: error code -> name of the grpc.StatusCode member.
+GRPC_STATUS: dict[ErrorCode, str] = {
+    ErrorCode.INVALID_ARGUMENT: "INVALID_ARGUMENT",
+    ErrorCode.NOT_FOUND: "NOT_FOUND",
+    ErrorCode.FAILED_PRECONDITION: "FAILED_PRECONDITION",
+    ErrorCode.UNAVAILABLE: "UNAVAILABLE",
+    ErrorCode.DEADLINE_EXCEEDED: "DEADLINE_EXCEEDED",
+    ErrorCode.INTERNAL: "INTERNAL",
+}

@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from backends.pruning import mlp_neuron_importance, prune_mlp
+
+
+@pytest.fixture
+def tiny():
+    """A small random Llama: fast, and enough to check the algebra of slicing."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_keeping_every_neuron_reproduces_the_dense_logits(tiny):
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.inference_mode():
+        dense = tiny(input_ids=ids).logits.clone()
+    imp = [torch.rand(64) for _ in range(2)]
+    prune_mlp(tiny, imp, keep=1.0)
+    with torch.inference_mode():
+        torch.testing.assert_close(tiny(input_ids=ids).logits, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_pruned_weights_are_really_smaller_and_keep_the_top_neurons(tiny):
+    imp = [torch.arange(64, dtype=torch.float32), torch.arange(64, dtype=torch.float32).flip(0)]
+    before = sum(p.numel() for p in tiny.parameters())
+    kept = prune_mlp(tiny, imp, keep=0.5)
+    after = sum(p.numel() for p in tiny.parameters())
+    assert tiny.config.intermediate_size == 32
+    assert kept[0].tolist() == list(range(32, 64)) and kept[1].tolist() == list(range(32))
+    for layer in tiny.model.layers:
+        assert layer.mlp.gate_proj.weight.shape == (32, 32)
+        assert layer.mlp.down_proj.weight.shape == (32, 32)
+    assert before - after == 2 * 3 * 32 * 32
+
+
+def test_pruning_equals_zeroing_the_dropped_neurons(tiny):
+    """Slicing must compute exactly what masking the dropped neurons computes."""
+    import copy
+
+    ids = torch.randint(0, 128, (1, 12))
+    imp = [torch.rand(64) for _ in range(2)]
+    masked = copy.deepcopy(tiny)
+    for layer, i in zip(masked.model.layers, imp):
+        drop = torch.topk(i, 32, largest=False).indices
+        layer.mlp.down_proj.weight.data[:, drop] = 0
+    kept = prune_mlp(tiny, imp, keep=0.5)
+    assert all(len(k) == 32 for k in kept)
+    with torch.inference_mode():
+        torch.testing.assert_close(tiny(input_ids=ids).logits, masked(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_importance_is_activation_aware(tiny):
+    """A neuron whose output column is zero has zero importance, however much it fires."""
+    from types import SimpleNamespace
+
+    tiny.model.layers[0].mlp.down_proj.weight.data[:, 5] = 0
+    tok = SimpleNamespace(apply_chat_template=lambda msgs, **kw: {"input_ids": torch.randint(0, 128, (1, 8))})
+    imp = mlp_neuron_importance(tiny, tok, ["a", "b"])
+    assert len(imp) == 2 and imp[0].shape == (64,)
+    assert imp[0][5] == 0 and imp[0].sum() > 0

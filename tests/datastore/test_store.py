@@ -1,0 +1,131 @@
+import gzip
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+
+from datastore.records import read_outcomes
+from datastore.store import FaissKnnDatastore
+from router.errors import InvalidArgument
+
+
+def _unit(rows):
+    a = np.asarray(rows, dtype=np.float32)
+    return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+def test_knn_estimate_matches_hand_computation():
+    ds = FaissKnnDatastore(2, "toy", k=2, prior_strength=1.0, temperature=0.1)
+    emb = _unit([[1, 0], [0.8, 0.6], [0, 1]])
+    ds._insert(emb, ["a", "b", "c"], [{"m": 1.0}, {"m": 0.0, "n": 1.0}, {"m": 0.0}], [{}, {}, {}])
+    q = _unit([[1, 0.1]])
+    est = ds.estimate(q)
+    sims = (emb @ q[0])[:2]                    # the two nearest are a and b
+    w = np.exp((sims - sims.max()) / 0.1)
+    prior_m = 1.0 / 3.0
+    expect_m = (w[0] * 1.0 + w[1] * 0.0 + 1.0 * prior_m) / (w[0] + w[1] + 1.0)
+    expect_n = (w[1] * 1.0 + 1.0 * 1.0) / (w[1] + 1.0)   # n's prior is its own mean (1.0)
+    m, n = est.column("m"), est.column("n")
+    assert math.isclose(est.quality[0, m], expect_m, rel_tol=1e-5)
+    assert math.isclose(est.quality[0, n], expect_n, rel_tol=1e-5)
+    assert math.isclose(est.support[0, n], w[1], rel_tol=1e-5)
+
+
+def test_backend_without_neighbours_gets_its_prior():
+    ds = FaissKnnDatastore(2, "toy", k=1, prior_strength=2.0)
+    ds._insert(_unit([[1, 0], [0, 1]]), ["a", "b"], [{"m": 1.0}, {"n": 0.25}], [{}, {}])
+    est = ds.estimate(_unit([[1, 0]]))
+    assert est.support[0, est.column("n")] == 0
+    assert math.isclose(est.quality[0, est.column("n")], 0.25, rel_tol=1e-6)
+
+
+def test_cost_is_estimated_from_neighbours_and_nan_without():
+    ds = FaissKnnDatastore(2, "toy", k=2)
+    ds._insert(_unit([[1, 0], [1, 0.01]]), ["a", "b"], [{"m": 1.0, "n": 1.0}] * 2, [{"m": 2.0}, {"m": 4.0}])
+    est = ds.estimate(_unit([[1, 0.005]]))
+    assert 2.0 < est.cost[0, est.column("m")] < 4.0
+    assert np.isnan(est.cost[0, est.column("n")])
+
+
+def _write(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+ROWS = [{"id": f"r{i}", "prompt": p, "scores": {"good": 1.0, "bad": float(i % 2)}, "category": "c"}
+        for i, p in enumerate(["What is 2 + 2?", "Capital of Peru?", "Write a poem about snow.",
+                               "Translate 'cat' to French.", "Who painted the Mona Lisa?", "Sort [3, 1, 2]."])]
+
+
+def test_top1_self_retrieval_persist_and_reload(tmp_path, encoder):
+    src = tmp_path / "o.jsonl"
+    _write(src, ROWS)
+    ds = FaissKnnDatastore.open(tmp_path / "state", encoder, [src], k=3, progress=False)
+    assert len(ds) == len(ROWS)
+    emb = encoder.encode([r["prompt"] for r in ROWS])
+    _, idx = ds.index.search(emb, 1)
+    assert idx[:, 0].tolist() == list(range(len(ROWS)))
+    ds.close()
+    again = FaissKnnDatastore.open(tmp_path / "state", encoder, [src], k=3, progress=False)
+    np.testing.assert_allclose(again.estimate(emb).quality, ds.estimate(emb).quality, atol=1e-6)
+
+
+def test_feedback_is_durable_and_survives_a_snapshot_rebuild(tmp_path, encoder):
+    src = tmp_path / "o.jsonl"
+    _write(src, ROWS)
+    ds = FaissKnnDatastore.open(tmp_path / "state", encoder, [src], k=4, progress=False)
+    q = "What is 2 + 2?"
+    emb = encoder.encode([q])
+    before = ds.estimate(emb).quality[0, ds.estimate(emb).column("bad")]
+    ids = ds.add(np.repeat(emb, 3, axis=0), [{"prompt": q, "scores": {"bad": 1.0}}] * 3)
+    after = ds.estimate(emb).quality[0, ds.estimate(emb).column("bad")]
+    assert len(ids) == 3 and after > before
+    ds.close()
+    _write(src, ROWS + [{"id": "new", "prompt": "Name a planet.", "scores": {"good": 1.0}}])  # forces a rebuild
+    again = FaissKnnDatastore.open(tmp_path / "state", encoder, [src], k=4, progress=False)
+    assert len(again) == len(ROWS) + 1 + 3
+    est = again.estimate(emb)
+    assert math.isclose(est.quality[0, est.column("bad")], after, rel_tol=1e-5)
+
+
+def test_new_backend_in_feedback_gets_a_column(tmp_path, encoder):
+    src = tmp_path / "o.jsonl"
+    _write(src, ROWS)
+    ds = FaissKnnDatastore.open(tmp_path / "s", encoder, [src], progress=False)
+    ds.add(encoder.encode(["hi"]), [{"prompt": "hi", "scores": {"fresh": 0.5}}])
+    assert "fresh" in ds.backends and ds.stats()["fresh"].outcomes == 1
+
+
+@pytest.mark.parametrize("line,part", [
+    ('{"prompt": "", "scores": {"a": 1}}', "'prompt' must be a non-empty string"),
+    ('{"prompt": "x", "scores": {}}', "'scores' must name at least one backend"),
+    ('{"prompt": "x", "scores": {"a": 1.5}}', "outside [0, 1]"),
+    ('{"prompt": "x", "scores": {"a": "yes"}}', "finite number"),
+    ('{"prompt": "x", "scores": {"a": 1}, "cost": {"a": -1}}', "negative"),
+    ('not json', "not valid JSON"),
+])
+def test_outcome_file_errors_name_the_line(tmp_path, line, part):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"prompt": "ok", "scores": {"a": 1}}\n' + line + "\n")
+    with pytest.raises(InvalidArgument) as ei:
+        list(read_outcomes(p))
+    assert "bad.jsonl:2" in str(ei.value) and part in str(ei.value)
+
+
+def test_reads_the_shared_schema(shared_data, tmp_path, encoder):
+    """The real LLMRouter file: gzip, meta blocks, splits. A slice keeps the test fast."""
+    rows = list(itertools.islice(read_outcomes(shared_data / "llmrouter.jsonl.gz"), 200))
+    assert len(rows) == 200 and all(r.scores and r.split in ("train", "test") for r in rows)
+    p = tmp_path / "slice.jsonl.gz"
+    with gzip.open(p, "wt") as f:
+        for r in rows:
+            f.write(json.dumps(r.to_json()) + "\n")
+    ds = FaissKnnDatastore.open(tmp_path / "s", encoder, [p], k=8, progress=False)
+    emb = encoder.encode([r.prompt for r in rows[:50]])
+    sims, idx = ds.index.search(emb, 1)
+    # Top-1 self-retrieval (duplicated prompts may retrieve their twin, at similarity 1).
+    assert np.all(sims[:, 0] > 0.999)
+    assert len(ds.backends) == 9

@@ -1,0 +1,68 @@
+"""Scripted backends for unit-testing the service layer in isolation (the real path is covered by
+tests/router/test_grpc_integration.py with SmolLM2)."""
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from backends.base import Backend, Finished, FinishReason, GenerationRequest, Status, TextChunk
+from router.config import CostModelConfig
+from router.costs import CostModel
+from router.errors import BackendError
+
+
+class ScriptedBackend(Backend):
+    kind = "scripted"
+
+    def __init__(self, name: str, words=("hello", " world"), *, fail_at: int | None = None,
+                 per_request: float = 1.0, status=Status.READY, delay: float = 0.0) -> None:
+        self.name, self.description = name, f"scripted {name}"
+        self.words, self.fail_at, self.delay = list(words), fail_at, delay
+        self._status = (status, "scripted")
+        self._cost = CostModel.from_config(CostModelConfig(kind="per_request", per_request=per_request), "USD")
+        self.calls = 0
+        self.cancelled = False
+
+    async def load(self) -> None:
+        pass
+
+    def status(self):
+        return self._status
+
+    def cost_model(self) -> CostModel:
+        return self._cost
+
+    async def generate(self, request: GenerationRequest):
+        self.calls += 1
+        n = 0
+        for i, w in enumerate(self.words[: request.max_tokens]):
+            if self.fail_at == i:
+                raise BackendError(self.name, f"injected failure at token {i}")
+            if request.cancel.is_set():
+                self.cancelled = True
+                yield Finished(FinishReason.CANCELLED, 3, n, 0.0)
+                return
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            n += 1
+            yield TextChunk(w)
+        if self.fail_at is not None and self.fail_at >= len(self.words):
+            raise BackendError(self.name, "injected failure at the end")
+        yield Finished(FinishReason.STOP, 3, n, 0.01)
+
+
+def write_outcomes(path: Path, rows) -> Path:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return path
+
+
+# Two backends with opposite strengths: "mathy" answers arithmetic, "wordy" answers writing tasks.
+OUTCOMES = (
+    [{"id": f"m{i}", "prompt": f"What is {i} + {i + 3}?", "scores": {"mathy": 1.0, "wordy": 0.0}} for i in range(12)]
+    + [{"id": f"w{i}", "prompt": f"Write a short poem about {t}.", "scores": {"mathy": 0.0, "wordy": 1.0}}
+       for i, t in enumerate(["the sea", "autumn", "a cat", "the moon", "rain", "mountains", "love", "bread",
+                              "trains", "winter", "a garden", "the city"])]
+)

@@ -1,0 +1,155 @@
+"""RouterService with the real encoder and datastore and scripted backends."""
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from backends.base import Status, TextChunk
+from datastore.store import FaissKnnDatastore
+from router.config import AppConfig
+from router.errors import BackendError, InvalidArgument, NoEligibleBackend, NotFound, Unavailable, UnknownBackend
+from router.policy import KnobsInput
+from router.service import GenEnd, GenParams, GenStart, Query, RouterService
+from tests.fakes import OUTCOMES, ScriptedBackend, write_outcomes
+
+
+@pytest.fixture
+def make_service(tmp_path, encoder):
+    def make(backends, **routing):
+        src = write_outcomes(tmp_path / "o.jsonl", OUTCOMES)
+        ds = FaissKnnDatastore.open(tmp_path / "state", encoder, [src], k=8, progress=False)
+        cfg = AppConfig.model_validate({"routing": {"cost_unit": "USD", **routing},
+                                        "limits": {"max_prompt_chars": 2000, "max_messages": 4}})
+        return RouterService(cfg, encoder, ds, {b.name: b for b in backends})
+    return make
+
+
+def run(agen):
+    async def collect():
+        return [ev async for ev in agen]
+    return asyncio.run(collect())
+
+
+def test_route_follows_neighbour_outcomes(make_service):
+    svc = make_service([ScriptedBackend("mathy"), ScriptedBackend("wordy")])
+    assert svc.route(Query(prompt="What is 40 + 2?")).backend == "mathy"
+    d = svc.route(Query(prompt="Write a poem about the stars."))
+    assert d.backend == "wordy"
+    assert [c.rank for c in d.selection.ranked] == [1, 2]
+    assert d.timings.total_ms >= d.timings.embedding_ms > 0
+    np.testing.assert_allclose(np.linalg.norm(d.embedding), 1.0, atol=1e-5)
+
+
+def test_cost_weight_moves_the_decision(make_service):
+    svc = make_service([ScriptedBackend("mathy", per_request=10.0), ScriptedBackend("wordy", per_request=0.1)])
+    q = "What is 40 + 2?"
+    assert svc.route(Query(prompt=q, knobs=KnobsInput(cost_weight=0.0))).backend == "mathy"
+    assert svc.route(Query(prompt=q, knobs=KnobsInput(cost_weight=1.0))).backend == "wordy"
+
+
+@pytest.mark.parametrize("query,err,part", [
+    (Query(prompt=""), InvalidArgument, "prompt is empty"),
+    (Query(prompt="   "), InvalidArgument, "prompt is empty"),
+    (Query(prompt="x" * 2001), InvalidArgument, "prompt too long"),
+    (Query(prompt="hi", messages=(("user", "hi"),)), InvalidArgument, "not both"),
+    (Query(messages=(("robot", "hi"),)), InvalidArgument, "role must be one of"),
+    (Query(messages=(("user", ""),)), InvalidArgument, "content is empty"),
+    (Query(messages=(("assistant", "hello"),)), InvalidArgument, "at least one 'user'"),
+    (Query(messages=(("user", "a"),) * 5), InvalidArgument, "too many messages"),
+    (Query(prompt="hi", knobs=KnobsInput(allowed=("nope",))), UnknownBackend, "unknown backend"),
+    (Query(prompt="hi", knobs=KnobsInput(cost_weight=-0.5)), InvalidArgument, "cost_weight"),
+    (Query(prompt="hi", knobs=KnobsInput(min_quality=2)), InvalidArgument, "min_quality"),
+    (Query(prompt="hi", knobs=KnobsInput(min_quality=1.0)), NoEligibleBackend, "no backend satisfies"),
+])
+def test_route_errors(make_service, query, err, part):
+    svc = make_service([ScriptedBackend("mathy"), ScriptedBackend("wordy")])
+    with pytest.raises(err) as ei:
+        svc.route(query)
+    assert part in str(ei.value)
+
+
+def test_generate_streams_start_text_end(make_service):
+    svc = make_service([ScriptedBackend("mathy", ["4", "2"]), ScriptedBackend("wordy")])
+    evs = run(svc.generate(Query(prompt="What is 40 + 2?"), GenParams()))
+    assert isinstance(evs[0], GenStart) and evs[0].backend == "mathy" and not evs[0].fallbacks
+    assert "".join(e.text for e in evs if isinstance(e, TextChunk)) == "42"
+    assert isinstance(evs[-1], GenEnd) and evs[-1].finished.completion_tokens == 2
+
+
+def test_fallback_before_first_token(make_service):
+    bad = ScriptedBackend("mathy", fail_at=0)
+    svc = make_service([bad, ScriptedBackend("wordy", ["ok"])])
+    evs = run(svc.generate(Query(prompt="What is 40 + 2?"), GenParams()))
+    assert evs[0].backend == "wordy" and evs[0].fallbacks[0][0] == "mathy"
+    assert "injected failure" in evs[0].fallbacks[0][1] and bad.calls == 1
+
+
+def test_failure_after_first_token_ends_the_stream_with_an_error(make_service):
+    svc = make_service([ScriptedBackend("mathy", ["4", "2", "!"], fail_at=2), ScriptedBackend("wordy")])
+    got = []
+
+    async def consume():
+        async for ev in svc.generate(Query(prompt="What is 40 + 2?"), GenParams()):
+            got.append(ev)
+    with pytest.raises(BackendError, match="after streaming began"):
+        asyncio.run(consume())
+    assert [e.text for e in got if isinstance(e, TextChunk)] == ["4", "2"]
+
+
+def test_all_backends_failing_is_unavailable(make_service):
+    svc = make_service([ScriptedBackend("mathy", fail_at=0), ScriptedBackend("wordy", fail_at=0)])
+    with pytest.raises(Unavailable, match="every eligible backend failed"):
+        run(svc.generate(Query(prompt="hi"), GenParams()))
+
+
+def test_unavailable_backend_is_skipped_with_reason(make_service):
+    svc = make_service([ScriptedBackend("mathy", status=Status.UNAVAILABLE), ScriptedBackend("wordy")])
+    d = svc.route(Query(prompt="What is 40 + 2?"))
+    assert d.backend == "wordy" and "unavailable" in d.selection.excluded[0].reason
+
+
+@pytest.mark.parametrize("params,part", [
+    (GenParams(max_tokens=0), "max_tokens"), (GenParams(max_tokens=10**6), "max_tokens"),
+    (GenParams(temperature=-1), "temperature"), (GenParams(stop=("",)), "stop"),
+])
+def test_generation_param_errors(make_service, params, part):
+    svc = make_service([ScriptedBackend("mathy"), ScriptedBackend("wordy")])
+    with pytest.raises(InvalidArgument, match=part):
+        run(svc.generate(Query(prompt="hi"), params))
+
+
+def test_feedback_by_decision_changes_later_routing(make_service):
+    svc = make_service([ScriptedBackend("mathy"), ScriptedBackend("wordy")])
+    q = "Compose a limerick about a frog."
+    d = svc.route(Query(prompt=q))
+    assert d.backend == "wordy"
+    for _ in range(6):
+        svc.feedback(d.decision_id, 0.0)
+        svc.feedback("", 1.0, backend="mathy", prompt=q)
+    assert svc.route(Query(prompt=q)).backend == "mathy"
+
+
+@pytest.mark.parametrize("kwargs,err,part", [
+    (dict(decision_id="nope", score=1.0), NotFound, "unknown decision_id"),
+    (dict(decision_id="", score=1.0), InvalidArgument, "needs a decision_id"),
+    (dict(decision_id="", score=1.5, backend="mathy", prompt="x"), InvalidArgument, "score must be in [0, 1]"),
+    (dict(decision_id="", score=float("nan"), backend="mathy", prompt="x"), InvalidArgument, "score"),
+    (dict(decision_id="", score=0.5, backend="ghost", prompt="x"), UnknownBackend, "unknown backend"),
+    (dict(decision_id="", score=0.5, backend="mathy", prompt=""), InvalidArgument, "prompt is empty"),
+    (dict(decision_id="", score=0.5, backend="mathy", prompt="x", cost=-1.0), InvalidArgument, "cost"),
+])
+def test_feedback_errors(make_service, kwargs, err, part):
+    svc = make_service([ScriptedBackend("mathy"), ScriptedBackend("wordy")])
+    args = dict(kwargs)
+    with pytest.raises(err) as ei:
+        svc.feedback(args.pop("decision_id"), args.pop("score"), **args)
+    assert part in str(ei.value)
+
+
+def test_list_backends_reports_priors_and_costs(make_service):
+    svc = make_service([ScriptedBackend("mathy", per_request=2.0), ScriptedBackend("wordy")])
+    views = {v.name: v for v in svc.list_backends()}
+    assert views["mathy"].outcomes == 24 and 0.4 < views["mathy"].prior_quality < 0.6
+    assert views["mathy"].cost_model.predict(10) == 2.0 and views["wordy"].status == Status.READY
