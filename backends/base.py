@@ -33,6 +33,8 @@ class GenerationRequest:
     temperature: float = 0.0
     stop: Sequence[str] = ()
     seed: int | None = None
+    # Benchmarks only: decode exactly max_tokens, so that tokens/s compares like with like.
+    ignore_eos: bool = False
     cancel: threading.Event = field(default_factory=threading.Event)
 
 

@@ -169,7 +169,7 @@ class TransformersBackend(Backend):
                 else:
                     probs = torch.softmax(logits.float() / req.temperature, dim=-1)
                     nxt = int(torch.multinomial(probs, 1, generator=gen))
-                if nxt in self._eos:
+                if nxt in self._eos and not req.ignore_eos:
                     reason = FinishReason.STOP
                     break
                 out_ids.append(nxt)

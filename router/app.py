@@ -20,6 +20,25 @@ def build_backends(config: AppConfig) -> dict:
             for b in config.backends}
 
 
+def build_encoder(config: AppConfig):
+    """The configured PromptEncoder, found in the registry by kind (loads the model)."""
+    from encoders import ENCODERS
+    from encoders import minilm  # noqa: F401 - registers the built-in encoder
+
+    e = config.encoder
+    return ENCODERS.get(e.kind)(e.model_path, max_tokens=e.max_tokens, batch_size=e.batch_size, device=e.device)
+
+
+def open_datastore(config: AppConfig, encoder, *, progress: bool = False):
+    """Load (or build) the datastore snapshot of the configured outcomes and replay its log."""
+    from datastore import DATASTORES
+
+    ds = config.datastore
+    return DATASTORES.get("faiss-knn").open(
+        state_dir(config), encoder, outcome_files(config), k=ds.k, prior_strength=ds.prior_strength,
+        temperature=ds.temperature, encoder_settings=f"max_tokens={config.encoder.max_tokens}", progress=progress)
+
+
 def outcome_files(config: AppConfig) -> list[Path]:
     return [Path(p) for p in config.datastore.outcomes] or [builtin_data("aptitude_outcomes.jsonl")]
 
@@ -50,23 +69,14 @@ class App:
     async def load(self, *, progress: bool = False) -> None:
         import asyncio
 
-        from datastore import DATASTORES
-        from encoders import ENCODERS
-        from encoders import minilm  # noqa: F401 - registers the built-in encoder
         from router.service import RouterService
 
         cfg = self.config
         loop = asyncio.get_running_loop()
         self.loading_detail = "loading the prompt encoder"
-        enc_cfg = cfg.encoder
-        encoder = await loop.run_in_executor(None, lambda: ENCODERS.get(enc_cfg.kind)(
-            enc_cfg.model_path, max_tokens=enc_cfg.max_tokens, batch_size=enc_cfg.batch_size, device=enc_cfg.device))
+        encoder = await loop.run_in_executor(None, build_encoder, cfg)
         self.loading_detail = "loading the datastore"
-        ds = cfg.datastore
-        store_cls = DATASTORES.get("faiss-knn")
-        store = await loop.run_in_executor(None, lambda: store_cls.open(
-            state_dir(cfg), encoder, outcome_files(cfg), k=ds.k, prior_strength=ds.prior_strength,
-            temperature=ds.temperature, encoder_settings=f"max_tokens={enc_cfg.max_tokens}", progress=progress))
+        store = await loop.run_in_executor(None, lambda: open_datastore(cfg, encoder, progress=progress))
         self.loading_detail = "loading backends"
         self._backends = build_backends(cfg)
         for b in self._backends.values():

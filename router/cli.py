@@ -192,20 +192,12 @@ def cmd_aptitude(args: argparse.Namespace) -> int:
 
 
 def cmd_build_datastore(args: argparse.Namespace) -> int:
-    from datastore import DATASTORES
-    from encoders import ENCODERS
-    from encoders import minilm  # noqa: F401
-    from router.app import outcome_files, state_dir
+    from router.app import build_encoder, open_datastore, state_dir
     from router.logs import setup_logging
 
     cfg = _config(args)
     setup_logging(cfg.log_level, "text")
-    e = cfg.encoder
-    enc = ENCODERS.get(e.kind)(e.model_path, max_tokens=e.max_tokens, batch_size=e.batch_size, device=e.device)
-    store = DATASTORES.get("faiss-knn").open(state_dir(cfg), enc, outcome_files(cfg), k=cfg.datastore.k,
-                                             prior_strength=cfg.datastore.prior_strength,
-                                             temperature=cfg.datastore.temperature,
-                                             encoder_settings=f"max_tokens={e.max_tokens}", progress=True)
+    store = open_datastore(cfg, build_encoder(cfg), progress=True)
     print(f"datastore at {state_dir(cfg)}: {len(store)} outcomes")
     for name, s in store.stats().items():
         print(f"  {name:<28} {s.outcomes:>7} outcomes, mean score {s.mean_score:.3f}")

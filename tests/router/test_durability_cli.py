@@ -1,0 +1,97 @@
+"""The server as users run it: `caprouter serve` in its own process, killed with SIGKILL."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+
+from caprouter.v1 import router_pb2 as pb
+from caprouter.v1 import router_pb2_grpc
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent / "caprouter"
+
+
+def _start(cfg: Path, ready: Path, log: Path) -> subprocess.Popen:
+    ready.unlink(missing_ok=True)
+    proc = subprocess.Popen([str(BIN), "serve", "--config", str(cfg), "--ready-file", str(ready)],
+                            stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while not ready.exists() or not ready.read_text():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"server did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+    return proc
+
+
+@pytest.fixture
+def server_config(tmp_path, models_dir) -> Path:
+    cfg = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "datastore": {"state_dir": str(tmp_path / "state")},
+        "cache_dir": str(models_dir),
+        "backends": [{"name": "smollm2-135m", "kind": "transformers", "description": "dense",
+                      "cost": {"kind": "compute"}, "options": {"model": "smollm2-135m-instruct"}}],
+    }
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def _outcomes(stub) -> int:
+    return {b.name: b.outcomes for b in stub.ListBackends(pb.ListBackendsRequest(), timeout=30).backends}["smollm2-135m"]
+
+
+def test_acknowledged_feedback_survives_sigkill_and_cli_works(tmp_path, server_config):
+    ready, log = tmp_path / "ready", tmp_path / "server.log"
+    proc = _start(server_config, ready, log)
+    address = ready.read_text()
+    try:
+        # The CLI against the real server.
+        out = subprocess.run([str(BIN), "route", "--address", address, "What is 2 + 2?", "--cost-weight", "0.01"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert "smollm2-135m" in out.stdout and "quality" in out.stdout and "timings" in out.stdout
+        bad = subprocess.run([str(BIN), "route", "--address", address, ""], capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr
+        gen = subprocess.run([str(BIN), "generate", "--address", address, "Say hello.", "--max-tokens", "4"],
+                             capture_output=True, text=True, timeout=120)
+        assert gen.returncode == 0 and "finish: FINISH_REASON_" in gen.stdout, gen.stderr
+
+        with grpc.insecure_channel(address) as ch:
+            stub = router_pb2_grpc.RouterStub(ch)
+            base = _outcomes(stub)
+            acked = []
+            for i in range(20):
+                r = stub.Feedback(pb.FeedbackRequest(prompt=f"durability probe {i}", backend="smollm2-135m",
+                                                     score=(i % 5) / 4), timeout=30)
+                acked.append(r.record_id)
+        os.kill(proc.pid, signal.SIGKILL)  # right after the last acknowledgement
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # A torn half-record, as a crash in the middle of a write would leave.
+    with open(tmp_path / "state" / "feedback.log", "ab") as f:
+        f.write(b'1234abcd {"prompt": "torn')
+
+    proc = _start(server_config, ready, log)
+    try:
+        with grpc.insecure_channel(ready.read_text()) as ch:
+            stub = router_pb2_grpc.RouterStub(ch)
+            assert _outcomes(stub) == base + 20
+            r = stub.Route(pb.RouteRequest(prompt="durability probe 3"), timeout=30)
+            assert r.candidates[0].support > 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    logged = (tmp_path / "state" / "feedback.log").read_text()
+    assert all(rid in logged for rid in acked) and "torn" not in logged
