@@ -51,7 +51,7 @@ _DONE = object()
 class TransformersBackend(Backend):
     kind = "transformers"
 
-    def __init__(self, cfg: BackendConfig, *, cost_unit: str, models_dir: Path) -> None:
+    def __init__(self, cfg: BackendConfig, *, cost_unit: str, models_dir: Path, compute: Any = None) -> None:
         try:
             self.opts = TransformersOptions.model_validate(cfg.options)
         except ValidationError as e:
@@ -68,13 +68,16 @@ class TransformersBackend(Backend):
         self.weights_dir: Path | None = None
         self._pool = ThreadPoolExecutor(max_workers=self.opts.max_concurrency, thread_name_prefix=f"gen-{self.name}")
         self._slots = threading.BoundedSemaphore(self.opts.max_concurrency)
+        # Every torch call goes through here (see router/compute.py); the pool threads only
+        # orchestrate a generation, one decode step at a time.
+        self._compute = compute or Inline()
         # Test hook: a callable run before each decode step (lets tests inject faults on the real path).
         self.step_hook: Callable[[int], None] | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------
     async def load(self) -> None:
         try:
-            await asyncio.get_running_loop().run_in_executor(self._pool, self._load_sync)
+            await asyncio.get_running_loop().run_in_executor(self._pool, self._compute.run, self._load_sync)
             self._status = (Status.READY, f"{self.active_parameters() / 1e6:.1f}M active parameters on {self.opts.device}")
         except Exception as e:  # a backend that cannot load is reported, not fatal to the server
             log.exception("backend %s failed to load", self.name)
@@ -137,8 +140,32 @@ class TransformersBackend(Backend):
             ids = ids[:, -self.opts.max_prompt_tokens:]
         return ids.to(self.opts.device)
 
+    def _pick(self, logits: Any, temperature: float, gen: Any) -> int:
+        import torch
+
+        if gen is None:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=gen))
+
+    def _prefill(self, ids: Any, temperature: float, gen: Any) -> tuple[Any, int]:
+        import torch
+
+        with torch.inference_mode():
+            out = self.model(input_ids=ids, use_cache=True)
+            return out.past_key_values, self._pick(out.logits[0, -1], temperature, gen)
+
+    def _step(self, token: int, past: Any, temperature: float, gen: Any) -> tuple[Any, int]:
+        import torch
+
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.tensor([[token]], device=self.opts.device), past_key_values=past,
+                             use_cache=True)
+            return out.past_key_values, self._pick(out.logits[0, -1], temperature, gen)
+
     def generate_sync(self, req: GenerationRequest, emit: Callable[[Any], None]) -> Finished:
-        """Decode in the calling thread; ``emit(text)`` for each new piece of text."""
+        """Decode on the calling thread's behalf, one compute-thread call per token;
+        ``emit(text)`` for each new piece of text."""
         import torch
 
         if self.model is None:
@@ -154,49 +181,39 @@ class TransformersBackend(Backend):
         sent = 0
         reason = FinishReason.LENGTH
         t_first = None
-        with torch.inference_mode():
-            out = self.model(input_ids=ids, use_cache=True)
-            past = out.past_key_values
-            logits = out.logits[0, -1]
-            for step in range(req.max_tokens):
-                if req.cancel.is_set():
-                    reason = FinishReason.CANCELLED
-                    break
-                if self.step_hook is not None:
-                    self.step_hook(step)
-                if gen is None:
-                    nxt = int(torch.argmax(logits))
-                else:
-                    probs = torch.softmax(logits.float() / req.temperature, dim=-1)
-                    nxt = int(torch.multinomial(probs, 1, generator=gen))
-                if nxt in self._eos and not req.ignore_eos:
-                    reason = FinishReason.STOP
-                    break
-                out_ids.append(nxt)
-                if t_first is None:
-                    t_first = time.perf_counter()
-                text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
-                cut = min((i for i in (text.find(s, max(0, sent - len(s))) for s in stops) if i >= 0), default=-1)
-                if cut >= 0:
-                    if cut > sent:
-                        emit(text[sent:cut])
-                    reason = FinishReason.STOP_SEQUENCE
-                    break
-                # Hold back a possible start of a stop string, and a half-decoded UTF-8 character.
-                safe = len(text) - hold
-                if text.endswith("\ufffd"):
-                    safe = min(safe, len(text) - 1)
-                if safe > sent:
-                    emit(text[sent:safe])
-                    sent = safe
-                if step + 1 == req.max_tokens:
-                    break
-                out = self.model(input_ids=torch.tensor([[nxt]], device=ids.device), past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                logits = out.logits[0, -1]
-        if reason in (FinishReason.LENGTH, FinishReason.STOP, FinishReason.CANCELLED) and out_ids:
+        past, nxt = self._compute.run(self._prefill, ids, req.temperature, gen)
+        for step in range(req.max_tokens):
+            if req.cancel.is_set():
+                reason = FinishReason.CANCELLED
+                break
+            if self.step_hook is not None:
+                self.step_hook(step)
+            if nxt in self._eos and not req.ignore_eos:
+                reason = FinishReason.STOP
+                break
+            out_ids.append(nxt)
+            if t_first is None:
+                t_first = time.perf_counter()
             text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
-            if len(text) > sent and reason != FinishReason.CANCELLED:
+            cut = min((i for i in (text.find(s, max(0, sent - len(s))) for s in stops) if i >= 0), default=-1)
+            if cut >= 0:
+                if cut > sent:
+                    emit(text[sent:cut])
+                reason = FinishReason.STOP_SEQUENCE
+                break
+            # Hold back a possible start of a stop string, and a half-decoded UTF-8 character.
+            safe = len(text) - hold
+            if text.endswith("\ufffd"):
+                safe = min(safe, len(text) - 1)
+            if safe > sent:
+                emit(text[sent:safe])
+                sent = safe
+            if step + 1 == req.max_tokens:
+                break
+            past, nxt = self._compute.run(self._step, nxt, past, req.temperature, gen)
+        if reason != FinishReason.CANCELLED and out_ids:
+            text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
+            if reason != FinishReason.STOP_SEQUENCE and len(text) > sent:
                 emit(text[sent:])
         decode_s = time.perf_counter() - t_first if t_first else 0.0
         return Finished(reason, int(ids.shape[1]), len(out_ids), decode_s)

@@ -51,10 +51,21 @@ def main() -> int:
     cfg = load_config(args.config, {"server.port": 0})
     prompts = [it["prompt"] for it in load_suite(suite_path(cfg.aptitude.suite))][: args.prompts]
     app = build_app(cfg)
+    # The server's event loop runs on its own thread, as in `caprouter serve`; this thread is the client.
+    import threading
+
     loop = asyncio.new_event_loop()
-    server = GrpcServer(app, "127.0.0.1", 0)
-    loop.run_until_complete(server.start())
-    loop.run_until_complete(server.load_and_serve())
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    def on_loop(coro):
+        return asyncio.run_coroutine_threadsafe(coro, loop).result()
+
+    async def make_server():
+        return GrpcServer(app, "127.0.0.1", 0)
+
+    server = on_loop(make_server())
+    on_loop(server.start())
+    on_loop(server.load_and_serve())
     svc = app.service
     enc = svc.encoder
 
@@ -73,11 +84,7 @@ def main() -> int:
                 svc.route(Query(prompt=p))
                 t_route.append((time.perf_counter() - t) * 1e3)
 
-    # Route over gRPC on loopback (server loop on a thread, sync client here).
-    import threading
-
-    th = threading.Thread(target=loop.run_forever, daemon=True)
-    th.start()
+    # Route over gRPC on loopback.
     t_grpc = []
     with grpc.insecure_channel(server.address) as ch:
         stub = router_pb2_grpc.RouterStub(ch)
@@ -99,7 +106,7 @@ def main() -> int:
     tps: dict[str, list[float]] = {n: [] for n in svc.backends}
     for r in range(args.decode_runs + 1):
         for name, b in svc.backends.items():
-            v = asyncio.run_coroutine_threadsafe(decode(b, prompts[r * 7 % len(prompts)]), loop).result()
+            v = on_loop(decode(b, prompts[r * 7 % len(prompts)]))
             if r > 0:  # the first round is warm-up
                 tps[name].append(v)
 
@@ -125,8 +132,7 @@ def main() -> int:
         figures[f"tps_{n}"] = f"{med[n]:.1f}"
     if len(names) > 1:
         figures["speedup_" + names[1]] = f"{med[names[1]] / med[dense]:.2f}"
-    asyncio.run_coroutine_threadsafe(server.stop(0), loop).result()
-    loop.call_soon_threadsafe(loop.stop)
+    on_loop(server.stop(0))
     print(" ".join(f"{k}={v}" for k, v in figures.items()))
     return 0
 

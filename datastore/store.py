@@ -61,22 +61,30 @@ def source_hash(paths: Sequence[Path], embedder_id: str, encoder_settings: str) 
 
 
 class _Columns:
-    """Row-growable float32 matrix with growable columns (new backends appear in feedback)."""
+    """Row- and column-growable observations: ``val`` (0 where unobserved) and ``seen`` (1/0), both
+    float32, kept apart so that a query needs no NaN handling, only two gathers and two matmuls."""
 
     def __init__(self) -> None:
-        self.data = np.full((0, 0), np.nan, dtype=np.float32)
+        self.val = np.zeros((0, 0), dtype=np.float32)
+        self.seen = np.zeros((0, 0), dtype=np.float32)
         self.rows = 0
 
     def ensure(self, rows: int, cols: int) -> None:
-        r, c = self.data.shape
+        r, c = self.val.shape
         if rows <= r and cols <= c:
             return
-        new = np.full((max(rows, 2 * r, 64) if rows > r else r, max(cols, c)), np.nan, dtype=np.float32)
-        new[:r, :c] = self.data
-        self.data = new
+        shape = (max(rows, 2 * r, 64) if rows > r else r, max(cols, c))
+        for name in ("val", "seen"):
+            new = np.zeros(shape, dtype=np.float32)
+            new[:r, :c] = getattr(self, name)
+            setattr(self, name, new)
 
-    def view(self) -> npt.NDArray[np.float32]:
-        return self.data[: self.rows]
+    def set(self, row: int, col: int, v: float) -> None:
+        self.val[row, col] = v
+        self.seen[row, col] = 1.0
+
+    def get(self, row: int, col: int) -> float | None:
+        return float(self.val[row, col]) if self.seen[row, col] else None
 
 
 @DATASTORES.register("faiss-knn")
@@ -98,6 +106,7 @@ class FaissKnnDatastore:
         self.prior_strength = prior_strength
         self.temperature = temperature
         self.index = faiss.IndexFlatIP(dim)
+        self._omp_threads = faiss.omp_get_max_threads()
         self.backends: list[str] = []
         self._col: dict[str, int] = {}
         self._scores = _Columns()
@@ -105,6 +114,7 @@ class FaissKnnDatastore:
         self._ids: list[str] = []
         self._sum = np.zeros(0, dtype=np.float64)
         self._cnt = np.zeros(0, dtype=np.int64)
+        self._prior = np.zeros(0, dtype=np.float32)
         self._lock = threading.RLock()
         self._log: AppendLog | None = None
         self.state_dir: Path | None = None
@@ -138,48 +148,47 @@ class FaissKnnDatastore:
             for j, (s, c) in enumerate(zip(scores, costs)):
                 for b, v in s.items():
                     col = self._col[b]
-                    self._scores.data[n0 + j, col] = v
+                    self._scores.set(n0 + j, col, v)
                     self._sum[col] += v
                     self._cnt[col] += 1
                 for b, v in c.items():
-                    self._cost.data[n0 + j, self._col[b]] = v
+                    self._cost.set(n0 + j, self._col[b], v)
             self.index.add(emb)
             self._ids.extend(ids)
+            total = self._sum.sum() / self._cnt.sum() if self._cnt.sum() else 0.5
+            self._prior = np.where(self._cnt > 0, self._sum / np.maximum(self._cnt, 1), total).astype(np.float32)
 
     def priors(self) -> npt.NDArray[np.float32]:
         """float32 (B,): each backend's mean score; the global mean for a backend with none."""
-        with self._lock:
-            total = self._sum.sum() / max(self._cnt.sum(), 1) if self._cnt.sum() else 0.5
-            return np.where(self._cnt > 0, self._sum / np.maximum(self._cnt, 1), total).astype(np.float32)
+        return self._prior
 
     def estimate(self, embeddings: npt.NDArray[np.float32]) -> Estimate:
         """embeddings: float32 (n, d), unit rows -> Estimate over all known backends."""
         q = np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1, self.dim)
         with self._lock:
-            B = len(self.backends)
-            n = q.shape[0]
+            B, n = len(self.backends), q.shape[0]
+            prior = self._prior
+            backends = tuple(self.backends)
             if len(self._ids) == 0 or B == 0:
                 z = np.zeros((n, B), dtype=np.float32)
-                return Estimate(tuple(self.backends), z + self.priors(), z, z + np.nan)
-            k = min(self.k, len(self._ids))
-            sims, idx = self.index.search(q, k)
-            scores = self._scores.view()[idx]          # (n, k, B)
-            costs = self._cost.view()[idx]             # (n, k, B)
-            prior = self.priors()
-            backends = tuple(self.backends)
-        w = np.exp((sims - sims[:, :1]) / self.temperature).astype(np.float32)  # (n, k)
-        w[idx < 0] = 0.0
-        seen = ~np.isnan(scores)
-        num = np.einsum("nk,nkb->nb", w, np.where(seen, scores, 0.0))
-        den = np.einsum("nk,nkb->nb", w, seen.astype(np.float32))
+                return Estimate(backends, z + prior, z, z + np.nan)
+            # A few queries: search on the calling thread. FAISS's OpenMP team would otherwise
+            # wake up next to torch's spinning one and, on a small CPU, double the search time.
+            faiss.omp_set_num_threads(1 if n <= 64 else self._omp_threads)
+            sims, idx = self.index.search(q, min(self.k, len(self._ids)))
+            w = np.exp((sims - sims[:, :1]) / self.temperature).astype(np.float32)   # (n, k)
+            w[idx < 0] = 0.0
+            idx = np.maximum(idx, 0)
+            wk = w[:, None, :]                                                         # (n, 1, k)
+            num = (wk @ self._scores.val[idx])[:, 0]                                    # (n, B)
+            den = (wk @ self._scores.seen[idx])[:, 0]
+            cnum = (wk @ self._cost.val[idx])[:, 0]
+            cden = (wk @ self._cost.seen[idx])[:, 0]
         a = self.prior_strength
-        quality = np.where(den + a > 0, (num + a * prior) / np.maximum(den + a, 1e-12), prior)
-        cseen = ~np.isnan(costs)
-        cnum = np.einsum("nk,nkb->nb", w, np.where(cseen, costs, 0.0))
-        cden = np.einsum("nk,nkb->nb", w, cseen.astype(np.float32))
-        cost = np.where(cden > 0, cnum / np.maximum(cden, 1e-12), np.nan)
-        return Estimate(backends, np.clip(quality, 0, 1).astype(np.float32), den.astype(np.float32),
-                        cost.astype(np.float32))
+        quality = (num + a * prior) / np.maximum(den + a, 1e-12) if a > 0 else np.where(den > 0, num / np.maximum(den, 1e-12), prior)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cost = np.where(cden > 0, cnum / cden, np.nan)
+        return Estimate(backends, np.clip(quality, 0, 1, dtype=np.float32), den, cost.astype(np.float32))
 
     def stats(self) -> dict[str, BackendStats]:
         with self._lock:
@@ -250,13 +259,10 @@ class FaissKnnDatastore:
         faiss.write_index(self.index, str(tmp / "index.faiss"))
         with open(tmp / "records.jsonl", "w") as f:
             for i, rid in enumerate(self._ids):
-                row_s = self._scores.view()[i]
-                row_c = self._cost.view()[i]
-                f.write(json.dumps({
-                    "id": rid,
-                    "scores": {b: float(row_s[c]) for b, c in self._col.items() if not np.isnan(row_s[c])},
-                    "cost": {b: float(row_c[c]) for b, c in self._col.items() if not np.isnan(row_c[c])},
-                }) + "\n")
+                scores = {b: self._scores.get(i, c) for b, c in self._col.items()}
+                costs = {b: self._cost.get(i, c) for b, c in self._col.items()}
+                f.write(json.dumps({"id": rid, "scores": {b: v for b, v in scores.items() if v is not None},
+                                    "cost": {b: v for b, v in costs.items() if v is not None}}) + "\n")
         manifest = {"format": SNAPSHOT_FORMAT, "embedder": self.embedder_id, "dim": self.dim,
                     "source_hash": digest, "sources": sources, "records": len(self),
                     "backends": self.backends, "created_unix": time.time()}

@@ -4,12 +4,13 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import numpy.typing as npt
 
 from encoders.base import ENCODERS
+from router.compute import Inline
 from router.errors import ConfigError
 
 
@@ -34,7 +35,7 @@ class MiniLMEncoder:
     model_id = "sentence-transformers/all-MiniLM-L6-v2"
 
     def __init__(self, model_path: str | None = None, *, max_tokens: int = 256, batch_size: int = 32,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", compute: Any = None) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import torch
         from transformers import AutoModel, AutoTokenizer
@@ -54,6 +55,7 @@ class MiniLMEncoder:
         # One forward at a time: torch already uses every core for one batch, and concurrent
         # forwards on 2 cores only add contention.
         self._lock = threading.Lock()
+        self._compute = compute or Inline()
 
     def _ids(self, text: str) -> list[int]:
         body = self.max_tokens - 2  # [CLS] and [SEP]
@@ -75,10 +77,14 @@ class MiniLMEncoder:
             for i, c in enumerate(chunk):
                 ids[i, :len(c)] = torch.tensor(c)
                 mask[i, :len(c)] = 1
-            with self._lock, torch.inference_mode():
-                hidden = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
-                m = mask.to(hidden.dtype).unsqueeze(-1).to(self.device)
-                pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
-                pooled = torch.nn.functional.normalize(pooled, dim=-1)
-            out[start:start + len(chunk)] = pooled.float().cpu().numpy()
+            out[start:start + len(chunk)] = self._compute.run(self._forward, ids, mask)
         return out
+
+    def _forward(self, ids, mask) -> npt.NDArray[np.float32]:
+        torch = self._torch
+        with self._lock, torch.inference_mode():
+            hidden = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+            m = mask.to(hidden.dtype).unsqueeze(-1).to(self.device)
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+            pooled = torch.nn.functional.normalize(pooled, dim=-1)
+        return pooled.float().cpu().numpy()

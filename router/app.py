@@ -6,27 +6,30 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from router.compute import ComputeThread
 from router.config import AppConfig, builtin_data, caprouter_home
 
 log = logging.getLogger(__name__)
 
 
-def build_backends(config: AppConfig) -> dict:
+def build_backends(config: AppConfig, compute=None) -> dict:
     """Construct (not load) every configured backend, found in the registry by kind."""
     from backends import BACKENDS, register_builtin_backends
 
     register_builtin_backends()
-    return {b.name: BACKENDS.get(b.kind)(b, cost_unit=config.routing.cost_unit, models_dir=config.models_dir())
+    return {b.name: BACKENDS.get(b.kind)(b, cost_unit=config.routing.cost_unit, models_dir=config.models_dir(),
+                                         compute=compute)
             for b in config.backends}
 
 
-def build_encoder(config: AppConfig):
+def build_encoder(config: AppConfig, compute=None):
     """The configured PromptEncoder, found in the registry by kind (loads the model)."""
     from encoders import ENCODERS
     from encoders import minilm  # noqa: F401 - registers the built-in encoder
 
     e = config.encoder
-    return ENCODERS.get(e.kind)(e.model_path, max_tokens=e.max_tokens, batch_size=e.batch_size, device=e.device)
+    return ENCODERS.get(e.kind)(e.model_path, max_tokens=e.max_tokens, batch_size=e.batch_size, device=e.device,
+                                compute=compute)
 
 
 def open_datastore(config: AppConfig, encoder, *, progress: bool = False):
@@ -60,6 +63,7 @@ class App:
     config: AppConfig
     service: "object | None" = None
     loading_detail: str = "not started"
+    compute: ComputeThread = field(default_factory=ComputeThread)
     _backends: dict = field(default_factory=dict)
 
     @property
@@ -74,11 +78,11 @@ class App:
         cfg = self.config
         loop = asyncio.get_running_loop()
         self.loading_detail = "loading the prompt encoder"
-        encoder = await loop.run_in_executor(None, build_encoder, cfg)
+        encoder = await loop.run_in_executor(None, lambda: self.compute.run(build_encoder, cfg, self.compute))
         self.loading_detail = "loading the datastore"
         store = await loop.run_in_executor(None, lambda: open_datastore(cfg, encoder, progress=progress))
         self.loading_detail = "loading backends"
-        self._backends = build_backends(cfg)
+        self._backends = build_backends(cfg, self.compute)
         for b in self._backends.values():
             self.loading_detail = f"loading backend {b.name}"
             await b.load()
@@ -92,6 +96,7 @@ class App:
         else:
             for b in self._backends.values():
                 await b.close()
+        self.compute.shutdown()
 
 
 def build_app(config: AppConfig) -> App:

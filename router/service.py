@@ -154,7 +154,8 @@ class RouterService:
     def predict(self, embedding: npt.NDArray[np.float32], prompt_chars: int) -> tuple[list[float], list[float], list[float]]:
         """Quality, cost and support for every configured backend, in configured order."""
         est = self.datastore.estimate(embedding[None, :])
-        prior = float(np.nanmean(est.quality)) if est.quality.size else 0.5
+        # A configured backend with no outcome yet: the mean of the others' estimates.
+        prior = float(est.quality.mean()) if est.quality.size else 0.5
         quality, cost, support = [], [], []
         for name in self.names:
             col = est.column(name)

@@ -7,13 +7,15 @@ from pathlib import Path
 
 from router.aptitude.runner import load_suite, run_suite, suite_path
 from router.app import build_backends
+from router.compute import ComputeThread
 from router.config import AppConfig
 from router.errors import ConfigError
 
 
 def run(config: AppConfig, out: Path, *, only: list[str] | None = None, limit: int | None = None,
         progress: bool = True) -> dict[str, dict[str, float]]:
-    backends = build_backends(config)
+    compute = ComputeThread()
+    backends = build_backends(config, compute)
     if only:
         missing = sorted(set(only) - set(backends))
         if missing:
@@ -32,6 +34,7 @@ def run(config: AppConfig, out: Path, *, only: list[str] | None = None, limit: i
         finally:
             for b in backends.values():
                 await b.close()
+            compute.shutdown()
 
     summary = asyncio.run(go())
     print(json.dumps(summary, indent=2))
