@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator, Callable
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from backends.base import BACKENDS, Backend, Finished, FinishReason, GenerationRequest, Status, TextChunk
+from router.compute import Inline
 from router.config import BackendConfig
 from router.costs import CostModel
 from router.errors import BackendError, ConfigError
