@@ -220,6 +220,18 @@ class FaissKnnDatastore:
 
     # ---- persistence -----------------------------------------------------------------------------
     @classmethod
+    def from_records(cls, embeddings: npt.NDArray[np.float32], records: Sequence[OutcomeRecord], *,
+                     embedder_id: str = "", k: int = 32, prior_strength: float = 2.0,
+                     temperature: float = 0.05) -> "FaissKnnDatastore":
+        """An in-memory store (no state folder, ``add`` refused): for evaluation and tests.
+
+        embeddings: float32 (len(records), d), unit rows.
+        """
+        store = cls(int(embeddings.shape[1]), embedder_id, k=k, prior_strength=prior_strength, temperature=temperature)
+        store._insert(embeddings, [r.id for r in records], [r.scores for r in records], [r.cost for r in records])
+        return store
+
+    @classmethod
     def open(cls, state_dir: str | Path, encoder: Any, outcome_files: Sequence[str | Path], *,
              k: int = 32, prior_strength: float = 2.0, temperature: float = 0.05,
              encoder_settings: str = "", progress: bool = True) -> "FaissKnnDatastore":
