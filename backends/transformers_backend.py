@@ -88,8 +88,11 @@ class TransformersBackend(Backend):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
         from backends.pruning import pruned_weights
+
+        hf_logging.disable_progress_bar()  # per-tensor bars would interleave with structured logs
         from backends.weights import resolve_weights
 
         base = resolve_weights(self.opts.model, self._models_dir)
@@ -107,6 +110,9 @@ class TransformersBackend(Backend):
                 eos.add(tid)
         self._eos = {int(t) for t in eos if t is not None}
         self._cost = CostModel.from_config(self._cost_cfg, self._cost_unit, active_parameters=self.active_parameters())
+        # Warm-up: the first forward pays one-off allocation and kernel selection costs that
+        # would otherwise land on the first request.
+        self.generate_sync(GenerationRequest(messages=[("user", "Hi")], max_tokens=2), lambda _t: None)
 
     def active_parameters(self) -> int:
         """Parameters used in matmuls per token: every weight but the input embedding table, plus

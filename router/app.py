@@ -79,6 +79,7 @@ class App:
         loop = asyncio.get_running_loop()
         self.loading_detail = "loading the prompt encoder"
         encoder = await loop.run_in_executor(None, lambda: self.compute.run(build_encoder, cfg, self.compute))
+        await loop.run_in_executor(None, encoder.encode, ["warm-up: the first forward pays one-off costs"])
         self.loading_detail = "loading the datastore"
         store = await loop.run_in_executor(None, lambda: open_datastore(cfg, encoder, progress=progress))
         self.loading_detail = "loading backends"

@@ -46,5 +46,7 @@ class CostModel:
         if self.kind == "per_token":
             return (f"{self.input_per_million_tokens:g} in / {self.output_per_million_tokens:g} out "
                     f"{self.unit} per million tokens, ~{self.expected_output_tokens} output tokens")
-        return (f"2 x {self.active_parameters / 1e6:.1f}M active params x tokens, "
-                f"{self.price_per_gflop:g} {self.unit}/GFLOP, ~{self.expected_output_tokens} output tokens")
+        price = "in GFLOP" if self.price_per_gflop == 1 and self.unit == "GFLOP" else \
+            f"at {self.price_per_gflop:g} {self.unit}/GFLOP"
+        return (f"2 x {self.active_parameters / 1e6:.1f}M active params x tokens {price}, "
+                f"~{self.expected_output_tokens} output tokens")
