@@ -8,6 +8,8 @@
     caprouter backends --address HOST:PORT
     caprouter aptitude [--config FILE] [--out FILE] [--backends A,B] [--limit N]
     caprouter build-datastore [--config FILE]
+    caprouter train --data FILE.jsonl[.gz] --out DIR [--costs FILE] [--seed N]
+    caprouter eval --artifact DIR --data FILE [--json OUT]
 """
 from __future__ import annotations
 
@@ -205,6 +207,36 @@ def cmd_build_datastore(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from router.logs import setup_logging
+    from router.training import train_command
+
+    cfg = _config(args)
+    setup_logging(cfg.log_level, "text")
+    m = train_command(cfg, args.data, args.out, costs=args.costs, seed=args.seed, max_epochs=args.epochs)
+    print(f"wrote artifact {args.out}: {len(m['backends'])} backends, blend weight {m['blend_alpha']:.1f}, "
+          f"best epoch {m['metrics']['best_epoch']}")
+    test = m["metrics"].get("test")
+    if test:
+        zero = m["metrics"]["test_zero_router"]
+        print(f"test AIQ {test['aiq']:.3f} (zero router {zero['aiq']:.3f}); quality at the best single model's "
+              f"cost {test['q_at_best_cost']:.3f}; its quality reached at {test['cost_share_for_best_quality']:.0%} "
+              "of its cost")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from router.logs import setup_logging
+    from router.training import eval_command
+
+    cfg = _config(args)
+    setup_logging(cfg.log_level, "text")
+    report = eval_command(cfg, args.artifact, args.data, json_out=args.json, costs=args.costs)
+    print(report["markdown"])
+    print("wrote " + ", ".join(report["files"]))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="caprouter", description="LLM router and model-selection service")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -255,6 +287,23 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--backends", help="comma-separated subset of the configured backends")
     a.add_argument("--limit", type=int, help="first N items only")
     a.set_defaults(fn=cmd_aptitude)
+
+    t = sub.add_parser("train", help="train a router artifact from an outcomes file")
+    with_config(t)
+    t.add_argument("--data", required=True, help="outcomes JSONL (.gz) in the datastore schema")
+    t.add_argument("--out", required=True, help="artifact folder to write")
+    t.add_argument("--costs", help="JSON backend -> cost per request, for backends the data gives no cost")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--epochs", type=int, help="maximum epochs (early stopping decides before)")
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate an artifact: markdown + JSON report and a cost-quality PNG")
+    with_config(e)
+    e.add_argument("--artifact", required=True)
+    e.add_argument("--data", required=True, help="outcomes file; its test split if it has one, else all rows")
+    e.add_argument("--json", help="report path (default: ARTIFACT/eval.json; .md and .png beside it)")
+    e.add_argument("--costs")
+    e.set_defaults(fn=cmd_eval)
 
     d = sub.add_parser("build-datastore", help="build the datastore snapshot from the configured outcomes")
     with_config(d)

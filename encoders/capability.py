@@ -1,0 +1,252 @@
+"""The capability encoder: prompt embedding -> capability vector, one vector per backend.
+
+    z = f(x)                                  f: MLP, 384 -> hidden -> d
+    a_k = <z/|z|, mu_k/|mu_k|> / tau_p        soft assignment to K capability codes (prototypes)
+    logit_b = <z, g_b> + beta_b + sum_k softmax(a)_k H_kb
+    p(b answers x well) = sigmoid(logit_b)
+
+Training objective (docs/capability_encoder.md has the equations and the ablation):
+    L = L_pred + w_con L_con + w_ot L_ot
+  L_pred: binary cross-entropy on the observed scores (missing scores masked out);
+  L_con:  soft contrastive: the distribution softmax(<z_i, z_j>/tau) over a batch is pulled towards
+          the one given by the similarity of the prompts' outcome profiles (RouterDC, APTP);
+  L_ot:   the batch's soft assignment to the K codes is pulled towards the Sinkhorn transport plan
+          between the prompts (uniform mass) and the codes (mass = each code's target traffic
+          share), computed with POT; the marginal keeps the codes from collapsing into one.
+
+A backend's vector g_b can be fitted from its aptitude results alone with f frozen
+(``onboard``): Model-SAT's onboarding without retraining the prompt side.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+
+@dataclass
+class CapabilityConfig:
+    dim: int = 64
+    hidden: int = 256
+    codes: int = 8
+    dropout: float = 0.1
+    w_con: float = 0.2
+    w_ot: float = 0.1
+    tau: float = 0.1          # contrastive temperature over embeddings
+    tau_y: float = 0.5        # temperature over outcome-profile distances
+    tau_p: float = 0.1        # assignment temperature
+    sinkhorn_reg: float = 0.05
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 256
+    max_epochs: int = 300
+    patience: int = 20
+    seed: int = 0
+    code_marginal: list[float] | None = None   # None: uniform
+
+
+def build_model(in_dim: int, n_backends: int, cfg: CapabilityConfig):
+    import torch
+    from torch import nn
+
+    class CapabilityModel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.f = nn.Sequential(nn.Linear(in_dim, cfg.hidden), nn.GELU(), nn.Dropout(cfg.dropout),
+                                   nn.Linear(cfg.hidden, cfg.dim))
+            self.g = nn.Parameter(torch.randn(n_backends, cfg.dim) * 0.05)
+            self.beta = nn.Parameter(torch.zeros(n_backends))
+            self.mu = nn.Parameter(torch.randn(cfg.codes, cfg.dim))
+            self.H = nn.Parameter(torch.zeros(cfg.codes, n_backends))
+
+        def embed(self, x):
+            return self.f(x)
+
+        def assign_logits(self, z):
+            return nn.functional.normalize(z, dim=-1) @ nn.functional.normalize(self.mu, dim=-1).T / cfg.tau_p
+
+        def forward(self, x):
+            """x: (n, in_dim) -> logits (n, B), z (n, d), assignment logits (n, K)."""
+            z = self.f(x)
+            a = self.assign_logits(z)
+            logits = z @ self.g.T + self.beta + torch.softmax(a, -1) @ self.H
+            return logits, z, a
+
+    return CapabilityModel()
+
+
+def _masked_bce(logits, y, m):
+    import torch
+
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
+    return (loss * m).sum() / m.sum().clamp(min=1)
+
+
+def contrastive_loss(z, y_filled, tau: float, tau_y: float):
+    """Soft contrastive term. z: (n, d); y_filled: (n, B) outcome profiles (missing -> column mean)."""
+    import torch
+
+    n = z.shape[0]
+    eye = torch.eye(n, dtype=torch.bool, device=z.device)
+    zn = torch.nn.functional.normalize(z, dim=-1)
+    logits = (zn @ zn.T / tau).masked_fill(eye, -1e9)
+    d2 = torch.cdist(y_filled, y_filled).pow(2) / y_filled.shape[1]
+    target = torch.softmax((-d2 / tau_y).masked_fill(eye, -1e9), dim=-1)
+    return -(target * torch.log_softmax(logits, -1)).sum(-1).mean()
+
+
+def sinkhorn_plan(a, marginal: npt.NDArray[np.float64], reg: float) -> npt.NDArray[np.float64]:
+    """The entropic OT plan between n prompts (uniform) and K codes (``marginal``), cost -a.
+
+    a: (n, K) assignment logits (as numpy). Returns the plan scaled so each row sums to 1."""
+    import ot
+
+    n = a.shape[0]
+    M = -a.astype(np.float64)
+    M = M - M.min()
+    M = M / max(M.max(), 1e-12)
+    # Log-domain iterations: stable at the small regularization that keeps the plan sharp.
+    plan = ot.sinkhorn(np.full(n, 1.0 / n), marginal, M, reg, method="sinkhorn_log", numItermax=500,
+                       stopThr=1e-6)
+    return plan * n
+
+
+def ot_loss(a, marginal: npt.NDArray[np.float64], reg: float):
+    import torch
+
+    plan = sinkhorn_plan(a.detach().cpu().numpy(), marginal, reg)
+    target = torch.as_tensor(plan, dtype=a.dtype, device=a.device)
+    return -(target * torch.log_softmax(a, -1)).sum(-1).mean()
+
+
+@dataclass
+class TrainResult:
+    model: object
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val: float = math.inf
+
+
+def train(X: npt.NDArray[np.float32], Y: npt.NDArray[np.float32], Xv: npt.NDArray[np.float32],
+          Yv: npt.NDArray[np.float32], cfg: CapabilityConfig, *, progress: bool = False) -> TrainResult:
+    """X: (n, d_in) unit embeddings; Y: (n, B) scores in [0, 1], NaN = not observed. Early stopping
+    on the validation prediction loss (Xv, Yv); returns the best epoch's model."""
+    import torch
+    from tqdm import tqdm
+
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    B = Y.shape[1]
+    model = build_model(X.shape[1], B, cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    marginal = np.asarray(cfg.code_marginal or [1.0 / cfg.codes] * cfg.codes, dtype=np.float64)
+    marginal = marginal / marginal.sum()
+    col_mean = np.nanmean(Y, 0)
+
+    def tensors(Xa, Ya):
+        m = ~np.isnan(Ya)
+        yf = np.where(m, Ya, col_mean)
+        return (torch.as_tensor(Xa), torch.as_tensor(np.where(m, Ya, 0.0).astype(np.float32)),
+                torch.as_tensor(m.astype(np.float32)), torch.as_tensor(yf.astype(np.float32)))
+
+    Xt, Yt, Mt, Ft = tensors(X, Y)
+    Xvt, Yvt, Mvt, _ = tensors(Xv, Yv)
+    res = TrainResult(model)
+    best_state = copy.deepcopy(model.state_dict())
+    bad = 0
+    bar = tqdm(range(cfg.max_epochs), desc="training", unit="epoch", disable=not progress)
+    for epoch in bar:
+        model.train()
+        perm = rng.permutation(len(X))
+        tot = {"pred": 0.0, "con": 0.0, "ot": 0.0}
+        for s in range(0, len(perm), cfg.batch_size):
+            idx = torch.as_tensor(perm[s:s + cfg.batch_size])
+            if len(idx) < 8:
+                continue
+            logits, z, a = model(Xt[idx])
+            l_pred = _masked_bce(logits, Yt[idx], Mt[idx])
+            loss = l_pred
+            tot["pred"] += l_pred.item() * len(idx)
+            if cfg.w_con > 0:
+                l_con = contrastive_loss(z, Ft[idx], cfg.tau, cfg.tau_y)
+                loss = loss + cfg.w_con * l_con
+                tot["con"] += l_con.item() * len(idx)
+            if cfg.w_ot > 0:
+                l_ot = ot_loss(a, marginal, cfg.sinkhorn_reg)
+                loss = loss + cfg.w_ot * l_ot
+                tot["ot"] += l_ot.item() * len(idx)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            vl = float(_masked_bce(model(Xvt)[0], Yvt, Mvt))
+        res.history.append({"epoch": epoch, "val_bce": vl, **{k: v / len(X) for k, v in tot.items()}})
+        bar.set_postfix(val_bce=f"{vl:.4f}")
+        if vl < res.best_val - 1e-5:
+            res.best_val, res.best_epoch, bad = vl, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    model.load_state_dict(best_state)
+    model.eval()
+    return res
+
+
+def predict(model, X: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """(n, d_in) -> (n, B) predicted quality."""
+    import torch
+
+    with torch.no_grad():
+        return torch.sigmoid(model(torch.as_tensor(X, dtype=torch.float32))[0]).numpy()
+
+
+def code_assignment(model, X: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """(n, d_in) -> (n, K) soft assignment of prompts to capability codes."""
+    import torch
+
+    with torch.no_grad():
+        _, _, a = model(torch.as_tensor(X, dtype=torch.float32))
+        return torch.softmax(a, -1).numpy()
+
+
+def onboard(model, X: npt.NDArray[np.float32], y: npt.NDArray[np.float32], *, l2: float = 1e-2,
+            steps: int = 300) -> tuple[npt.NDArray[np.float32], float, npt.NDArray[np.float32]]:
+    """Fit a new backend's (g, beta, H column) from its aptitude results, the prompt side frozen.
+
+    X: (m, d_in) aptitude prompts; y: (m,) the backend's scores. The parameters are shrunk towards
+    the mean of the trained backends' (l2), so a handful of prompts gives a sensible vector.
+    Returns (g (d,), beta, h (K,)).
+    """
+    import torch
+
+    with torch.no_grad():
+        _, z, a = model(torch.as_tensor(X, dtype=torch.float32))
+        s = torch.softmax(a, -1)
+        g0, b0, h0 = model.g.mean(0), model.beta.mean(), model.H.mean(1)
+    g = g0.clone().requires_grad_(True)
+    b = b0.clone().requires_grad_(True)
+    h = h0.clone().requires_grad_(True)
+    yt = torch.as_tensor(y, dtype=torch.float32)
+    opt = torch.optim.LBFGS([g, b, h], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        logits = z @ g + b + s @ h
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, yt)
+        loss = loss + l2 * ((g - g0).pow(2).sum() + (h - h0).pow(2).sum()) / len(y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return g.detach().numpy(), float(b.detach()), h.detach().numpy()
+
+
+def config_dict(cfg: CapabilityConfig) -> dict:
+    return asdict(cfg)

@@ -1,0 +1,176 @@
+"""`caprouter train` and `caprouter eval`: offline learning from recorded outcomes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from router import artifact as art
+from router.evaluate import evaluate, zero_router
+from router.routing_data import RoutingData, load_routing_data, split_indices
+
+
+class BlendPredictor:
+    """The served prediction: alpha * capability encoder + (1 - alpha) * kNN datastore."""
+
+    def __init__(self, model: Any, store: Any, backends: list[str], alpha: float, fallback_cost: npt.NDArray) -> None:
+        self.model, self.store, self.backends, self.alpha = model, store, backends, alpha
+        self.fallback_cost = fallback_cost
+
+    def predict(self, X: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """X: (n, d) -> quality (n, B), cost (n, B) in ``backends`` order."""
+        from encoders.capability import predict
+
+        est = self.store.estimate(X)
+        cols = [est.column(b) for b in self.backends]
+        qk = est.quality[:, cols]
+        cost = np.where(np.isnan(est.cost[:, cols]), self.fallback_cost, est.cost[:, cols])
+        q = qk if self.alpha == 0 else self.alpha * predict(self.model, X) + (1 - self.alpha) * qk
+        return q.astype(np.float32), cost.astype(np.float32)
+
+
+def _costs(path: str | None) -> dict[str, float] | None:
+    if not path:
+        return None
+    obj = json.loads(Path(path).read_text())
+    if not isinstance(obj, dict) or not all(isinstance(v, (int, float)) for v in obj.values()):
+        from router.errors import InvalidArgument
+
+        raise InvalidArgument(f"{path}: --costs must be a JSON object of backend -> cost per request")
+    return {str(k): float(v) for k, v in obj.items()}
+
+
+def _embed(encoder, data: RoutingData, progress: bool) -> npt.NDArray[np.float32]:
+    from tqdm import tqdm
+
+    parts, step = [], 256
+    for s in tqdm(range(0, len(data), step), desc="embedding prompts", unit="batch", disable=not progress):
+        parts.append(encoder.encode(data.prompts[s:s + step]))
+    return np.concatenate(parts)
+
+
+def _store(X, records, ds_cfg):
+    from datastore.store import FaissKnnDatastore
+
+    return FaissKnnDatastore.from_records(X, records, k=ds_cfg.k, prior_strength=ds_cfg.prior_strength,
+                                          temperature=ds_cfg.temperature)
+
+
+def train_command(config, data_path: str, out: str, *, costs: str | None = None, seed: int = 0,
+                  max_epochs: int | None = None, progress: bool = True) -> dict[str, Any]:
+    from encoders.capability import CapabilityConfig, config_dict, train
+    from router.app import build_encoder
+
+    data = load_routing_data(data_path, _costs(costs))
+    encoder = build_encoder(config)
+    X = _embed(encoder, data, progress)
+    tr, va, te = split_indices(data, seed=seed)
+    va_es, va_blend = va[::2], va[1::2]                 # early stopping / blend weight
+    va_blend = va_blend[data.complete_rows()[va_blend]]
+    te = te[data.complete_rows()[te]]
+    cfg = CapabilityConfig(seed=seed, **({"max_epochs": max_epochs} if max_epochs else {}))
+    res = train(X[tr], data.Y[tr], X[va_es], data.Y[va_es], cfg, progress=progress)
+    fallback = np.nanmean(data.C[tr], 0)
+    store = _store(X[tr], [data.records[i] for i in tr], config.datastore)
+    best_a, best_v = 0.0, -1.0
+    for a in np.linspace(0, 1, 11):
+        q, c = BlendPredictor(res.model, store, data.backends, float(a), fallback).predict(X[va_blend])
+        v = evaluate(q, c, data.Y[va_blend], data.C[va_blend])["aiq"]
+        if v > best_v + 1e-9:
+            best_a, best_v = float(a), v
+    pred = BlendPredictor(res.model, store, data.backends, best_a, fallback)
+    metrics: dict[str, Any] = {"val_aiq": best_v, "best_epoch": res.best_epoch, "val_bce": res.best_val}
+    if len(te):
+        q, c = pred.predict(X[te])
+        metrics["test"] = evaluate(q, c, data.Y[te], data.C[te])
+        metrics["test_zero_router"] = zero_router(data.Y[te], data.C[te])
+    manifest = {
+        "embedder": {"id": encoder.model_id, "dim": encoder.dim, "max_tokens": config.encoder.max_tokens},
+        "backends": data.backends,
+        "cost": {"mean_per_request": {b: float(v) for b, v in zip(data.backends, fallback)}},
+        "data": {"path": str(Path(data_path).resolve()), "sha256": data.source_hash, "n_train": int(len(tr)),
+                 "n_val": int(len(va)), "n_test": int(len(te)), "seed": seed},
+        "capability": config_dict(cfg),
+        "blend_alpha": best_a,
+        "datastore": config.datastore.model_dump(include={"k", "prior_strength", "temperature"}),
+        "metrics": metrics,
+    }
+    art.save(Path(out), model=res.model, manifest=manifest, records=[data.records[i] for i in tr], embeddings=X[tr])
+    return manifest
+
+
+def eval_command(config, artifact_dir: str, data_path: str, *, json_out: str | None = None,
+                 costs: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Evaluate an artifact on a data file (its test split if it has one, else every row)."""
+    from router import baselines
+    from router import metrics as M
+    from router.app import build_encoder
+
+    encoder = build_encoder(config)
+    a = art.load(Path(artifact_dir), embedder_id=encoder.model_id, dim=encoder.dim)
+    data = load_routing_data(data_path, _costs(costs))
+    missing = sorted(set(a.backends) - set(data.backends))
+    if missing:
+        from router.errors import InvalidArgument
+
+        raise InvalidArgument(f"{data_path} has no scores for backend(s) {', '.join(missing)} of the artifact")
+    data = data.restrict_backends(a.backends)
+    rows = np.array([s == "test" for s in data.splits])
+    idx = np.where(rows)[0] if rows.any() else np.arange(len(data))
+    idx = idx[data.complete_rows()[idx]]
+    data = data.subset(idx)
+    X = _embed(encoder, data, progress)
+    store = _store(a.embeddings, a.records, config.datastore.model_copy(update=a.manifest["datastore"]))
+    fallback = np.array([a.manifest["cost"]["mean_per_request"][b] for b in a.backends])
+    pred = BlendPredictor(a.model, store, a.backends, a.manifest["blend_alpha"], fallback)
+    q, c = pred.predict(X)
+    Y, C = data.Y, data.C
+    Ytr = np.array([[r.scores.get(b, np.nan) for b in a.backends] for r in a.records], dtype=np.float32)
+    routers = {"caprouter": q, "kNN (k=40)": baselines.knn_router(a.embeddings, Ytr, X, 40), "oracle": Y}
+    report: dict[str, Any] = {"artifact": str(artifact_dir), "data": str(data_path), "n": int(len(data)),
+                              "accuracy": M.per_backend_accuracy(Y, a.backends),
+                              "mean_cost": {b: float(C[:, j].mean()) for j, b in enumerate(a.backends)},
+                              "zero router": zero_router(Y, C),
+                              **{name: evaluate(Q, c, Y, C) for name, Q in routers.items()}}
+    out = Path(json_out) if json_out else Path(artifact_dir) / "eval.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    _plot(out.with_suffix(".png"), routers, c, Y, C, a.backends)
+    md = [f"# Evaluation of {artifact_dir} on {data_path} ({len(data)} prompts)", "",
+          "| router | AIQ | quality at best single's cost | cost to reach best single's quality |", "|---|---|---|---|"]
+    for name in ("zero router", *routers):
+        m = report[name]
+        md.append(f"| {name} | {m['aiq']:.3f} | {m['q_at_best_cost']:.3f} | {m['cost_share_for_best_quality']:.3f} |")
+    md += ["", "| backend | accuracy | mean cost |", "|---|---|---|"]
+    md += [f"| {b} | {report['accuracy'][b]:.3f} | {report['mean_cost'][b]:.4g} |" for b in a.backends]
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    report["markdown"] = "\n".join(md)
+    report["files"] = [str(out), str(out.with_suffix(".md")), str(out.with_suffix(".png"))]
+    return report
+
+
+def _plot(path: Path, routers: dict, Chat, Y, C, backends) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from router import metrics as M
+
+    lams = M.default_lambdas(C, Y)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for name, Q in routers.items():
+        h = M.envelope(M.sweep_points(Q, Chat, Y, C, lams))
+        ax.plot(h[:, 0], h[:, 1], "-o", ms=3, label=name)
+    for j, b in enumerate(backends):
+        ax.plot(C[:, j].mean(), Y[:, j].mean(), "s", ms=6, label=b)
+    ax.set_xlabel("average cost per request")
+    ax.set_ylabel("average quality")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,67 @@
+"""Invariants of the capability encoder on seeded toy data."""
+import numpy as np
+import pytest
+
+from encoders.capability import CapabilityConfig, code_assignment, onboard, predict, sinkhorn_plan, train
+
+
+def toy(n=600, d=16, B=3, seed=0):
+    """Three prompt clusters; backend j is good on cluster j, so outcomes follow the clusters."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(B, d)) * 3
+    c = rng.integers(0, B, n)
+    X = centers[c] + rng.normal(size=(n, d))
+    X = (X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float32)
+    p = np.full((n, B), 0.15)
+    p[np.arange(n), c] = 0.9
+    Y = (rng.random((n, B)) < p).astype(np.float32)
+    return X, Y, c
+
+
+@pytest.mark.parametrize("marginal", [[0.25] * 4, [0.5, 0.3, 0.1, 0.1]])
+def test_sinkhorn_plan_respects_both_marginals(marginal):
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(200, 4)) * 3
+    a[:, 0] += 5  # every prompt prefers code 0: the marginal must still hold
+    m = np.array(marginal)
+    plan = sinkhorn_plan(a, m, 0.05)
+    np.testing.assert_allclose(plan.sum(1), 1.0, atol=1e-4)          # each prompt's mass
+    np.testing.assert_allclose(plan.sum(0) / 200, m, atol=1e-3)      # each code's traffic share
+
+
+def test_training_loss_falls_and_predictions_follow_the_clusters():
+    X, Y, c = toy()
+    cfg = CapabilityConfig(dim=16, hidden=32, codes=3, max_epochs=60, patience=60, seed=0)
+    res = train(X[:500], Y[:500], X[500:], Y[500:], cfg)
+    h = res.history
+    assert h[-1]["pred"] < h[0]["pred"] * 0.8 and res.best_val < h[0]["val_bce"]
+    assert all(k in h[0] for k in ("pred", "con", "ot"))
+    P = predict(res.model, X[500:])
+    assert (P.argmax(1) == c[500:]).mean() > 0.8  # labels are noisy (p = 0.9 / 0.15)
+
+
+def test_ot_term_keeps_codes_from_collapsing():
+    X, Y, _ = toy()
+    with_ot = train(X[:500], Y[:500], X[500:], Y[500:], CapabilityConfig(dim=16, hidden=32, codes=3, max_epochs=40,
+                                                                          patience=40, w_ot=1.0, seed=0))
+    share = code_assignment(with_ot.model, X).argmax(1)
+    counts = np.bincount(share, minlength=3) / len(X)
+    assert counts.min() > 0.15, counts  # every code keeps a real share of the traffic
+
+
+def test_onboarding_a_seen_backend_recovers_its_trained_behaviour():
+    X, Y, c = toy(n=900)
+    cfg = CapabilityConfig(dim=16, hidden=32, codes=3, max_epochs=60, patience=60, seed=0)
+    res = train(X[:600], Y[:600], X[600:700], Y[600:700], cfg)
+    m = res.model
+    j = 1
+    g, b, h = onboard(m, X[:100], Y[:100, j])  # its results on 100 aptitude prompts
+    import torch
+
+    with torch.no_grad():
+        trained = predict(m, X[700:])[:, j]
+        _, z, a = m(torch.as_tensor(X[700:]))
+        onboarded = torch.sigmoid(z @ torch.as_tensor(g) + b + torch.softmax(a, -1) @ torch.as_tensor(h)).numpy()
+    assert np.corrcoef(trained, onboarded)[0, 1] > 0.9
+    cos = g @ m.g[j].detach().numpy() / np.linalg.norm(g) / np.linalg.norm(m.g[j].detach().numpy())
+    assert cos > 0.5

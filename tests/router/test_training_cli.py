@@ -1,0 +1,96 @@
+"""`caprouter train` / `caprouter eval` on a small slice of the real LLMRouter data."""
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from router.errors import ArtifactError
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent / "caprouter"
+
+
+@pytest.fixture(scope="module")
+def slice_file(shared_data, tmp_path_factory) -> Path:
+    rows = [json.loads(line) for line in gzip.open(shared_data / "llmrouter.jsonl.gz", "rt")]
+    train = [r for r in rows if r["split"] == "train"][::14][:400]
+    test = [r for r in rows if r["split"] == "test"][:120]
+    p = tmp_path_factory.mktemp("slice") / "slice.jsonl.gz"
+    with gzip.open(p, "wt") as f:
+        for r in train + test:
+            f.write(json.dumps(r) + "\n")
+    return p
+
+
+@pytest.fixture(scope="module")
+def trained(slice_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("art") / "router"
+    r = subprocess.run([str(BIN), "train", "--data", str(slice_file), "--out", str(out), "--epochs", "15",
+                        "--seed", "1"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "test AIQ" in r.stdout
+    return out
+
+
+def test_train_writes_a_versioned_artifact_with_a_manifest(trained, slice_file):
+    m = json.loads((trained / "manifest.json").read_text())
+    assert m["format"] == 1 and m["code_version"] and m["embedder"] == {
+        "id": "sentence-transformers/all-MiniLM-L6-v2", "dim": 384, "max_tokens": 256}
+    assert len(m["backends"]) == 9 and m["data"]["n_test"] == 120 and m["data"]["sha256"]
+    assert 0 <= m["blend_alpha"] <= 1 and 0 < m["metrics"]["test"]["aiq"] <= 1
+    assert m["cost"]["mean_per_request"]["gemma-2-9b-it"] == pytest.approx(0.1)
+    for f in ("model.safetensors", "outcomes.jsonl.gz", "embeddings.npy"):
+        assert (trained / f).exists()
+
+
+def test_eval_writes_markdown_json_and_png(trained, slice_file, tmp_path):
+    out = tmp_path / "report.json"
+    r = subprocess.run([str(BIN), "eval", "--artifact", str(trained), "--data", str(slice_file), "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    assert rep["n"] == 120 and {"caprouter", "kNN (k=40)", "oracle", "zero router"} <= set(rep)
+    assert rep["oracle"]["aiq"] >= rep["caprouter"]["aiq"] > 0
+    assert out.with_suffix(".md").read_text().startswith("# Evaluation")
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_artifact_round_trip_and_manifest_mismatch_refused(trained, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from encoders.capability import predict
+    from router import artifact as art
+
+    a = art.load(trained, embedder_id="sentence-transformers/all-MiniLM-L6-v2", dim=384)
+    x = a.embeddings[:5]
+    assert predict(a.model, x).shape == (5, 9) and len(a.records) == len(a.embeddings)
+    b = art.load(trained)
+    np.testing.assert_allclose(predict(b.model, x), predict(a.model, x))
+    with pytest.raises(ArtifactError, match="trained on embeddings of"):
+        art.load(trained, embedder_id="other/encoder")
+    with pytest.raises(ArtifactError, match="expects 384-d"):
+        art.load(trained, dim=768)
+    bad = tmp_path / "bad"
+    shutil.copytree(trained, bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    m["format"] = 99
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="unsupported artifact format"):
+        art.load(bad)
+    with pytest.raises(ArtifactError, match="not a caprouter artifact"):
+        art.load(tmp_path)
+
+
+def test_missing_costs_is_a_clear_cli_error(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps({"prompt": "x", "scores": {"a": 1, "b": 0}}) + "\n")
+    r = subprocess.run([str(BIN), "train", "--data", str(p), "--out", str(tmp_path / "o")], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "pass --costs" in r.stderr
