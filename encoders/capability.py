@@ -216,7 +216,7 @@ def code_assignment(model, X: npt.NDArray[np.float32]) -> npt.NDArray[np.float32
         return torch.softmax(a, -1).numpy()
 
 
-def onboard(model, X: npt.NDArray[np.float32], y: npt.NDArray[np.float32], *, l2: float = 1e-2,
+def onboard(model, X: npt.NDArray[np.float32], y: npt.NDArray[np.float32], *, l2: float = 0.1,
             steps: int = 300) -> tuple[npt.NDArray[np.float32], float, npt.NDArray[np.float32]]:
     """Fit a new backend's (g, beta, H column) from its aptitude results, the prompt side frozen.
 

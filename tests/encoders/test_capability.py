@@ -63,5 +63,7 @@ def test_onboarding_a_seen_backend_recovers_its_trained_behaviour():
         _, z, a = m(torch.as_tensor(X[700:]))
         onboarded = torch.sigmoid(z @ torch.as_tensor(g) + b + torch.softmax(a, -1) @ torch.as_tensor(h)).numpy()
     assert np.corrcoef(trained, onboarded)[0, 1] > 0.9
-    cos = g @ m.g[j].detach().numpy() / np.linalg.norm(g) / np.linalg.norm(m.g[j].detach().numpy())
-    assert cos > 0.5
+    # (g, beta, h) are not identifiable one by one (beta and h trade off), so the test compares
+    # behaviour: against the true probabilities the onboarded backend is no worse than the trained one.
+    truth = np.where(c[700:] == j, 0.9, 0.15)
+    assert np.abs(onboarded - truth).mean() <= np.abs(trained - truth).mean() + 0.02
