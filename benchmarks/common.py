@@ -36,13 +36,14 @@ def load(name: str):
     costs = dataset_costs(name)
     if name == "mmlu_pro":
         # Models with no public size have no cost: left out, as the benchmark's definition says.
-        from router.routing_data import load_routing_data as _l  # noqa: F401
+        # Written uncompressed: a gzip header carries a timestamp, which would change the hash
+        # that keys the embedding cache.
         import gzip
         import tempfile
 
         keep = set(costs)
-        tmp = Path(tempfile.mkstemp(suffix=".jsonl.gz")[1])
-        with gzip.open(path, "rt") as src, gzip.open(tmp, "wt") as dst:
+        tmp = Path(tempfile.mkstemp(suffix=".jsonl")[1])
+        with gzip.open(path, "rt") as src, open(tmp, "w") as dst:
             for line in src:
                 r = json.loads(line)
                 r["scores"] = {k: v for k, v in r["scores"].items() if k in keep}

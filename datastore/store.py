@@ -234,16 +234,19 @@ class FaissKnnDatastore:
     @classmethod
     def open(cls, state_dir: str | Path, encoder: Any, outcome_files: Sequence[str | Path], *,
              k: int = 32, prior_strength: float = 2.0, temperature: float = 0.05,
-             encoder_settings: str = "", progress: bool = True) -> "FaissKnnDatastore":
+             encoder_settings: str = "", progress: bool = True,
+             base: tuple[npt.NDArray[np.float32], Sequence[OutcomeRecord], str] | None = None) -> "FaissKnnDatastore":
         """Load (or build) the snapshot of ``outcome_files`` and replay the feedback log.
 
         encoder: a PromptEncoder, used for building and for re-embedding logged prompts whose
-        embedder differs from the current one.
+        embedder differs from the current one. base: (embeddings, records, hash) of outcomes
+        already embedded (a trained artifact's), used instead of ``outcome_files``.
         """
         state = Path(state_dir)
         state.mkdir(parents=True, exist_ok=True)
         files = [Path(p) for p in outcome_files]
-        digest = source_hash(files, encoder.model_id, encoder_settings)
+        digest = (hashlib.sha256(f"base|{base[2]}|{encoder.model_id}".encode()).hexdigest() if base
+                  else source_hash(files, encoder.model_id, encoder_settings))
         store = cls(encoder.dim, encoder.model_id, k=k, prior_strength=prior_strength, temperature=temperature)
         store.state_dir = state
         snap = state / "snapshot"
@@ -252,7 +255,11 @@ class FaissKnnDatastore:
             store._load_snapshot(snap, manifest)
             log.info("datastore: loaded snapshot of %d outcomes from %s", len(store), snap)
         else:
-            store._build(files, encoder, progress=progress)
+            if base:
+                emb, recs, _ = base
+                store._insert(emb, [r.id for r in recs], [r.scores for r in recs], [r.cost for r in recs])
+            else:
+                store._build(files, encoder, progress=progress)
             store._write_snapshot(snap, digest, [str(p) for p in files])
             log.info("datastore: built snapshot of %d outcomes in %s", len(store), snap)
         store._log = AppendLog.open(state / "feedback.log")

@@ -32,14 +32,35 @@ def build_encoder(config: AppConfig, compute=None):
                                 compute=compute)
 
 
-def open_datastore(config: AppConfig, encoder, *, progress: bool = False):
-    """Load (or build) the datastore snapshot of the configured outcomes and replay its log."""
+def open_datastore(config: AppConfig, encoder, *, progress: bool = False, artifact=None):
+    """Load (or build) the datastore snapshot of the configured outcomes (or of a trained
+    artifact's outcomes) and replay its log."""
     from datastore import DATASTORES
 
     ds = config.datastore
+    base = None
+    if artifact is not None:
+        base = (artifact.embeddings, artifact.records,
+                f"{artifact.manifest['data']['sha256']}|{artifact.manifest['created_unix']}")
     return DATASTORES.get("faiss-knn").open(
-        state_dir(config), encoder, outcome_files(config), k=ds.k, prior_strength=ds.prior_strength,
-        temperature=ds.temperature, encoder_settings=f"max_tokens={config.encoder.max_tokens}", progress=progress)
+        state_dir(config), encoder, [] if base else outcome_files(config), k=ds.k, prior_strength=ds.prior_strength,
+        temperature=ds.temperature, encoder_settings=f"max_tokens={config.encoder.max_tokens}", progress=progress,
+        base=base)
+
+
+def route_only_backends(config: AppConfig, artifact, configured: dict) -> dict:
+    """A route-only backend for every backend of the artifact that the config does not define,
+    priced at its mean cost per request in the training data."""
+    from backends.route_only import RouteOnlyBackend
+    from router.config import BackendConfig, CostModelConfig
+
+    out = {}
+    for name in artifact.backends:
+        if name not in configured:
+            cost = CostModelConfig(kind="per_request", per_request=artifact.manifest["cost"]["mean_per_request"][name])
+            out[name] = RouteOnlyBackend(BackendConfig(name=name, kind="route-only", cost=cost),
+                                         cost_unit=config.routing.cost_unit)
+    return out
 
 
 def outcome_files(config: AppConfig) -> list[Path]:
@@ -51,7 +72,8 @@ def state_dir(config: AppConfig) -> Path:
         return Path(config.datastore.state_dir).expanduser()
     # Keyed by which files feed the store (not their contents), so feedback survives a rebuild
     # of the snapshot when the outcome files are edited.
-    key = hashlib.sha256("\n".join(str(p.resolve()) for p in outcome_files(config)).encode()).hexdigest()[:12]
+    sources = [Path(config.artifact)] if config.artifact else outcome_files(config)
+    key = hashlib.sha256("\n".join(str(p.resolve()) for p in sources).encode()).hexdigest()[:12]
     return caprouter_home() / "datastore" / key
 
 
@@ -80,14 +102,26 @@ class App:
         self.loading_detail = "loading the prompt encoder"
         encoder = await loop.run_in_executor(None, lambda: self.compute.run(build_encoder, cfg, self.compute))
         await loop.run_in_executor(None, encoder.encode, ["warm-up: the first forward pays one-off costs"])
+        artifact = capability = None
+        if cfg.artifact:
+            from router import artifact as art
+            from router.service import Capability
+
+            self.loading_detail = "loading the router artifact"
+            artifact = await loop.run_in_executor(None, lambda: self.compute.run(
+                art.load, Path(cfg.artifact), embedder_id=encoder.model_id, dim=encoder.dim))
+            capability = Capability(artifact.model, artifact.backends, artifact.manifest["blend_alpha"], self.compute)
         self.loading_detail = "loading the datastore"
-        store = await loop.run_in_executor(None, lambda: open_datastore(cfg, encoder, progress=progress))
+        store = await loop.run_in_executor(None, lambda: open_datastore(cfg, encoder, progress=progress,
+                                                                        artifact=artifact))
         self.loading_detail = "loading backends"
         self._backends = build_backends(cfg, self.compute)
+        if artifact is not None:
+            self._backends.update(route_only_backends(cfg, artifact, self._backends))
         for b in self._backends.values():
             self.loading_detail = f"loading backend {b.name}"
             await b.load()
-        self.service = RouterService(cfg, encoder, store, self._backends)
+        self.service = RouterService(cfg, encoder, store, self._backends, capability=capability)
         self.loading_detail = "ready"
         log.info("caprouter ready: %d backends, %d outcomes in the datastore", len(self._backends), len(store))
 

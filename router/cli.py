@@ -29,6 +29,11 @@ def _config(args: argparse.Namespace):
                  "cache_dir": getattr(args, "cache_dir", None), "log_level": getattr(args, "log_level", None)}
     if getattr(args, "state_dir", None):
         overrides["datastore.state_dir"] = args.state_dir
+    if getattr(args, "artifact_serve", None):
+        overrides["artifact"] = args.artifact_serve
+        if not args.config:
+            # The artifact names the backends; the embedded default's local models are not among them.
+            overrides["backends"] = []
     return load_config(args.config, overrides)
 
 
@@ -254,6 +259,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--default-cost-weight", type=float, help="default lambda for requests that set none")
     s.add_argument("--log-format", choices=["json", "text"], default="json")
     s.add_argument("--ready-file", help="write the bound address here once serving")
+    s.add_argument("--artifact", dest="artifact_serve",
+                   help="a trained router (caprouter train); its unconfigured backends are served route-only")
     s.set_defaults(fn=cmd_serve)
 
     r = sub.add_parser("route", help="ask a running server for a decision")

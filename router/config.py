@@ -118,6 +118,10 @@ class AppConfig(_Model):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     aptitude: AptitudeConfig = Field(default_factory=AptitudeConfig)
     backends: list[BackendConfig] = Field(default_factory=list)
+    # A trained router (`caprouter train`): its capability encoder is blended with the datastore,
+    # its outcomes are the datastore's base, and its backends that are not configured above are
+    # served route-only (Route decides for them; Generate answers FAILED_PRECONDITION).
+    artifact: str | None = None
     # Converted model weights and pruned variants; None: $CAPROUTER_HOME/models.
     cache_dir: str | None = None
     log_level: str = "INFO"

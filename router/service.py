@@ -103,9 +103,26 @@ class FeedbackResult:
     backend: str
 
 
+class Capability:
+    """A trained capability encoder served next to the datastore: quality predictions are
+    alpha * encoder + (1 - alpha) * kNN for the backends it knows."""
+
+    def __init__(self, model: Any, backends: Sequence[str], alpha: float, compute: Any = None) -> None:
+        from router.compute import Inline
+
+        self.model, self.backends, self.alpha = model, list(backends), float(alpha)
+        self._compute = compute or Inline()
+
+    def predict(self, embedding: npt.NDArray[np.float32]) -> dict[str, float]:
+        from encoders.capability import predict
+
+        q = self._compute.run(predict, self.model, embedding[None, :])[0]
+        return dict(zip(self.backends, map(float, q)))
+
+
 class RouterService:
     def __init__(self, config: AppConfig, encoder: PromptEncoder, datastore: Any,
-                 backends: Mapping[str, Backend]) -> None:
+                 backends: Mapping[str, Backend], *, capability: Capability | None = None) -> None:
         self.config = config
         self.encoder = encoder
         self.datastore = datastore
@@ -115,6 +132,7 @@ class RouterService:
         self.defaults = Knobs(r.cost_weight, r.min_quality, r.max_cost)
         self._decisions: OrderedDict[str, Decision] = OrderedDict()
         self._dlock = threading.Lock()
+        self.capability = capability
         self.version = __version__
 
     # ---- validation ----------------------------------------------------------------------------
@@ -156,10 +174,14 @@ class RouterService:
         est = self.datastore.estimate(embedding[None, :])
         # A configured backend with no outcome yet: the mean of the others' estimates.
         prior = float(est.quality.mean()) if est.quality.size else 0.5
+        enc = self.capability.predict(embedding) if self.capability and self.capability.alpha > 0 else {}
+        alpha = self.capability.alpha if self.capability else 0.0
         quality, cost, support = [], [], []
         for name in self.names:
             col = est.column(name)
             q = float(est.quality[0, col]) if col is not None else prior
+            if name in enc:
+                q = alpha * enc[name] + (1 - alpha) * q
             c = float(est.cost[0, col]) if col is not None else math.nan
             if math.isnan(c):
                 c = self.backends[name].cost_model().predict(prompt_chars)

@@ -94,3 +94,39 @@ def test_missing_costs_is_a_clear_cli_error(tmp_path):
     r = subprocess.run([str(BIN), "train", "--data", str(p), "--out", str(tmp_path / "o")], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "pass --costs" in r.stderr
+
+
+def test_serve_artifact_routes_over_route_only_backends(trained, tmp_path):
+    import grpc
+
+    from caprouter.v1 import router_pb2 as pb
+    from caprouter.v1 import router_pb2_grpc
+    from router.config import load_config
+    from tests.conftest import LiveServer
+
+    cfg = load_config(None, {"server.port": 0, "artifact": str(trained), "backends": [],
+                             "datastore.state_dir": str(tmp_path / "state"), "routing.cost_unit": "USD/M tokens",
+                             "routing.cost_weight": 0.0})
+    srv = LiveServer(cfg)
+    try:
+        srv.call(srv.server.load_and_serve())
+        names = json.loads((trained / "manifest.json").read_text())["backends"]
+        with grpc.insecure_channel(srv.address) as ch:
+            stub = router_pb2_grpc.RouterStub(ch)
+            listed = stub.ListBackends(pb.ListBackendsRequest(), timeout=30).backends
+            assert sorted(b.name for b in listed) == sorted(names)
+            assert all(b.kind == "route-only" and b.status == pb.BACKEND_STATUS_READY for b in listed)
+            assert all(b.cost_model.kind == "per_request" and b.cost_model.per_request > 0 for b in listed)
+            r = stub.Route(pb.RouteRequest(prompt="What is 17 * 23? Think step by step."), timeout=30)
+            assert r.backend in names and len(r.candidates) == len(names) and r.cost_unit == "USD/M tokens"
+            # The encoder's blend changes predictions relative to the datastore alone.
+            svc = srv.app.service
+            assert svc.capability is not None and svc.capability.backends == names
+            with pytest.raises(grpc.RpcError) as ei:
+                list(stub.Generate(pb.GenerateRequest(prompt="hello"), timeout=30))
+            assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "is route-only" in ei.value.details() and any(repr(n) in ei.value.details() for n in names)
+            fb = stub.Feedback(pb.FeedbackRequest(decision_id=r.decision_id, score=1.0), timeout=30)
+            assert fb.backend == r.backend
+    finally:
+        srv.stop()
