@@ -1,0 +1,69 @@
+"""Traffic-level budgets: route a batch of prompts to maximize total predicted quality subject to
+an average cost per request, instead of a greedy per-prompt choice with a fixed lambda.
+
+The problem is the linear program
+
+    max_x  sum_ib x_ib Q_ib   s.t.  sum_b x_ib = 1,   (1/n) sum_ib x_ib C_ib <= budget,   x >= 0
+
+(a transport problem from prompts to backends with one side constraint). Its Lagrangian dual has
+one variable, the price of cost lambda; for a given lambda the inner problem is solved per prompt
+by argmax(Q - lambda C). The optimal lambda is found by bisection, and the LP's optimum mixes the
+two argmax solutions around it on at most one prompt's worth of cost: prompts are moved to their
+lambda_high choice in order of best quality given up per unit of cost saved until the budget holds.
+So the batch is routed at the lambda that this batch needs, where a lambda tuned beforehand
+overshoots or undershoots the budget on batches unlike its tuning data.
+"""
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from router.errors import InvalidArgument
+
+
+def assign(Q: npt.NDArray, C: npt.NDArray, budget: float, *, iters: int = 60) -> tuple[npt.NDArray[np.int64], float]:
+    """Q, C: (n, B) predicted quality and cost; budget: average cost per request.
+
+    Returns (choice (n,), lambda). The average predicted cost of the choice is <= budget, unless
+    even the cheapest backend for every prompt exceeds it (then InvalidArgument).
+    """
+    Q = np.asarray(Q, dtype=np.float64)
+    C = np.asarray(C, dtype=np.float64)
+    n = len(Q)
+    rows = np.arange(n)
+    cheapest = C.argmin(1)
+    if C[rows, cheapest].mean() > budget + 1e-12:
+        raise InvalidArgument(f"budget {budget:g} is below the cheapest possible average cost "
+                              f"{C[rows, cheapest].mean():.4g}")
+
+    def pick(lam: float) -> npt.NDArray[np.int64]:
+        # Ties broken towards the cheaper backend, so a large lambda reaches the cheapest choice.
+        return np.argmax(Q - (lam + 1e-12) * C, 1)
+
+    low = pick(0.0)
+    if C[rows, low].mean() <= budget:
+        return low, 0.0
+    lo, hi = 0.0, 1.0
+    while C[rows, pick(hi)].mean() > budget:
+        hi *= 2
+        if hi > 1e12:
+            return cheapest, hi
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if C[rows, pick(mid)].mean() > budget:
+            lo = mid
+        else:
+            hi = mid
+    a, b = pick(lo), pick(hi)        # a: over budget, b: within budget
+    choice = a.copy()
+    moved = np.where(a != b)[0]
+    dq = Q[moved, a[moved]] - Q[moved, b[moved]]     # quality given up by moving to b
+    dc = C[moved, a[moved]] - C[moved, b[moved]]     # cost saved
+    order = moved[np.argsort(dq / np.maximum(dc, 1e-12))]
+    excess = C[rows, choice].sum() - budget * n
+    for i in order:
+        if excess <= 1e-9:
+            break
+        excess -= C[i, choice[i]] - C[i, b[i]]
+        choice[i] = b[i]
+    return choice, hi
