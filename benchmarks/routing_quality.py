@@ -23,6 +23,7 @@ from router import baselines
 from router.config import AppConfig
 from router.evaluate import evaluate, two_backend, zero_router
 from router.routing_data import split_indices
+from router.training import knn_estimates, out_of_fold_knn
 
 
 def knn_store(X, data, idx, cfg):
@@ -31,31 +32,21 @@ def knn_store(X, data, idx, cfg):
                                           prior_strength=ds.prior_strength, temperature=ds.temperature)
 
 
-def store_predict(store, X, backends, fallback_cost):
-    est = store.estimate(X)
-    cols = [est.column(b) for b in backends]
-    Q = est.quality[:, cols]
-    C = est.cost[:, cols]
-    return Q, np.where(np.isnan(C), fallback_cost, C)
-
-
 def run_set(name: str, seed: int, ablation: bool) -> dict:
     t0 = time.time()
     data = load(name)
     X = embeddings(name, data)
     tr, va, te = split_indices(data, seed=seed)
     te = te[data.complete_rows()[te]]
-    # Validation halves: one for early stopping, one (never seen in training) for the blend weight.
-    va, va_blend = va[::2], va[1::2]
-    va_c = va_blend[data.complete_rows()[va_blend]]
     cfg = AppConfig()
     B = len(data.backends)
     mean_cost = np.nanmean(data.C[tr], 0)
+    records = [data.records[i] for i in tr]
     store = knn_store(X, data, tr, cfg)
-    Qk_te, Chat = store_predict(store, X[te], data.backends, mean_cost)
-    Qk_va, Chat_va = store_predict(store, X[va_c], data.backends, mean_cost)
+    Qk_te, Chat = knn_estimates(store, X[te], data.backends, mean_cost)
+    K = out_of_fold_knn(X[tr], records, data.backends, cfg.datastore, seed=seed)
+    Kv = knn_estimates(store, X[va], data.backends, mean_cost)[0]
     Y, C = data.Y[te], data.C[te]
-    Yva, Cva = data.Y[va_c], data.C[va_c]
 
     preds: dict[str, np.ndarray] = {}
     preds["random"] = baselines.random_router(len(te), B, seed)
@@ -63,33 +54,27 @@ def run_set(name: str, seed: int, ablation: bool) -> dict:
     preds["kNN (k=40)"] = baselines.knn_router(X[tr], data.Y[tr], X[te], 40)
     preds["MLP classifier"] = baselines.mlp_router(X[tr], data.Y[tr], X[va], data.Y[va], X[te], seed=seed)
     preds["matrix factorization"] = baselines.mf_router(X[tr], data.Y[tr], X[va], data.Y[va], X[te], seed=seed)
-    preds["caprouter kNN datastore"] = Qk_te
+    preds["caprouter kNN datastore alone"] = Qk_te
 
-    variants = {"caprouter encoder": CapabilityConfig(seed=seed)}
+    main_label = "caprouter (capability encoder + datastore)"
+    variants = {main_label: (CapabilityConfig(seed=seed), True)}
     if ablation:
         variants.update({
-            "encoder: prediction only": CapabilityConfig(seed=seed, w_con=0, w_ot=0),
-            "encoder: + contrastive": CapabilityConfig(seed=seed, w_ot=0),
-            "encoder: + OT": CapabilityConfig(seed=seed, w_con=0),
+            "ablation: no datastore input": (CapabilityConfig(seed=seed), False),
+            "ablation: prediction loss only": (CapabilityConfig(seed=seed, w_con=0, w_ot=0), True),
+            "ablation: prediction + contrastive": (CapabilityConfig(seed=seed, w_ot=0), True),
+            "ablation: prediction + OT": (CapabilityConfig(seed=seed, w_con=0), True),
         })
-    enc_val = {}
-    for label, ccfg in variants.items():
-        res = train(X[tr], data.Y[tr], X[va], data.Y[va], ccfg)
-        preds[label] = predict(res.model, X[te])
-        enc_val[label] = predict(res.model, X[va_c])
-    # Blend weight chosen on validation AIQ.
-    best_a, best_v = 0.0, -1.0
-    for a in np.linspace(0, 1, 11):
-        v = evaluate(a * enc_val["caprouter encoder"] + (1 - a) * Qk_va, Chat_va, Yva, Cva)["aiq"]
-        if v > best_v + 1e-9:
-            best_a, best_v = float(a), v
-    preds["caprouter (encoder + kNN blend)"] = best_a * preds["caprouter encoder"] + (1 - best_a) * Qk_te
+    for label, (ccfg, with_knn) in variants.items():
+        res = train(X[tr], data.Y[tr], X[va], data.Y[va], ccfg, K=K if with_knn else None,
+                    Kv=Kv if with_knn else None)
+        preds[label] = predict(res.model, X[te], Qk_te if with_knn else None)
 
     rows = {"zero router": zero_router(Y, C)}
     for label, Q in preds.items():
         rows[label] = evaluate(Q, Chat, Y, C)
-    out = {"set": name, "backends": data.backends, "n_train": int(len(tr)), "n_val": int(len(va) + len(va_blend)),
-           "n_test": int(len(te)), "blend_alpha": best_a, "rows": rows,
+    out = {"set": name, "backends": data.backends, "n_train": int(len(tr)), "n_val": int(len(va)),
+           "n_test": int(len(te)), "main": main_label, "rows": rows,
            "accuracy": {b: float(Y[:, j].mean()) for j, b in enumerate(data.backends)},
            "mean_cost": {b: float(C[:, j].mean()) for j, b in enumerate(data.backends)}, "seconds": time.time() - t0}
     if B == 2:
@@ -119,7 +104,7 @@ def main() -> int:
     for r in results:
         lines += [f"## {r['set']}", "",
                   f"{len(r['backends'])} backends; train {r['n_train']}, val {r['n_val']}, test {r['n_test']} "
-                  f"(complete rows); encoder/kNN blend weight {r['blend_alpha']:.1f} (picked on val).", "",
+                  "(complete rows).", "",
                   "| router | AIQ | quality at best single's cost | cost to reach best single's quality |",
                   "|---|---|---|---|"]
         for label, m in r["rows"].items():
@@ -129,7 +114,7 @@ def main() -> int:
             for label, m in r["two_backend"].items():
                 lines.append(f"| {label} | {m['apgr']:.3f} | {fmt(m['cpt50'])} | {fmt(m['cpt80'])} |")
         lines.append("")
-        cap = r["rows"]["caprouter (encoder + kNN blend)"]
+        cap = r["rows"][r["main"]]
         figures[f"{r['set']}_aiq"] = f"{cap['aiq']:.3f}"
         figures[f"{r['set']}_knn_aiq"] = f"{r['rows']['kNN (k=40)']['aiq']:.3f}"
         figures[f"{r['set']}_zero_aiq"] = f"{r['rows']['zero router']['aiq']:.3f}"

@@ -15,7 +15,9 @@ import argparse
 
 import numpy as np
 from common import embeddings, load  # noqa: I001
-from routing_quality import knn_store, store_predict
+from routing_quality import knn_store
+
+from router.training import knn_estimates as store_predict
 
 from router.budget import assign
 from router.config import AppConfig

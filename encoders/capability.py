@@ -47,6 +47,7 @@ class CapabilityConfig:
     patience: int = 20
     seed: int = 0
     code_marginal: list[float] | None = None   # None: uniform
+    knn_init: float = 0.5     # initial weight of the kNN estimate's logit
 
 
 def build_model(in_dim: int, n_backends: int, cfg: CapabilityConfig):
@@ -62,6 +63,8 @@ def build_model(in_dim: int, n_backends: int, cfg: CapabilityConfig):
             self.beta = nn.Parameter(torch.zeros(n_backends))
             self.mu = nn.Parameter(torch.randn(cfg.codes, cfg.dim))
             self.H = nn.Parameter(torch.zeros(cfg.codes, n_backends))
+            # Per-backend weight of the datastore's kNN estimate (as a logit): the learned blend.
+            self.w = nn.Parameter(torch.full((n_backends,), cfg.knn_init))
 
         def embed(self, x):
             return self.f(x)
@@ -69,14 +72,25 @@ def build_model(in_dim: int, n_backends: int, cfg: CapabilityConfig):
         def assign_logits(self, z):
             return nn.functional.normalize(z, dim=-1) @ nn.functional.normalize(self.mu, dim=-1).T / cfg.tau_p
 
-        def forward(self, x):
-            """x: (n, in_dim) -> logits (n, B), z (n, d), assignment logits (n, K)."""
+        def forward(self, x, knn=None):
+            """x: (n, in_dim); knn: (n, B) kNN quality estimates or None ->
+            logits (n, B), z (n, d), assignment logits (n, K)."""
             z = self.f(x)
             a = self.assign_logits(z)
             logits = z @ self.g.T + self.beta + torch.softmax(a, -1) @ self.H
+            if knn is not None:
+                logits = logits + self.w * knn_logit(knn)
             return logits, z, a
 
     return CapabilityModel()
+
+
+def knn_logit(q):
+    """logit of kNN quality estimates, clipped away from 0 and 1 (a tensor in, a tensor out)."""
+    import torch
+
+    q = torch.as_tensor(q, dtype=torch.float32).clamp(1e-3, 1 - 1e-3)
+    return torch.log(q / (1 - q))
 
 
 def _masked_bce(logits, y, m):
@@ -132,9 +146,13 @@ class TrainResult:
 
 
 def train(X: npt.NDArray[np.float32], Y: npt.NDArray[np.float32], Xv: npt.NDArray[np.float32],
-          Yv: npt.NDArray[np.float32], cfg: CapabilityConfig, *, progress: bool = False) -> TrainResult:
+          Yv: npt.NDArray[np.float32], cfg: CapabilityConfig, *, K: npt.NDArray[np.float32] | None = None,
+          Kv: npt.NDArray[np.float32] | None = None, progress: bool = False) -> TrainResult:
     """X: (n, d_in) unit embeddings; Y: (n, B) scores in [0, 1], NaN = not observed. Early stopping
-    on the validation prediction loss (Xv, Yv); returns the best epoch's model."""
+    on the validation prediction loss (Xv, Yv); returns the best epoch's model.
+
+    K, Kv: (n, B) the datastore's kNN estimates for the same prompts, out of sample (for training
+    prompts: from a store that does not hold them), or None to train without the datastore."""
     import torch
     from tqdm import tqdm
 
@@ -155,6 +173,8 @@ def train(X: npt.NDArray[np.float32], Y: npt.NDArray[np.float32], Xv: npt.NDArra
 
     Xt, Yt, Mt, Ft = tensors(X, Y)
     Xvt, Yvt, Mvt, _ = tensors(Xv, Yv)
+    Kt = None if K is None else torch.as_tensor(K, dtype=torch.float32)
+    Kvt = None if Kv is None else torch.as_tensor(Kv, dtype=torch.float32)
     res = TrainResult(model)
     best_state = copy.deepcopy(model.state_dict())
     bad = 0
@@ -167,7 +187,7 @@ def train(X: npt.NDArray[np.float32], Y: npt.NDArray[np.float32], Xv: npt.NDArra
             idx = torch.as_tensor(perm[s:s + cfg.batch_size])
             if len(idx) < 8:
                 continue
-            logits, z, a = model(Xt[idx])
+            logits, z, a = model(Xt[idx], None if Kt is None else Kt[idx])
             l_pred = _masked_bce(logits, Yt[idx], Mt[idx])
             loss = l_pred
             tot["pred"] += l_pred.item() * len(idx)
@@ -184,7 +204,7 @@ def train(X: npt.NDArray[np.float32], Y: npt.NDArray[np.float32], Xv: npt.NDArra
             opt.step()
         model.eval()
         with torch.no_grad():
-            vl = float(_masked_bce(model(Xvt)[0], Yvt, Mvt))
+            vl = float(_masked_bce(model(Xvt, Kvt)[0], Yvt, Mvt))
         res.history.append({"epoch": epoch, "val_bce": vl, **{k: v / len(X) for k, v in tot.items()}})
         bar.set_postfix(val_bce=f"{vl:.4f}")
         if vl < res.best_val - 1e-5:
@@ -199,12 +219,12 @@ def train(X: npt.NDArray[np.float32], Y: npt.NDArray[np.float32], Xv: npt.NDArra
     return res
 
 
-def predict(model, X: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    """(n, d_in) -> (n, B) predicted quality."""
+def predict(model, X: npt.NDArray[np.float32], K: npt.NDArray[np.float32] | None = None) -> npt.NDArray[np.float32]:
+    """(n, d_in) embeddings and (n, B) kNN estimates (None: without the datastore) -> (n, B) quality."""
     import torch
 
     with torch.no_grad():
-        return torch.sigmoid(model(torch.as_tensor(X, dtype=torch.float32))[0]).numpy()
+        return torch.sigmoid(model(torch.as_tensor(X, dtype=torch.float32), K)[0]).numpy()
 
 
 def code_assignment(model, X: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -217,12 +237,14 @@ def code_assignment(model, X: npt.NDArray[np.float32]) -> npt.NDArray[np.float32
 
 
 def onboard(model, X: npt.NDArray[np.float32], y: npt.NDArray[np.float32], *, l2: float = 0.1,
-            steps: int = 300) -> tuple[npt.NDArray[np.float32], float, npt.NDArray[np.float32]]:
+            steps: int = 300, knn: npt.NDArray[np.float32] | None = None
+            ) -> tuple[npt.NDArray[np.float32], float, npt.NDArray[np.float32]]:
     """Fit a new backend's (g, beta, H column) from its aptitude results, the prompt side frozen.
 
     X: (m, d_in) aptitude prompts; y: (m,) the backend's scores. The parameters are shrunk towards
     the mean of the trained backends' (l2), so a handful of prompts gives a sensible vector.
-    Returns (g (d,), beta, h (K,)).
+    knn: (m,) the datastore's out-of-sample estimates for the new backend on those prompts (its
+    weight is the trained backends' mean), or None. Returns (g (d,), beta, h (K,)).
     """
     import torch
 
@@ -230,6 +252,7 @@ def onboard(model, X: npt.NDArray[np.float32], y: npt.NDArray[np.float32], *, l2
         _, z, a = model(torch.as_tensor(X, dtype=torch.float32))
         s = torch.softmax(a, -1)
         g0, b0, h0 = model.g.mean(0), model.beta.mean(), model.H.mean(1)
+        offset = model.w.mean() * knn_logit(knn) if knn is not None else torch.zeros(len(y))
     g = g0.clone().requires_grad_(True)
     b = b0.clone().requires_grad_(True)
     h = h0.clone().requires_grad_(True)
@@ -238,7 +261,7 @@ def onboard(model, X: npt.NDArray[np.float32], y: npt.NDArray[np.float32], *, l2
 
     def closure():
         opt.zero_grad()
-        logits = z @ g + b + s @ h
+        logits = z @ g + b + s @ h + offset
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, yt)
         loss = loss + l2 * ((g - g0).pow(2).sum() + (h - h0).pow(2).sum()) / len(y)
         loss.backward()

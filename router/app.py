@@ -110,7 +110,7 @@ class App:
             self.loading_detail = "loading the router artifact"
             artifact = await loop.run_in_executor(None, lambda: self.compute.run(
                 art.load, Path(cfg.artifact), embedder_id=encoder.model_id, dim=encoder.dim))
-            capability = Capability(artifact.model, artifact.backends, artifact.manifest["blend_alpha"], self.compute)
+            capability = Capability(artifact.model, artifact.backends, self.compute)
         self.loading_detail = "loading the datastore"
         store = await loop.run_in_executor(None, lambda: open_datastore(cfg, encoder, progress=progress,
                                                                         artifact=artifact))

@@ -219,8 +219,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _config(args)
     setup_logging(cfg.log_level, "text")
     m = train_command(cfg, args.data, args.out, costs=args.costs, seed=args.seed, max_epochs=args.epochs)
-    print(f"wrote artifact {args.out}: {len(m['backends'])} backends, blend weight {m['blend_alpha']:.1f}, "
-          f"best epoch {m['metrics']['best_epoch']}")
+    w = m["knn_weights"]
+    print(f"wrote artifact {args.out}: {len(m['backends'])} backends, best epoch {m['metrics']['best_epoch']}, "
+          f"datastore weight {min(w.values()):.2f}..{max(w.values()):.2f}")
     test = m["metrics"].get("test")
     if test:
         zero = m["metrics"]["test_zero_router"]

@@ -104,19 +104,22 @@ class FeedbackResult:
 
 
 class Capability:
-    """A trained capability encoder served next to the datastore: quality predictions are
-    alpha * encoder + (1 - alpha) * kNN for the backends it knows."""
+    """A trained capability encoder served next to the datastore. It takes the datastore's kNN
+    estimates as input (its learned per-backend weights are the blend), so Feedback, which lands
+    in the datastore, keeps moving decisions without retraining."""
 
-    def __init__(self, model: Any, backends: Sequence[str], alpha: float, compute: Any = None) -> None:
+    def __init__(self, model: Any, backends: Sequence[str], compute: Any = None) -> None:
         from router.compute import Inline
 
-        self.model, self.backends, self.alpha = model, list(backends), float(alpha)
+        self.model, self.backends = model, list(backends)
         self._compute = compute or Inline()
 
-    def predict(self, embedding: npt.NDArray[np.float32]) -> dict[str, float]:
+    def predict(self, embedding: npt.NDArray[np.float32], knn: Mapping[str, float]) -> dict[str, float]:
+        """embedding: (d,); knn: the datastore's quality estimate per backend -> quality per backend."""
         from encoders.capability import predict
 
-        q = self._compute.run(predict, self.model, embedding[None, :])[0]
+        k = np.array([[knn[b] for b in self.backends]], dtype=np.float32)
+        q = self._compute.run(predict, self.model, embedding[None, :], k)[0]
         return dict(zip(self.backends, map(float, q)))
 
 
@@ -174,20 +177,20 @@ class RouterService:
         est = self.datastore.estimate(embedding[None, :])
         # A configured backend with no outcome yet: the mean of the others' estimates.
         prior = float(est.quality.mean()) if est.quality.size else 0.5
-        enc = self.capability.predict(embedding) if self.capability and self.capability.alpha > 0 else {}
-        alpha = self.capability.alpha if self.capability else 0.0
         quality, cost, support = [], [], []
         for name in self.names:
             col = est.column(name)
             q = float(est.quality[0, col]) if col is not None else prior
-            if name in enc:
-                q = alpha * enc[name] + (1 - alpha) * q
             c = float(est.cost[0, col]) if col is not None else math.nan
             if math.isnan(c):
                 c = self.backends[name].cost_model().predict(prompt_chars)
             quality.append(q)
             cost.append(c)
             support.append(float(est.support[0, col]) if col is not None else 0.0)
+        if self.capability is not None:
+            knn = dict(zip(self.names, quality))
+            enc = self.capability.predict(embedding, {b: knn.get(b, prior) for b in self.capability.backends})
+            quality = [enc.get(n, q) for n, q in zip(self.names, quality)]
         return quality, cost, support
 
     def route(self, query: Query) -> Decision:

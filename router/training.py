@@ -13,23 +13,46 @@ from router.evaluate import evaluate, zero_router
 from router.routing_data import RoutingData, load_routing_data, split_indices
 
 
-class BlendPredictor:
-    """The served prediction: alpha * capability encoder + (1 - alpha) * kNN datastore."""
+def knn_estimates(store: Any, X: npt.NDArray[np.float32], backends: list[str],
+                  fallback_cost: npt.NDArray) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """The datastore's quality and cost estimates (n, B) in ``backends`` order (a backend the
+    store has never seen gets its prior: the mean of the others)."""
+    est = store.estimate(X)
+    q = np.empty((len(X), len(backends)), np.float32)
+    c = np.empty_like(q)
+    for j, b in enumerate(backends):
+        col = est.column(b)
+        q[:, j] = est.quality[:, col] if col is not None else est.quality.mean(1)
+        c[:, j] = est.cost[:, col] if col is not None else np.nan
+    return q, np.where(np.isnan(c), fallback_cost, c).astype(np.float32)
 
-    def __init__(self, model: Any, store: Any, backends: list[str], alpha: float, fallback_cost: npt.NDArray) -> None:
-        self.model, self.store, self.backends, self.alpha = model, store, backends, alpha
-        self.fallback_cost = fallback_cost
+
+def out_of_fold_knn(X: npt.NDArray[np.float32], records: list, backends: list[str], ds_cfg: Any, *,
+                    folds: int = 5, seed: int = 0) -> npt.NDArray[np.float32]:
+    """kNN estimates for training prompts from stores that do not hold them (k-fold), so the
+    encoder learns how far to trust the datastore on prompts it has not memorized."""
+    fold = np.random.default_rng(seed).permutation(len(X)) % folds
+    out = np.zeros((len(X), len(backends)), np.float32)
+    for f in range(folds):
+        tr, te = np.where(fold != f)[0], np.where(fold == f)[0]
+        store = _store(X[tr], [records[i] for i in tr], ds_cfg)
+        out[te] = knn_estimates(store, X[te], backends, np.zeros(len(backends)))[0]
+    return out
+
+
+class BlendPredictor:
+    """The served prediction: the capability encoder, fed the kNN datastore's estimates (its
+    learned per-backend weights are the blend)."""
+
+    def __init__(self, model: Any, store: Any, backends: list[str], fallback_cost: npt.NDArray) -> None:
+        self.model, self.store, self.backends, self.fallback_cost = model, store, backends, fallback_cost
 
     def predict(self, X: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
         """X: (n, d) -> quality (n, B), cost (n, B) in ``backends`` order."""
         from encoders.capability import predict
 
-        est = self.store.estimate(X)
-        cols = [est.column(b) for b in self.backends]
-        qk = est.quality[:, cols]
-        cost = np.where(np.isnan(est.cost[:, cols]), self.fallback_cost, est.cost[:, cols])
-        q = qk if self.alpha == 0 else self.alpha * predict(self.model, X) + (1 - self.alpha) * qk
-        return q.astype(np.float32), cost.astype(np.float32)
+        qk, cost = knn_estimates(self.store, X, self.backends, self.fallback_cost)
+        return predict(self.model, X, qk).astype(np.float32), cost
 
 
 def _costs(path: str | None) -> dict[str, float] | None:
@@ -68,21 +91,20 @@ def train_command(config, data_path: str, out: str, *, costs: str | None = None,
     encoder = build_encoder(config)
     X = _embed(encoder, data, progress)
     tr, va, te = split_indices(data, seed=seed)
-    va_es, va_blend = va[::2], va[1::2]                 # early stopping / blend weight
-    va_blend = va_blend[data.complete_rows()[va_blend]]
     te = te[data.complete_rows()[te]]
     cfg = CapabilityConfig(seed=seed, **({"max_epochs": max_epochs} if max_epochs else {}))
-    res = train(X[tr], data.Y[tr], X[va_es], data.Y[va_es], cfg, progress=progress)
     fallback = np.nanmean(data.C[tr], 0)
-    store = _store(X[tr], [data.records[i] for i in tr], config.datastore)
-    best_a, best_v = 0.0, -1.0
-    for a in np.linspace(0, 1, 11):
-        q, c = BlendPredictor(res.model, store, data.backends, float(a), fallback).predict(X[va_blend])
-        v = evaluate(q, c, data.Y[va_blend], data.C[va_blend])["aiq"]
-        if v > best_v + 1e-9:
-            best_a, best_v = float(a), v
-    pred = BlendPredictor(res.model, store, data.backends, best_a, fallback)
-    metrics: dict[str, Any] = {"val_aiq": best_v, "best_epoch": res.best_epoch, "val_bce": res.best_val}
+    records = [data.records[i] for i in tr]
+    store = _store(X[tr], records, config.datastore)
+    K = out_of_fold_knn(X[tr], records, data.backends, config.datastore, seed=seed)
+    Kv = knn_estimates(store, X[va], data.backends, fallback)[0]
+    res = train(X[tr], data.Y[tr], X[va], data.Y[va], cfg, K=K, Kv=Kv, progress=progress)
+    pred = BlendPredictor(res.model, store, data.backends, fallback)
+    va_c = va[data.complete_rows()[va]]
+    metrics: dict[str, Any] = {"best_epoch": res.best_epoch, "val_bce": res.best_val}
+    if len(va_c):
+        q, c = pred.predict(X[va_c])
+        metrics["val_aiq"] = evaluate(q, c, data.Y[va_c], data.C[va_c])["aiq"]
     if len(te):
         q, c = pred.predict(X[te])
         metrics["test"] = evaluate(q, c, data.Y[te], data.C[te])
@@ -94,7 +116,7 @@ def train_command(config, data_path: str, out: str, *, costs: str | None = None,
         "data": {"path": str(Path(data_path).resolve()), "sha256": data.source_hash, "n_train": int(len(tr)),
                  "n_val": int(len(va)), "n_test": int(len(te)), "seed": seed},
         "capability": config_dict(cfg),
-        "blend_alpha": best_a,
+        "knn_weights": {b: float(w) for b, w in zip(data.backends, res.model.w.detach().numpy())},
         "datastore": config.datastore.model_dump(include={"k", "prior_strength", "temperature"}),
         "metrics": metrics,
     }
@@ -125,7 +147,7 @@ def eval_command(config, artifact_dir: str, data_path: str, *, json_out: str | N
     X = _embed(encoder, data, progress)
     store = _store(a.embeddings, a.records, config.datastore.model_copy(update=a.manifest["datastore"]))
     fallback = np.array([a.manifest["cost"]["mean_per_request"][b] for b in a.backends])
-    pred = BlendPredictor(a.model, store, a.backends, a.manifest["blend_alpha"], fallback)
+    pred = BlendPredictor(a.model, store, a.backends, fallback)
     q, c = pred.predict(X)
     Y, C = data.Y, data.C
     Ytr = np.array([[r.scores.get(b, np.nan) for b in a.backends] for r in a.records], dtype=np.float32)

@@ -153,3 +153,24 @@ def test_list_backends_reports_priors_and_costs(make_service):
     views = {v.name: v for v in svc.list_backends()}
     assert views["mathy"].outcomes == 24 and 0.4 < views["mathy"].prior_quality < 0.6
     assert views["mathy"].cost_model.predict(10) == 2.0 and views["wordy"].status == Status.READY
+
+
+def test_capability_encoder_takes_the_datastore_as_input_so_feedback_still_moves_it(make_service):
+    import torch
+
+    from encoders.capability import CapabilityConfig, build_model
+    from router.service import Capability
+
+    svc = make_service([ScriptedBackend("mathy"), ScriptedBackend("wordy")])
+    model = build_model(384, 2, CapabilityConfig(dim=8, hidden=16, codes=2)).eval()
+    with torch.no_grad():
+        model.w.fill_(1.0)
+    svc.capability = Capability(model, ["mathy", "wordy"])
+    q = "Compose a limerick about a frog."
+    before = svc.route(Query(prompt=q)).selection
+    for _ in range(6):
+        svc.feedback("", 1.0, backend="mathy", prompt=q)
+    after = svc.route(Query(prompt=q)).selection
+    qb = {s.backend: s.quality for s in before.ranked}
+    qa = {s.backend: s.quality for s in after.ranked}
+    assert qa["mathy"] > qb["mathy"] + 0.1

@@ -42,7 +42,7 @@ def test_train_writes_a_versioned_artifact_with_a_manifest(trained, slice_file):
     assert m["format"] == 1 and m["code_version"] and m["embedder"] == {
         "id": "sentence-transformers/all-MiniLM-L6-v2", "dim": 384, "max_tokens": 256}
     assert len(m["backends"]) == 9 and m["data"]["n_test"] == 120 and m["data"]["sha256"]
-    assert 0 <= m["blend_alpha"] <= 1 and 0 < m["metrics"]["test"]["aiq"] <= 1
+    assert set(m["knn_weights"]) == set(m["backends"]) and 0 < m["metrics"]["test"]["aiq"] <= 1
     assert m["cost"]["mean_per_request"]["gemma-2-9b-it"] == pytest.approx(0.1)
     for f in ("model.safetensors", "outcomes.jsonl.gz", "embeddings.npy"):
         assert (trained / f).exists()
