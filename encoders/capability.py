@@ -273,3 +273,20 @@ def onboard(model, X: npt.NDArray[np.float32], y: npt.NDArray[np.float32], *, l2
 
 def config_dict(cfg: CapabilityConfig) -> dict:
     return asdict(cfg)
+
+
+def add_backend(model, g: npt.NDArray[np.float32], beta: float, h: npt.NDArray[np.float32], cfg: CapabilityConfig):
+    """A copy of ``model`` with one more backend (g, beta, h from ``onboard``); the new backend's
+    datastore weight is the trained backends' mean. The prompt side is shared unchanged."""
+    import torch
+
+    B = model.g.shape[0]
+    new = build_model(model.f[0].in_features, B + 1, cfg)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["g"] = torch.cat([state["g"], torch.as_tensor(g, dtype=torch.float32)[None]])
+    state["beta"] = torch.cat([state["beta"], torch.tensor([beta], dtype=torch.float32)])
+    state["H"] = torch.cat([state["H"], torch.as_tensor(h, dtype=torch.float32)[:, None]], 1)
+    state["w"] = torch.cat([state["w"], state["w"].mean()[None]])
+    new.load_state_dict(state)
+    new.eval()
+    return new
