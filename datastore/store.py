@@ -67,7 +67,6 @@ class _Columns:
     def __init__(self) -> None:
         self.val = np.zeros((0, 0), dtype=np.float32)
         self.seen = np.zeros((0, 0), dtype=np.float32)
-        self.rows = 0
 
     def ensure(self, rows: int, cols: int) -> None:
         r, c = self.val.shape
@@ -144,7 +143,6 @@ class FaissKnnDatastore:
             n0, n = len(self._ids), len(ids)
             for m in (self._scores, self._cost):
                 m.ensure(n0 + n, len(self.backends))
-                m.rows = n0 + n
             for j, (s, c) in enumerate(zip(scores, costs)):
                 for b, v in s.items():
                     col = self._col[b]

@@ -7,7 +7,6 @@ proportional to price), or from a costs mapping (``--costs FILE``: backend -> co
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy.typing as npt
 
 from datastore.records import OutcomeRecord, read_outcomes
 from router.errors import InvalidArgument
+from router.files import sha256_file
 
 
 @dataclass
@@ -55,14 +55,6 @@ class RoutingData:
                            self.C[:, cols], self.source_hash, self.records)
 
 
-def file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_routing_data(path: str | Path, costs: Mapping[str, float] | None = None) -> RoutingData:
     """Read an outcome file; raise InvalidArgument when a backend has no cost facts at all."""
     p = Path(path)
@@ -98,7 +90,7 @@ def load_routing_data(path: str | Path, costs: Mapping[str, float] | None = None
                               "'cost' or 'meta.price_per_M_tokens' for them; pass --costs FILE "
                               "(JSON: backend -> cost per request)")
     return RoutingData([r.prompt for r in records], [r.id for r in records], [r.category for r in records],
-                       [r.split for r in records], backends, Y, C, file_hash(p), records)
+                       [r.split for r in records], backends, Y, C, sha256_file(p), records)
 
 
 def _read_price_meta(p: Path) -> list[dict[str, float]]:
