@@ -18,7 +18,7 @@ import numpy as np
 from common import OUT, ROOT, embeddings, load  # noqa: I001
 
 from datastore.store import FaissKnnDatastore
-from encoders.capability import CapabilityConfig, predict, train
+from encoders.capability import CapabilityConfig, predict, train, train_selected
 from router import baselines
 from router.config import AppConfig
 from router.evaluate import evaluate, two_backend, zero_router
@@ -56,25 +56,29 @@ def run_set(name: str, seed: int, ablation: bool) -> dict:
     preds["matrix factorization"] = baselines.mf_router(X[tr], data.Y[tr], X[va], data.Y[va], X[te], seed=seed)
     preds["caprouter kNN datastore alone"] = Qk_te
 
+    # caprouter as `caprouter train` builds it: the loss weights picked on validation loss among
+    # the full objective and its ablations (each ablation is reported too).
     main_label = "caprouter (capability encoder + datastore)"
-    variants = {main_label: (CapabilityConfig(seed=seed), True)}
+    res, chosen, table = train_selected(X[tr], data.Y[tr], X[va], data.Y[va], CapabilityConfig(seed=seed), K=K, Kv=Kv)
+    preds[main_label] = predict(res.model, X[te], Qk_te)
+    names = {(0.2, 0.1): "ablation: full objective (w_con 0.2, w_ot 0.1)", (0.0, 0.0): "ablation: prediction loss only",
+             (0.2, 0.0): "ablation: prediction + contrastive", (0.0, 0.1): "ablation: prediction + OT"}
+    selection = []
+    for t in table:
+        key = (t["w_con"], t["w_ot"])
+        selection.append({"w_con": key[0], "w_ot": key[1], "val_bce": t["val_bce"]})
+        if ablation:
+            preds[names.get(key, f"ablation: {key}")] = predict(t["result"].model, X[te], Qk_te)
     if ablation:
-        variants.update({
-            "ablation: no datastore input": (CapabilityConfig(seed=seed), False),
-            "ablation: prediction loss only": (CapabilityConfig(seed=seed, w_con=0, w_ot=0), True),
-            "ablation: prediction + contrastive": (CapabilityConfig(seed=seed, w_ot=0), True),
-            "ablation: prediction + OT": (CapabilityConfig(seed=seed, w_con=0), True),
-        })
-    for label, (ccfg, with_knn) in variants.items():
-        res = train(X[tr], data.Y[tr], X[va], data.Y[va], ccfg, K=K if with_knn else None,
-                    Kv=Kv if with_knn else None)
-        preds[label] = predict(res.model, X[te], Qk_te if with_knn else None)
+        nd = train(X[tr], data.Y[tr], X[va], data.Y[va], chosen)
+        preds["ablation: chosen weights, no datastore input"] = predict(nd.model, X[te], None)
 
     rows = {"zero router": zero_router(Y, C)}
     for label, Q in preds.items():
         rows[label] = evaluate(Q, Chat, Y, C)
     out = {"set": name, "backends": data.backends, "n_train": int(len(tr)), "n_val": int(len(va)),
-           "n_test": int(len(te)), "main": main_label, "rows": rows,
+           "n_test": int(len(te)), "main": main_label, "rows": rows, "selection": selection,
+           "chosen": {"w_con": chosen.w_con, "w_ot": chosen.w_ot},
            "accuracy": {b: float(Y[:, j].mean()) for j, b in enumerate(data.backends)},
            "mean_cost": {b: float(C[:, j].mean()) for j, b in enumerate(data.backends)}, "seconds": time.time() - t0}
     if B == 2:
@@ -104,7 +108,9 @@ def main() -> int:
     for r in results:
         lines += [f"## {r['set']}", "",
                   f"{len(r['backends'])} backends; train {r['n_train']}, val {r['n_val']}, test {r['n_test']} "
-                  "(complete rows).", "",
+                  f"(complete rows). Loss weights picked on validation loss: w_con {r['chosen']['w_con']}, "
+                  f"w_ot {r['chosen']['w_ot']} (" + ", ".join(f"({t['w_con']}, {t['w_ot']}): {t['val_bce']:.4f}"
+                                                         for t in r["selection"]) + ").", "",
                   "| router | AIQ | quality at best single's cost | cost to reach best single's quality |",
                   "|---|---|---|---|"]
         for label, m in r["rows"].items():

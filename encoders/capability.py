@@ -290,3 +290,29 @@ def add_backend(model, g: npt.NDArray[np.float32], beta: float, h: npt.NDArray[n
     new.load_state_dict(state)
     new.eval()
     return new
+
+
+# Loss-weight settings tried by ``train_selected``: the full objective and its ablations. The
+# one with the lowest validation prediction loss is kept (on the real data sets validation loss
+# ranks them as test AIQ does; see docs/routing_quality.md).
+CANDIDATE_WEIGHTS: tuple[tuple[float, float], ...] = ((0.2, 0.1), (0.0, 0.0), (0.2, 0.0), (0.0, 0.1))
+
+
+def train_selected(X, Y, Xv, Yv, cfg: CapabilityConfig, *, K=None, Kv=None, progress: bool = False,
+                   candidates: tuple[tuple[float, float], ...] = CANDIDATE_WEIGHTS
+                   ) -> tuple[TrainResult, CapabilityConfig, list[dict]]:
+    """Train one model per (w_con, w_ot) candidate; return the best on validation loss, its config,
+    and the table of every candidate's validation loss."""
+    from dataclasses import replace
+
+    best: tuple[TrainResult, CapabilityConfig] | None = None
+    table = []
+    for w_con, w_ot in candidates:
+        c = replace(cfg, w_con=w_con, w_ot=w_ot)
+        res = train(X, Y, Xv, Yv, c, K=K, Kv=Kv, progress=progress)
+        table.append({"w_con": w_con, "w_ot": w_ot, "val_bce": res.best_val, "best_epoch": res.best_epoch,
+                      "result": res})
+        if best is None or res.best_val < best[0].best_val:
+            best = (res, c)
+    assert best is not None
+    return best[0], best[1], table

@@ -84,7 +84,7 @@ def _store(X, records, ds_cfg):
 
 def train_command(config, data_path: str, out: str, *, costs: str | None = None, seed: int = 0,
                   max_epochs: int | None = None, progress: bool = True) -> dict[str, Any]:
-    from encoders.capability import CapabilityConfig, config_dict, train
+    from encoders.capability import CapabilityConfig, config_dict, train_selected
     from router.app import build_encoder
 
     data = load_routing_data(data_path, _costs(costs))
@@ -98,10 +98,11 @@ def train_command(config, data_path: str, out: str, *, costs: str | None = None,
     store = _store(X[tr], records, config.datastore)
     K = out_of_fold_knn(X[tr], records, data.backends, config.datastore, seed=seed)
     Kv = knn_estimates(store, X[va], data.backends, fallback)[0]
-    res = train(X[tr], data.Y[tr], X[va], data.Y[va], cfg, K=K, Kv=Kv, progress=progress)
+    res, cfg, table = train_selected(X[tr], data.Y[tr], X[va], data.Y[va], cfg, K=K, Kv=Kv, progress=progress)
     pred = BlendPredictor(res.model, store, data.backends, fallback)
     va_c = va[data.complete_rows()[va]]
-    metrics: dict[str, Any] = {"best_epoch": res.best_epoch, "val_bce": res.best_val}
+    metrics: dict[str, Any] = {"best_epoch": res.best_epoch, "val_bce": res.best_val,
+                               "loss_weight_selection": [{k: v for k, v in t.items() if k != "result"} for t in table]}
     if len(va_c):
         q, c = pred.predict(X[va_c])
         metrics["val_aiq"] = evaluate(q, c, data.Y[va_c], data.C[va_c])["aiq"]
