@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
 
 import numpy as np
 import numpy.typing as npt

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
 import numpy.typing as npt
 
 from router import metrics as M

@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from backends.base import Backend, Finished, FinishReason, GenerationRequest, Status, TextChunk
+from backends.base import Backend, Finished, GenerationRequest, Status, TextChunk
 from encoders.base import PromptEncoder, prompt_text
 from router import __version__
 from router.config import AppConfig
