@@ -21,7 +21,7 @@ from encoders.capability import CapabilityConfig, add_backend, onboard, predict,
 from router.config import AppConfig
 from router.evaluate import evaluate
 from router.routing_data import split_indices
-from router.training import knn_estimates, out_of_fold_knn
+from router.training import knn_estimates, knn_store, out_of_fold_knn
 
 
 def main() -> int:
@@ -31,8 +31,6 @@ def main() -> int:
     ap.add_argument("--holdout", help="one backend (default: each in turn)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    from datastore.store import FaissKnnDatastore
-
     data = load(args.set)
     X = embeddings(args.set, data)
     tr, va, te = split_indices(data, seed=args.seed)
@@ -46,8 +44,7 @@ def main() -> int:
     def store_of(idx, keep):
         recs = [OutcomeRecord(id=data.records[i].id, prompt="", scores={b: s for b, s in data.records[i].scores.items()
                                                                          if b in keep}) for i in idx]
-        return FaissKnnDatastore.from_records(X[idx], recs, k=ds.k, prior_strength=ds.prior_strength,
-                                              temperature=ds.temperature)
+        return knn_store(X[idx], recs, ds)
 
     # Reference: retrained with every backend.
     full_store = store_of(tr, set(names))

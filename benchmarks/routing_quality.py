@@ -17,19 +17,17 @@ import time
 import numpy as np
 from common import OUT, ROOT, embeddings, load  # noqa: I001
 
-from datastore.store import FaissKnnDatastore
 from encoders.capability import CapabilityConfig, predict, train, train_selected
 from router import baselines
 from router.config import AppConfig
 from router.evaluate import evaluate, two_backend, zero_router
 from router.routing_data import split_indices
 from router.training import knn_estimates, out_of_fold_knn
+from router.training import knn_store as training_knn_store
 
 
 def knn_store(X, data, idx, cfg):
-    ds = cfg.datastore
-    return FaissKnnDatastore.from_records(X[idx], [data.records[i] for i in idx], k=ds.k,
-                                          prior_strength=ds.prior_strength, temperature=ds.temperature)
+    return training_knn_store(X[idx], [data.records[i] for i in idx], cfg.datastore)
 
 
 def run_set(name: str, seed: int, ablation: bool) -> dict:

@@ -156,6 +156,9 @@ class FaissKnnDatastore:
             total = self._sum.sum() / self._cnt.sum() if self._cnt.sum() else 0.5
             self._prior = np.where(self._cnt > 0, self._sum / np.maximum(self._cnt, 1), total).astype(np.float32)
 
+    def _insert_records(self, embeddings: npt.NDArray[np.float32], records: Sequence[OutcomeRecord]) -> None:
+        self._insert(embeddings, [r.id for r in records], [r.scores for r in records], [r.cost for r in records])
+
     def priors(self) -> npt.NDArray[np.float32]:
         """float32 (B,): each backend's mean score; the global mean for a backend with none."""
         return self._prior
@@ -226,7 +229,7 @@ class FaissKnnDatastore:
         embeddings: float32 (len(records), d), unit rows.
         """
         store = cls(int(embeddings.shape[1]), embedder_id, k=k, prior_strength=prior_strength, temperature=temperature)
-        store._insert(embeddings, [r.id for r in records], [r.scores for r in records], [r.cost for r in records])
+        store._insert_records(embeddings, records)
         return store
 
     @classmethod
@@ -254,8 +257,7 @@ class FaissKnnDatastore:
             log.info("datastore: loaded snapshot of %d outcomes from %s", len(store), snap)
         else:
             if base:
-                emb, recs, _ = base
-                store._insert(emb, [r.id for r in recs], [r.scores for r in recs], [r.cost for r in recs])
+                store._insert_records(base[0], base[1])
             else:
                 store._build(files, encoder, progress=progress)
             store._write_snapshot(snap, digest, [str(p) for p in files])
@@ -267,7 +269,7 @@ class FaissKnnDatastore:
     def _build(self, files: Sequence[Path], encoder: Any, *, progress: bool) -> None:
         records: list[OutcomeRecord] = [r for p in files for r in read_outcomes(p)]
         emb = _encode_all(encoder, [r.prompt for r in records], progress=progress, what="embedding outcomes")
-        self._insert(emb, [r.id for r in records], [r.scores for r in records], [r.cost for r in records])
+        self._insert_records(emb, records)
 
     def _write_snapshot(self, snap: Path, digest: str, sources: list[str]) -> None:
         tmp = snap.with_name(f"snapshot.tmp-{os.getpid()}")

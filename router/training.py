@@ -35,7 +35,7 @@ def out_of_fold_knn(X: npt.NDArray[np.float32], records: list, backends: list[st
     out = np.zeros((len(X), len(backends)), np.float32)
     for f in range(folds):
         tr, te = np.where(fold != f)[0], np.where(fold == f)[0]
-        store = _store(X[tr], [records[i] for i in tr], ds_cfg)
+        store = knn_store(X[tr], [records[i] for i in tr], ds_cfg)
         out[te] = knn_estimates(store, X[te], backends, np.zeros(len(backends)))[0]
     return out
 
@@ -75,7 +75,8 @@ def _embed(encoder, data: RoutingData, progress: bool) -> npt.NDArray[np.float32
     return np.concatenate(parts)
 
 
-def _store(X, records, ds_cfg):
+def knn_store(X, records, ds_cfg):
+    """An in-memory kNN datastore over (X, records) with the configured k, prior and temperature."""
     from datastore.store import FaissKnnDatastore
 
     return FaissKnnDatastore.from_records(X, records, k=ds_cfg.k, prior_strength=ds_cfg.prior_strength,
@@ -95,7 +96,7 @@ def train_command(config, data_path: str, out: str, *, costs: str | None = None,
     cfg = CapabilityConfig(seed=seed, **({"max_epochs": max_epochs} if max_epochs else {}))
     fallback = np.nanmean(data.C[tr], 0)
     records = [data.records[i] for i in tr]
-    store = _store(X[tr], records, config.datastore)
+    store = knn_store(X[tr], records, config.datastore)
     K = out_of_fold_knn(X[tr], records, data.backends, config.datastore, seed=seed)
     Kv = knn_estimates(store, X[va], data.backends, fallback)[0]
     res, cfg, table = train_selected(X[tr], data.Y[tr], X[va], data.Y[va], cfg, K=K, Kv=Kv, progress=progress)
@@ -146,7 +147,7 @@ def eval_command(config, artifact_dir: str, data_path: str, *, json_out: str | N
     idx = idx[data.complete_rows()[idx]]
     data = data.subset(idx)
     X = _embed(encoder, data, progress)
-    store = _store(a.embeddings, a.records, config.datastore.model_copy(update=a.manifest["datastore"]))
+    store = knn_store(a.embeddings, a.records, config.datastore.model_copy(update=a.manifest["datastore"]))
     fallback = np.array([a.manifest["cost"]["mean_per_request"][b] for b in a.backends])
     pred = BlendPredictor(a.model, store, a.backends, fallback)
     q, c = pred.predict(X)
