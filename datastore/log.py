@@ -69,7 +69,7 @@ class AppendLog:
             _fsync_dir(p.parent)
         records, good_end, recovered = cls._scan(p)
         if recovered:
-            log.warning("feedback log %s: dropped a torn record of %d bytes at the tail", p, recovered)
+            log.warning("log %s: dropped a torn record of %d bytes at the tail", p, recovered)
             with open(p, "r+b") as f:
                 f.truncate(good_end)
                 f.flush()

@@ -85,6 +85,10 @@ class _Columns:
     def get(self, row: int, col: int) -> float | None:
         return float(self.val[row, col]) if self.seen[row, col] else None
 
+    def unset(self, row: int, col: int) -> None:
+        self.val[row, col] = 0.0
+        self.seen[row, col] = 0.0
+
 
 @DATASTORES.register("faiss-knn")
 class FaissKnnDatastore:
@@ -111,6 +115,7 @@ class FaissKnnDatastore:
         self._scores = _Columns()
         self._cost = _Columns()
         self._ids: list[str] = []
+        self._row: dict[str, int] = {}
         self._sum = np.zeros(0, dtype=np.float64)
         self._cnt = np.zeros(0, dtype=np.int64)
         self._prior = np.zeros(0, dtype=np.float32)
@@ -153,8 +158,41 @@ class FaissKnnDatastore:
                     self._cost.set(n0 + j, self._col[b], v)
             self.index.add(emb)
             self._ids.extend(ids)
-            total = self._sum.sum() / self._cnt.sum() if self._cnt.sum() else 0.5
-            self._prior = np.where(self._cnt > 0, self._sum / np.maximum(self._cnt, 1), total).astype(np.float32)
+            self._row.update((rid, n0 + j) for j, rid in enumerate(ids))
+            self._update_prior()
+
+    def _update_prior(self) -> None:
+        total = self._sum.sum() / self._cnt.sum() if self._cnt.sum() else 0.5
+        self._prior = np.where(self._cnt > 0, self._sum / np.maximum(self._cnt, 1), total).astype(np.float32)
+
+    def insert(self, embeddings: npt.NDArray[np.float32], records: Sequence[OutcomeRecord]) -> None:
+        """Make outcomes visible to estimates without logging them: for outcomes whose durability
+        another log owns (onboarded backends' aptitude results live in the backend registry's log
+        and are replayed from there). embeddings: float32 (len(records), d), unit rows."""
+        self._insert_records(embeddings, records)
+
+    def retract(self, ids: Sequence[str], backend: str) -> int:
+        """Withdraw ``backend``'s scores and costs on the records ``ids`` (an onboarded backend's
+        superseded aptitude results); their rows stay for the other backends. Returns how many
+        scores were withdrawn."""
+        with self._lock:
+            col = self._col.get(backend)
+            if col is None:
+                return 0
+            n = 0
+            for rid in ids:
+                row = self._row.get(rid)
+                if row is None:
+                    continue
+                v = self._scores.get(row, col)
+                if v is not None:
+                    self._scores.unset(row, col)
+                    self._sum[col] -= v
+                    self._cnt[col] -= 1
+                    n += 1
+                self._cost.unset(row, col)
+            self._update_prior()
+            return n
 
     def _insert_records(self, embeddings: npt.NDArray[np.float32], records: Sequence[OutcomeRecord]) -> None:
         self._insert(embeddings, [r.id for r in records], [r.scores for r in records], [r.cost for r in records])

@@ -291,6 +291,21 @@ def add_backend(model, g: npt.NDArray[np.float32], beta: float, h: npt.NDArray[n
     return new
 
 
+def replace_backend(model, j: int, g: npt.NDArray[np.float32], beta: float, h: npt.NDArray[np.float32], cfg: CapabilityConfig):
+    """A copy of ``model`` with backend j's (g, beta, h) replaced (a re-onboarded backend); its
+    datastore weight is kept."""
+    import torch
+
+    new = build_model(model.f[0].in_features, model.g.shape[0], cfg)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["g"][j] = torch.as_tensor(g, dtype=torch.float32)
+    state["beta"][j] = float(beta)
+    state["H"][:, j] = torch.as_tensor(h, dtype=torch.float32)
+    new.load_state_dict(state)
+    new.eval()
+    return new
+
+
 # Loss-weight settings tried by ``train_selected``: the full objective and its ablations. The
 # one with the lowest validation prediction loss is kept (on the real data sets validation loss
 # ranks them as test AIQ does; see docs/routing_quality.md).

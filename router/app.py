@@ -63,6 +63,16 @@ def route_only_backends(config: AppConfig, artifact, configured: dict) -> dict:
     return out
 
 
+def open_registry(config: AppConfig):
+    """The durable log of Onboard registrations, beside the datastore's state."""
+    from datastore.log import AppendLog
+    from router.onboarding import log_path
+
+    path = log_path(state_dir(config))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return AppendLog.open(path)
+
+
 def outcome_files(config: AppConfig) -> list[Path]:
     return [Path(p) for p in config.datastore.outcomes] or [builtin_data("aptitude_outcomes.jsonl")]
 
@@ -110,7 +120,7 @@ class App:
             self.loading_detail = "loading the router artifact"
             artifact = await loop.run_in_executor(None, lambda: self.compute.run(
                 art.load, Path(cfg.artifact), embedder_id=encoder.model_id, dim=encoder.dim))
-            capability = Capability(artifact.model, artifact.backends, self.compute)
+            capability = Capability(artifact.model, artifact.backends, self.compute, config=artifact.capability_config)
         self.loading_detail = "loading the datastore"
         store = await loop.run_in_executor(None, lambda: open_datastore(cfg, encoder, progress=progress,
                                                                         artifact=artifact))
@@ -121,7 +131,12 @@ class App:
         for b in self._backends.values():
             self.loading_detail = f"loading backend {b.name}"
             await b.load()
-        self.service = RouterService(cfg, encoder, store, self._backends, capability=capability)
+        service = RouterService(cfg, encoder, store, self._backends, capability=capability)
+        self.loading_detail = "restoring onboarded backends"
+        restored = await loop.run_in_executor(None, service.attach_registry, open_registry(cfg))
+        if restored:
+            log.info("restored %d onboarded backend(s)", restored)
+        self.service = service
         self.loading_detail = "ready"
         log.info("caprouter ready: %d backends, %d outcomes in the datastore", len(self._backends), len(store))
 

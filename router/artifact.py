@@ -37,6 +37,12 @@ class Artifact:
     def backends(self) -> list[str]:
         return list(self.manifest["backends"])
 
+    @property
+    def capability_config(self):
+        from encoders.capability import CapabilityConfig
+
+        return CapabilityConfig(**self.manifest["capability"])
+
 
 def save(out: Path, *, model, manifest: dict[str, Any], records: list, embeddings: np.ndarray) -> Path:
     from safetensors.torch import save_file

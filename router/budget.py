@@ -15,6 +15,9 @@ overshoots or undershoots the budget on batches unlike its tuning data.
 """
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict, deque
+
 import numpy as np
 import numpy.typing as npt
 
@@ -67,3 +70,41 @@ def assign(Q: npt.NDArray, C: npt.NDArray, budget: float, *, iters: int = 60) ->
         excess -= C[i, choice[i]] - C[i, b[i]]
         choice[i] = b[i]
     return choice, hi
+
+
+class BudgetWindows:
+    """Window budgets for one-at-a-time routing: for each budget key, the predictions of the last
+    ``size`` requests. A new request's lambda is the dual price that ``assign`` finds for that
+    window plus the request itself: the price of cost the recent traffic needs to average
+    ``budget``. Unlike a lambda tuned once, it follows the traffic as it changes.
+
+    A budget below what even the cheapest choices cost over the window cannot be met; the
+    request then goes to its cheapest backend (lambda = inf is reported as the largest finite
+    lambda tried) rather than failing, since the window's history is not the caller's fault.
+    """
+
+    def __init__(self, size: int, max_keys: int = 1024) -> None:
+        self.size, self.max_keys = size, max_keys
+        self._w: OrderedDict[tuple[str, tuple[str, ...]], deque] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def price(self, key: str, names: tuple[str, ...], quality: npt.NDArray, cost: npt.NDArray, budget: float) -> float:
+        """quality, cost: (B,) this request's predictions over ``names`` -> lambda for it."""
+        q = np.asarray(quality, dtype=np.float64)
+        c = np.asarray(cost, dtype=np.float64)
+        with self._lock:
+            k = (key, tuple(names))
+            win = self._w.get(k)
+            if win is None:
+                win = self._w[k] = deque(maxlen=self.size)
+                while len(self._w) > self.max_keys:
+                    self._w.popitem(last=False)
+            self._w.move_to_end(k)
+            win.append((q, c))
+            Q = np.stack([r[0] for r in win])
+            C = np.stack([r[1] for r in win])
+        try:
+            _, lam = assign(Q, C, budget)
+        except InvalidArgument:
+            lam = 1e12
+        return float(lam)

@@ -89,6 +89,8 @@ class RoutingConfig(_Model):
     cost_unit: str = "GFLOP"
     # Decisions remembered for Feedback by decision id (oldest evicted first).
     decision_cache_size: int = Field(100_000, ge=1)
+    # Requests per budget_key over which a budget_per_request knob is kept on Route / Generate.
+    budget_window: int = Field(200, ge=1, le=100_000)
 
 
 class LimitsConfig(_Model):
@@ -96,6 +98,7 @@ class LimitsConfig(_Model):
     max_messages: int = Field(256, ge=1)
     max_tokens: int = Field(1024, ge=1)
     max_stop_sequences: int = Field(8, ge=0)
+    max_batch: int = Field(1024, ge=1)
 
 
 class GenerationConfig(_Model):

@@ -96,6 +96,21 @@ class RouterServicer(pb_grpc.RouterServicer):
                                        backends=[convert.backend_info(v) for v in svc.list_backends()])
 
 
+    @_guard_unary
+    async def Onboard(self, request: pb.OnboardRequest, context: grpc.aio.ServicerContext) -> pb.OnboardResponse:
+        svc = self._svc()
+        spec = convert.onboard_spec(request)
+        res = await asyncio.get_running_loop().run_in_executor(None, svc.onboard, spec)
+        return convert.onboard_response(svc, res)
+
+    @_guard_unary
+    async def RouteBatch(self, request: pb.RouteBatchRequest, context: grpc.aio.ServicerContext) -> pb.RouteBatchResponse:
+        svc = self._svc()
+        items, knobs = convert.batch_items(request), convert.knobs(request.knobs)
+        res = await asyncio.get_running_loop().run_in_executor(None, svc.route_batch, items, knobs)
+        return convert.batch_response(svc, res)
+
+
 class GrpcServer:
     """Owns the grpc.aio server; health is NOT_SERVING until ``app.load()`` completes."""
 

@@ -22,6 +22,8 @@ class Knobs:
     max_cost: float | None = None
     allowed: frozenset[str] = frozenset()
     denied: frozenset[str] = frozenset()
+    budget: float | None = None          # average cost per request; replaces cost_weight when set
+    budget_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,8 @@ class KnobsInput:
     max_cost: float | None = None
     allowed: Sequence[str] = ()
     denied: Sequence[str] = ()
+    budget: float | None = None
+    budget_key: str = ""
 
     def resolve(self, defaults: Knobs, known: Sequence[str]) -> Knobs:
         """Validate against the configured backends and fill defaults; errors say what to fix."""
@@ -59,7 +63,13 @@ class KnobsInput:
             if unknown:
                 raise UnknownBackend(f"{what} names unknown backend(s) {', '.join(map(repr, unknown))}; "
                                      f"configured: {', '.join(known)}")
-        return Knobs(lam, mq, mc, frozenset(self.allowed), frozenset(self.denied))
+        if self.budget is not None:
+            finite("budget_per_request", self.budget)
+            if self.budget < 0:
+                raise InvalidArgument(f"budget_per_request must be >= 0, got {self.budget}")
+        if len(self.budget_key) > 256:
+            raise InvalidArgument("budget_key is longer than 256 characters")
+        return Knobs(lam, mq, mc, frozenset(self.allowed), frozenset(self.denied), self.budget, self.budget_key)
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,7 @@ class Exclusion:
 class Selection:
     ranked: tuple[Scored, ...]
     excluded: tuple[Exclusion, ...] = field(default_factory=tuple)
+    cost_weight: float = 0.0             # the lambda the ranking used
 
     @property
     def chosen(self) -> Scored:
@@ -118,4 +129,15 @@ def select(backends: Sequence[str], quality: Sequence[float], cost: Sequence[flo
                                 "Relax min_quality / max_cost or the allow/deny lists.")
     kept.sort(key=lambda s: (-s.utility, s.cost, s.backend))
     ranked = tuple(Scored(s.backend, s.quality, s.cost, s.utility, s.support, i + 1) for i, s in enumerate(kept))
-    return Selection(ranked, tuple(excluded))
+    return Selection(ranked, tuple(excluded), knobs.cost_weight)
+
+
+def promote(selection: Selection, backend: str) -> Selection:
+    """The same selection with ``backend`` (eligible) ranked first: a batch assignment may give a
+    prompt its second-best backend at the batch's lambda to fit the budget exactly."""
+    first = [s for s in selection.ranked if s.backend == backend]
+    if not first:
+        raise ValueError(f"{backend} is not among the eligible backends")
+    rest = [s for s in selection.ranked if s.backend != backend]
+    ranked = tuple(Scored(s.backend, s.quality, s.cost, s.utility, s.support, i + 1) for i, s in enumerate(first + rest))
+    return Selection(ranked, selection.excluded, selection.cost_weight)

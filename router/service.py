@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Mapping, Sequence
 
 import numpy as np
@@ -24,8 +24,10 @@ from backends.base import Backend, Finished, GenerationRequest, Status, TextChun
 from encoders.base import PromptEncoder, prompt_text
 from router import __version__
 from router.config import AppConfig
-from router.errors import BackendError, CaprouterError, InvalidArgument, NotFound, Unavailable, UnknownBackend
-from router.policy import Knobs, KnobsInput, Selection, select
+from router.errors import (BackendError, CaprouterError, FailedPrecondition, InvalidArgument, NoEligibleBackend,
+                           NotFound, Unavailable, UnknownBackend)
+from router.budget import BudgetWindows, assign
+from router.policy import Knobs, KnobsInput, Selection, promote, select
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,14 @@ class Decision:
 
 
 @dataclass(frozen=True)
+class BatchDecision:
+    decisions: tuple[Decision, ...]
+    cost_weight: float
+    mean_cost: float
+    mean_quality: float
+
+
+@dataclass(frozen=True)
 class GenStart:
     decision: Decision
     backend: str
@@ -108,11 +118,29 @@ class Capability:
     estimates as input (its learned per-backend weights are the blend), so Feedback, which lands
     in the datastore, keeps moving decisions without retraining."""
 
-    def __init__(self, model: Any, backends: Sequence[str], compute: Any = None) -> None:
+    def __init__(self, model: Any, backends: Sequence[str], compute: Any = None, *, config: Any = None) -> None:
         from router.compute import Inline
 
         self.model, self.backends = model, list(backends)
+        self.config = config            # the model's CapabilityConfig (needed to grow it)
         self._compute = compute or Inline()
+
+    def with_backend(self, name: str, X: npt.NDArray[np.float32], y: npt.NDArray[np.float32],
+                     ds_cfg: Any) -> "Capability":
+        """A copy that also predicts ``name`` (or predicts it anew), its vector fitted to the
+        aptitude results X (m, d), y (m,) with the prompt side frozen."""
+        from encoders.capability import add_backend, replace_backend
+        from router.training import fit_backend
+
+        def fit() -> Any:
+            g, b, h = fit_backend(self.model, X, y, ds_cfg)
+            if name in self.backends:
+                return replace_backend(self.model, self.backends.index(name), g, b, h, self.config)
+            return add_backend(self.model, g, b, h, self.config)
+
+        model = self._compute.run(fit)
+        names = self.backends if name in self.backends else [*self.backends, name]
+        return Capability(model, names, self._compute, config=self.config)
 
     def predict(self, embedding: npt.NDArray[np.float32], knn: Mapping[str, float]) -> dict[str, float]:
         """embedding: (d,); knn: the datastore's quality estimate per backend -> quality per backend."""
@@ -130,13 +158,22 @@ class RouterService:
         self.encoder = encoder
         self.datastore = datastore
         self.backends = dict(backends)
-        self.names = list(self.backends)
         r = config.routing
         self.defaults = Knobs(r.cost_weight, r.min_quality, r.max_cost)
         self._decisions: OrderedDict[str, Decision] = OrderedDict()
         self._dlock = threading.Lock()
         self.capability = capability
         self.version = __version__
+        # Backends the config defines (and can dispatch to) cannot be replaced by Onboard.
+        self._configured = {n for n, b in self.backends.items() if b.kind != "route-only"}
+        self._registered: dict[str, Any] = {}      # name -> onboarding.Registration
+        self._registry_log: Any = None
+        self._olock = threading.Lock()
+        self._budgets = BudgetWindows(r.budget_window)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.backends)
 
     # ---- validation ----------------------------------------------------------------------------
     def _messages(self, q_prompt: str, q_messages: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
@@ -164,49 +201,115 @@ class RouterService:
         return msgs
 
     # ---- Route ---------------------------------------------------------------------------------
-    def unavailable(self) -> dict[str, str]:
+    def unavailable(self, backends: Mapping[str, Backend] | None = None) -> dict[str, str]:
         out = {}
-        for name, b in self.backends.items():
+        for name, b in (self.backends if backends is None else backends).items():
             st, detail = b.status()
             if st != Status.READY:
                 out[name] = f"{st.value}: {detail}"
         return out
 
-    def predict(self, embedding: npt.NDArray[np.float32], prompt_chars: int) -> tuple[list[float], list[float], list[float]]:
-        """Quality, cost and support for every configured backend, in configured order."""
+    def predict(self, embedding: npt.NDArray[np.float32], prompt_chars: int,
+                backends: Mapping[str, Backend] | None = None) -> tuple[list[float], list[float], list[float]]:
+        """Quality, cost and support for every backend (of ``backends``, default: the current
+        set), in their order."""
+        backends = self.backends if backends is None else backends
+        names = list(backends)
+        capability = self.capability
         est = self.datastore.estimate(embedding[None, :])
         # A configured backend with no outcome yet: the mean of the others' estimates.
         prior = float(est.quality.mean()) if est.quality.size else 0.5
         quality, cost, support = [], [], []
-        for name in self.names:
+        for name in names:
             col = est.column(name)
             q = float(est.quality[0, col]) if col is not None else prior
             c = float(est.cost[0, col]) if col is not None else math.nan
             if math.isnan(c):
-                c = self.backends[name].cost_model().predict(prompt_chars)
+                c = backends[name].cost_model().predict(prompt_chars)
             quality.append(q)
             cost.append(c)
             support.append(float(est.support[0, col]) if col is not None else 0.0)
-        if self.capability is not None:
-            knn = dict(zip(self.names, quality))
-            enc = self.capability.predict(embedding, {b: knn.get(b, prior) for b in self.capability.backends})
-            quality = [enc.get(n, q) for n, q in zip(self.names, quality)]
+        if capability is not None:
+            knn = dict(zip(names, quality))
+            enc = capability.predict(embedding, {b: knn.get(b, prior) for b in capability.backends})
+            quality = [enc.get(n, q) for n, q in zip(names, quality)]
         return quality, cost, support
 
     def route(self, query: Query) -> Decision:
         t0 = time.perf_counter()
         msgs = self._messages(query.prompt, query.messages)
-        knobs = query.knobs.resolve(self.defaults, self.names)
+        backends = self.backends      # one consistent set for this request, whatever Onboard does meanwhile
+        names = list(backends)
+        knobs = query.knobs.resolve(self.defaults, names)
         text = prompt_text(None, msgs)
         emb = self.encoder.encode([text])[0]
         t1 = time.perf_counter()
-        quality, cost, support = self.predict(emb, sum(len(c) for _, c in msgs))
-        selection = select(self.names, quality, cost, knobs, support=support, unavailable=self.unavailable())
+        quality, cost, support = self.predict(emb, sum(len(c) for _, c in msgs), backends)
+        if knobs.budget is not None:
+            lam = self._budgets.price(knobs.budget_key, tuple(names), np.array(quality), np.array(cost), knobs.budget)
+            knobs = replace(knobs, cost_weight=lam)
+        selection = select(names, quality, cost, knobs, support=support, unavailable=self.unavailable(backends))
         t2 = time.perf_counter()
         decision = Decision(uuid.uuid4().hex, selection, Timings((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t2 - t0) * 1e3),
                             msgs, text, emb)
         self._remember(decision)
         return decision
+
+    def route_batch(self, items: Sequence[Query], knobs_in: KnobsInput) -> "BatchDecision":
+        """Route prompts together. With a budget, the batch's average predicted cost keeps to it:
+        one assignment problem over the batch (router.budget.assign), each prompt's assigned
+        backend ranked first, the rest by utility at the batch's lambda."""
+        t0 = time.perf_counter()
+        lim = self.config.limits
+        if not items:
+            raise InvalidArgument("RouteBatch needs at least one item")
+        if len(items) > lim.max_batch:
+            raise InvalidArgument(f"too many items: {len(items)} > limit {lim.max_batch}")
+        msgs = []
+        for i, q in enumerate(items):
+            try:
+                msgs.append(self._messages(q.prompt, q.messages))
+            except InvalidArgument as e:
+                raise InvalidArgument(f"items[{i}]: {e}") from None
+        backends = self.backends
+        names = list(backends)
+        knobs = knobs_in.resolve(self.defaults, names)
+        texts = [prompt_text(None, m) for m in msgs]
+        embs = self.encoder.encode(texts)
+        t1 = time.perf_counter()
+        unavailable = self.unavailable(backends)
+        preds, sels = [], []
+        for i, (m, e) in enumerate(zip(msgs, embs)):
+            q, c, s = self.predict(e, sum(len(x) for _, x in m), backends)
+            try:
+                sels.append(select(names, q, c, replace(knobs, cost_weight=0.0), support=s, unavailable=unavailable))
+            except NoEligibleBackend as err:
+                raise NoEligibleBackend(f"items[{i}]: {err}") from None
+            preds.append((q, c, s))
+        Q = np.array([p[0] for p in preds], dtype=np.float64)
+        C = np.array([p[1] for p in preds], dtype=np.float64)
+        eligible = np.array([[n in {x.backend for x in sel.ranked} for n in names] for sel in sels])
+        lam = knobs.cost_weight
+        if knobs.budget is not None:
+            # Ineligible pairs priced out of the assignment: never chosen, never the cheapest.
+            Qm = np.where(eligible, Q, -1e6)
+            Cm = np.where(eligible, C, np.nanmax(np.abs(C)) * 1e3 + 1e6)
+            choice, lam = assign(Qm, Cm, knobs.budget)
+        else:
+            choice = None
+        t2 = time.perf_counter()
+        decisions = []
+        for i, ((q, c, s), m, text, e) in enumerate(zip(preds, msgs, texts, embs)):
+            sel = select(names, q, c, replace(knobs, cost_weight=float(lam)), support=s, unavailable=unavailable)
+            if choice is not None:
+                sel = promote(sel, names[int(choice[i])])
+            d = Decision(uuid.uuid4().hex, sel, Timings((t1 - t0) * 1e3 / len(items), (t2 - t1) * 1e3 / len(items),
+                                                        (t2 - t0) * 1e3 / len(items)), m, text, e)
+            self._remember(d)
+            decisions.append(d)
+        chosen = [d.selection.chosen for d in decisions]
+        return BatchDecision(tuple(decisions), float(lam), float(np.mean([x.cost for x in chosen])),
+                             float(np.mean([x.quality for x in chosen])))
 
     def _remember(self, d: Decision) -> None:
         with self._dlock:
@@ -302,6 +405,71 @@ class RouterService:
         rid = self.datastore.add(emb[None, :], [rec])[0]
         return FeedbackResult(rid, backend)
 
+    # ---- Onboard -------------------------------------------------------------------------------
+    def attach_registry(self, log: Any) -> int:
+        """Use ``log`` (an AppendLog of registrations) for Onboard, and replay what it holds.
+        Returns the number of backends restored."""
+        from router import onboarding as ob
+
+        n = 0
+        for e in ob.latest(log.replayed):
+            if e["backend"] in self._configured:
+                log_msg = "onboarded backend %s is now defined in the config; its registration is ignored"
+                logging.getLogger(__name__).warning(log_msg, e["backend"])
+                continue
+            emb = ob.entry_embeddings(e, self.encoder.model_id, self.encoder.dim, self.encoder)
+            self._apply(ob.Registration.from_entry(e), emb)
+            n += 1
+        self._registry_log = log
+        return n
+
+    def onboard(self, spec: Any) -> Any:
+        """Register a backend, or replace an earlier registration, from its aptitude results.
+        Durable once it returns; routable at once."""
+        from router import onboarding as ob
+
+        if self._registry_log is None:
+            raise FailedPrecondition("this server has no state folder for registrations")
+        if spec.backend in self._configured:
+            raise FailedPrecondition(f"backend {spec.backend!r} is defined in the server's config; onboarding "
+                                     "registers new route-only backends (send its outcomes with Feedback instead)")
+        reg = ob.validate(spec, self._suite(), max_prompt_chars=self.config.limits.max_prompt_chars)
+        emb = self.encoder.encode(list(reg.prompts))
+        with self._olock:
+            created = reg.backend not in self.backends
+            self._registry_log.append([reg.to_entry(self.encoder.model_id, emb)])   # durable from here on
+            fitted = self._apply(reg, emb)
+        log.info("onboarded backend %s (%s) from %d aptitude results, mean score %.3f", reg.backend,
+                 "new" if created else "updated", len(reg.scores), float(np.mean(reg.scores)))
+        return ob.OnboardResult(reg.backend, created, len(reg.scores), float(np.mean(reg.scores)), fitted)
+
+    def _apply(self, reg: Any, emb: npt.NDArray[np.float32]) -> bool:
+        from backends.route_only import RouteOnlyBackend
+        from router.config import BackendConfig
+
+        prev = self._registered.get(reg.backend)
+        if prev is not None:
+            self.datastore.retract(prev.record_ids(), reg.backend)
+        self.datastore.insert(emb, reg.records())
+        backend = RouteOnlyBackend(BackendConfig(name=reg.backend, kind="route-only", description=reg.description,
+                                                 cost=reg.cost), cost_unit=self.config.routing.cost_unit)
+        # Copy-on-write: a Route running concurrently sees the old set or the new one, never half.
+        self.backends = {**self.backends, reg.backend: backend}
+        self._registered[reg.backend] = reg
+        if self.capability is None:
+            return False
+        y = np.asarray(reg.scores, dtype=np.float32)
+        self.capability = self.capability.with_backend(reg.backend, emb, y, self.config.datastore)
+        return True
+
+    def _suite(self) -> dict[str, str]:
+        if not hasattr(self, "_suite_prompts"):
+            from router.aptitude.runner import suite_path
+            from router.onboarding import load_suite_prompts
+
+            self._suite_prompts = load_suite_prompts(suite_path(self.config.aptitude.suite))
+        return self._suite_prompts
+
     # ---- ListBackends --------------------------------------------------------------------------
     def list_backends(self) -> list[BackendView]:
         stats = self.datastore.stats()
@@ -317,6 +485,8 @@ class RouterService:
         for b in self.backends.values():
             await b.close()
         self.datastore.close()
+        if self._registry_log is not None:
+            self._registry_log.close()
 
 
 __all__ = ["RouterService", "Query", "GenParams", "Decision", "GenStart", "GenEnd", "BackendView",

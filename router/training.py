@@ -40,6 +40,31 @@ def out_of_fold_knn(X: npt.NDArray[np.float32], records: list, backends: list[st
     return out
 
 
+def aptitude_knn(X: npt.NDArray[np.float32], y: npt.NDArray[np.float32], ds_cfg: Any, *,
+                 folds: int = 5) -> npt.NDArray[np.float32]:
+    """(m,) out-of-fold kNN estimates of a new backend on its own aptitude prompts X (m, d) with
+    scores y (m,): what the datastore will say about it on prompts it has not seen, which is what
+    its capability vector is fitted on top of."""
+    from datastore.records import OutcomeRecord
+
+    fold = np.arange(len(X)) % folds
+    out = np.zeros(len(X), np.float32)
+    for f in range(folds):
+        tr, te = np.where(fold != f)[0], np.where(fold == f)[0]
+        recs = [OutcomeRecord(id=str(i), prompt="", scores={"new": float(y[i])}) for i in tr]
+        out[te] = knn_estimates(knn_store(X[tr], recs, ds_cfg), X[te], ["new"], np.zeros(1))[0][:, 0]
+    return out
+
+
+def fit_backend(model: Any, X: npt.NDArray[np.float32], y: npt.NDArray[np.float32], ds_cfg: Any
+                ) -> tuple[npt.NDArray[np.float32], float, npt.NDArray[np.float32]]:
+    """A new backend's capability vector (g, beta, h) from its aptitude results X (m, d), y (m,),
+    the prompt side of ``model`` frozen (Model-SAT onboarding)."""
+    from encoders.capability import onboard
+
+    return onboard(model, X, y, knn=aptitude_knn(X, y, ds_cfg))
+
+
 class BlendPredictor:
     """The served prediction: the capability encoder, fed the kNN datastore's estimates (its
     learned per-backend weights are the blend)."""

@@ -40,18 +40,22 @@ class Message(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class RoutingKnobs(_message.Message):
-    __slots__ = ("cost_weight", "min_quality", "max_cost", "allowed_backends", "denied_backends")
+    __slots__ = ("cost_weight", "min_quality", "max_cost", "allowed_backends", "denied_backends", "budget_per_request", "budget_key")
     COST_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     MIN_QUALITY_FIELD_NUMBER: _ClassVar[int]
     MAX_COST_FIELD_NUMBER: _ClassVar[int]
     ALLOWED_BACKENDS_FIELD_NUMBER: _ClassVar[int]
     DENIED_BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_KEY_FIELD_NUMBER: _ClassVar[int]
     cost_weight: float
     min_quality: float
     max_cost: float
     allowed_backends: _containers.RepeatedScalarFieldContainer[str]
     denied_backends: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, cost_weight: _Optional[float] = ..., min_quality: _Optional[float] = ..., max_cost: _Optional[float] = ..., allowed_backends: _Optional[_Iterable[str]] = ..., denied_backends: _Optional[_Iterable[str]] = ...) -> None: ...
+    budget_per_request: float
+    budget_key: str
+    def __init__(self, cost_weight: _Optional[float] = ..., min_quality: _Optional[float] = ..., max_cost: _Optional[float] = ..., allowed_backends: _Optional[_Iterable[str]] = ..., denied_backends: _Optional[_Iterable[str]] = ..., budget_per_request: _Optional[float] = ..., budget_key: _Optional[str] = ...) -> None: ...
 
 class ResponseMetadata(_message.Message):
     __slots__ = ("request_id", "server_version", "api_version", "embedder", "datastore_records", "served_at_unix_ms")
@@ -114,7 +118,7 @@ class RouteRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., knobs: _Optional[_Union[RoutingKnobs, _Mapping]] = ...) -> None: ...
 
 class RouteResponse(_message.Message):
-    __slots__ = ("metadata", "decision_id", "backend", "candidates", "excluded", "timings", "cost_unit")
+    __slots__ = ("metadata", "decision_id", "backend", "candidates", "excluded", "timings", "cost_unit", "cost_weight")
     METADATA_FIELD_NUMBER: _ClassVar[int]
     DECISION_ID_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +126,7 @@ class RouteResponse(_message.Message):
     EXCLUDED_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     COST_UNIT_FIELD_NUMBER: _ClassVar[int]
+    COST_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     metadata: ResponseMetadata
     decision_id: str
     backend: str
@@ -129,7 +134,40 @@ class RouteResponse(_message.Message):
     excluded: _containers.RepeatedCompositeFieldContainer[Exclusion]
     timings: Timings
     cost_unit: str
-    def __init__(self, metadata: _Optional[_Union[ResponseMetadata, _Mapping]] = ..., decision_id: _Optional[str] = ..., backend: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., excluded: _Optional[_Iterable[_Union[Exclusion, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., cost_unit: _Optional[str] = ...) -> None: ...
+    cost_weight: float
+    def __init__(self, metadata: _Optional[_Union[ResponseMetadata, _Mapping]] = ..., decision_id: _Optional[str] = ..., backend: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., excluded: _Optional[_Iterable[_Union[Exclusion, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., cost_unit: _Optional[str] = ..., cost_weight: _Optional[float] = ...) -> None: ...
+
+class BatchItem(_message.Message):
+    __slots__ = ("prompt", "messages")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    messages: _containers.RepeatedCompositeFieldContainer[Message]
+    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ...) -> None: ...
+
+class RouteBatchRequest(_message.Message):
+    __slots__ = ("items", "knobs")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    KNOBS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[BatchItem]
+    knobs: RoutingKnobs
+    def __init__(self, items: _Optional[_Iterable[_Union[BatchItem, _Mapping]]] = ..., knobs: _Optional[_Union[RoutingKnobs, _Mapping]] = ...) -> None: ...
+
+class RouteBatchResponse(_message.Message):
+    __slots__ = ("metadata", "decisions", "cost_weight", "predicted_mean_cost", "predicted_mean_quality", "cost_unit")
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    COST_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_MEAN_COST_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_MEAN_QUALITY_FIELD_NUMBER: _ClassVar[int]
+    COST_UNIT_FIELD_NUMBER: _ClassVar[int]
+    metadata: ResponseMetadata
+    decisions: _containers.RepeatedCompositeFieldContainer[RouteResponse]
+    cost_weight: float
+    predicted_mean_cost: float
+    predicted_mean_quality: float
+    cost_unit: str
+    def __init__(self, metadata: _Optional[_Union[ResponseMetadata, _Mapping]] = ..., decisions: _Optional[_Iterable[_Union[RouteResponse, _Mapping]]] = ..., cost_weight: _Optional[float] = ..., predicted_mean_cost: _Optional[float] = ..., predicted_mean_quality: _Optional[float] = ..., cost_unit: _Optional[str] = ...) -> None: ...
 
 class GenerationParams(_message.Message):
     __slots__ = ("max_tokens", "temperature", "stop", "seed")
@@ -172,7 +210,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateStart(_message.Message):
-    __slots__ = ("decision_id", "backend", "candidates", "excluded", "timings", "fallbacks", "cost_unit")
+    __slots__ = ("decision_id", "backend", "candidates", "excluded", "timings", "fallbacks", "cost_unit", "cost_weight")
     DECISION_ID_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +218,7 @@ class GenerateStart(_message.Message):
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     FALLBACKS_FIELD_NUMBER: _ClassVar[int]
     COST_UNIT_FIELD_NUMBER: _ClassVar[int]
+    COST_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     decision_id: str
     backend: str
     candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
@@ -187,7 +226,8 @@ class GenerateStart(_message.Message):
     timings: Timings
     fallbacks: _containers.RepeatedCompositeFieldContainer[FallbackAttempt]
     cost_unit: str
-    def __init__(self, decision_id: _Optional[str] = ..., backend: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., excluded: _Optional[_Iterable[_Union[Exclusion, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., fallbacks: _Optional[_Iterable[_Union[FallbackAttempt, _Mapping]]] = ..., cost_unit: _Optional[str] = ...) -> None: ...
+    cost_weight: float
+    def __init__(self, decision_id: _Optional[str] = ..., backend: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., excluded: _Optional[_Iterable[_Union[Exclusion, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., fallbacks: _Optional[_Iterable[_Union[FallbackAttempt, _Mapping]]] = ..., cost_unit: _Optional[str] = ..., cost_weight: _Optional[float] = ...) -> None: ...
 
 class GenerateEnd(_message.Message):
     __slots__ = ("finish_reason", "usage", "latency_ms", "time_to_first_token_ms", "tokens_per_second", "backend")
@@ -248,7 +288,7 @@ class ListBackendsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class CostModel(_message.Message):
-    __slots__ = ("kind", "unit", "per_request", "input_per_million_tokens", "output_per_million_tokens", "active_parameters", "expected_output_tokens", "summary")
+    __slots__ = ("kind", "unit", "per_request", "input_per_million_tokens", "output_per_million_tokens", "active_parameters", "expected_output_tokens", "summary", "price_per_gflop")
     KIND_FIELD_NUMBER: _ClassVar[int]
     UNIT_FIELD_NUMBER: _ClassVar[int]
     PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
@@ -257,6 +297,7 @@ class CostModel(_message.Message):
     ACTIVE_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    PRICE_PER_GFLOP_FIELD_NUMBER: _ClassVar[int]
     kind: str
     unit: str
     per_request: float
@@ -265,7 +306,8 @@ class CostModel(_message.Message):
     active_parameters: int
     expected_output_tokens: int
     summary: str
-    def __init__(self, kind: _Optional[str] = ..., unit: _Optional[str] = ..., per_request: _Optional[float] = ..., input_per_million_tokens: _Optional[float] = ..., output_per_million_tokens: _Optional[float] = ..., active_parameters: _Optional[int] = ..., expected_output_tokens: _Optional[int] = ..., summary: _Optional[str] = ...) -> None: ...
+    price_per_gflop: float
+    def __init__(self, kind: _Optional[str] = ..., unit: _Optional[str] = ..., per_request: _Optional[float] = ..., input_per_million_tokens: _Optional[float] = ..., output_per_million_tokens: _Optional[float] = ..., active_parameters: _Optional[int] = ..., expected_output_tokens: _Optional[int] = ..., summary: _Optional[str] = ..., price_per_gflop: _Optional[float] = ...) -> None: ...
 
 class BackendInfo(_message.Message):
     __slots__ = ("name", "kind", "cost_model", "status", "description", "status_detail", "prior_quality", "outcomes")
@@ -294,3 +336,43 @@ class ListBackendsResponse(_message.Message):
     metadata: ResponseMetadata
     backends: _containers.RepeatedCompositeFieldContainer[BackendInfo]
     def __init__(self, metadata: _Optional[_Union[ResponseMetadata, _Mapping]] = ..., backends: _Optional[_Iterable[_Union[BackendInfo, _Mapping]]] = ...) -> None: ...
+
+class AptitudeResult(_message.Message):
+    __slots__ = ("item_id", "prompt", "score", "cost")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    prompt: str
+    score: float
+    cost: float
+    def __init__(self, item_id: _Optional[str] = ..., prompt: _Optional[str] = ..., score: _Optional[float] = ..., cost: _Optional[float] = ...) -> None: ...
+
+class OnboardRequest(_message.Message):
+    __slots__ = ("backend", "description", "cost_model", "results")
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    COST_MODEL_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    backend: str
+    description: str
+    cost_model: CostModel
+    results: _containers.RepeatedCompositeFieldContainer[AptitudeResult]
+    def __init__(self, backend: _Optional[str] = ..., description: _Optional[str] = ..., cost_model: _Optional[_Union[CostModel, _Mapping]] = ..., results: _Optional[_Iterable[_Union[AptitudeResult, _Mapping]]] = ...) -> None: ...
+
+class OnboardResponse(_message.Message):
+    __slots__ = ("metadata", "backend", "created", "results_used", "mean_score", "capability_fitted")
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_USED_FIELD_NUMBER: _ClassVar[int]
+    MEAN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITY_FITTED_FIELD_NUMBER: _ClassVar[int]
+    metadata: ResponseMetadata
+    backend: BackendInfo
+    created: bool
+    results_used: int
+    mean_score: float
+    capability_fitted: bool
+    def __init__(self, metadata: _Optional[_Union[ResponseMetadata, _Mapping]] = ..., backend: _Optional[_Union[BackendInfo, _Mapping]] = ..., created: _Optional[bool] = ..., results_used: _Optional[int] = ..., mean_score: _Optional[float] = ..., capability_fitted: _Optional[bool] = ...) -> None: ...

@@ -56,6 +56,16 @@ class RouterStub:
                 request_serializer=caprouter_dot_v1_dot_router__pb2.ListBackendsRequest.SerializeToString,
                 response_deserializer=caprouter_dot_v1_dot_router__pb2.ListBackendsResponse.FromString,
                 _registered_method=True)
+        self.Onboard = channel.unary_unary(
+                '/caprouter.v1.Router/Onboard',
+                request_serializer=caprouter_dot_v1_dot_router__pb2.OnboardRequest.SerializeToString,
+                response_deserializer=caprouter_dot_v1_dot_router__pb2.OnboardResponse.FromString,
+                _registered_method=True)
+        self.RouteBatch = channel.unary_unary(
+                '/caprouter.v1.Router/RouteBatch',
+                request_serializer=caprouter_dot_v1_dot_router__pb2.RouteBatchRequest.SerializeToString,
+                response_deserializer=caprouter_dot_v1_dot_router__pb2.RouteBatchResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
@@ -91,6 +101,23 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Onboard(self, request, context):
+        """Register a backend, or update one registered before, from its aptitude-test results
+        (Model-SAT): routable at once, without retraining; durable once acknowledged. The backend is
+        route-only: Route chooses it, the app calls it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RouteBatch(self, request, context):
+        """Route a batch of prompts together: with knobs.budget_per_request, the batch's average
+        predicted cost keeps to the budget (solved as one assignment problem, not prompt by prompt).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +140,16 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.ListBackends,
                     request_deserializer=caprouter_dot_v1_dot_router__pb2.ListBackendsRequest.FromString,
                     response_serializer=caprouter_dot_v1_dot_router__pb2.ListBackendsResponse.SerializeToString,
+            ),
+            'Onboard': grpc.unary_unary_rpc_method_handler(
+                    servicer.Onboard,
+                    request_deserializer=caprouter_dot_v1_dot_router__pb2.OnboardRequest.FromString,
+                    response_serializer=caprouter_dot_v1_dot_router__pb2.OnboardResponse.SerializeToString,
+            ),
+            'RouteBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.RouteBatch,
+                    request_deserializer=caprouter_dot_v1_dot_router__pb2.RouteBatchRequest.FromString,
+                    response_serializer=caprouter_dot_v1_dot_router__pb2.RouteBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -225,6 +262,60 @@ class Router:
             '/caprouter.v1.Router/ListBackends',
             caprouter_dot_v1_dot_router__pb2.ListBackendsRequest.SerializeToString,
             caprouter_dot_v1_dot_router__pb2.ListBackendsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Onboard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/caprouter.v1.Router/Onboard',
+            caprouter_dot_v1_dot_router__pb2.OnboardRequest.SerializeToString,
+            caprouter_dot_v1_dot_router__pb2.OnboardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RouteBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/caprouter.v1.Router/RouteBatch',
+            caprouter_dot_v1_dot_router__pb2.RouteBatchRequest.SerializeToString,
+            caprouter_dot_v1_dot_router__pb2.RouteBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
