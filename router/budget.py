@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict, deque
+from typing import Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -73,38 +74,59 @@ def assign(Q: npt.NDArray, C: npt.NDArray, budget: float, *, iters: int = 60) ->
 
 
 class BudgetWindows:
-    """Window budgets for one-at-a-time routing: for each budget key, the predictions of the last
-    ``size`` requests. A new request's lambda is the dual price that ``assign`` finds for that
-    window plus the request itself: the price of cost the recent traffic needs to average
-    ``budget``. Unlike a lambda tuned once, it follows the traffic as it changes.
+    """Window budgets for one-at-a-time routing. For each budget key: the predictions of the last
+    ``size`` requests and what was actually spent on them. A new request is routed by solving
+    ``assign`` over that window plus the request itself and taking the request's own assignment:
+    the recent traffic stands in for the traffic to come, so a request gets an expensive backend
+    only if it is among the window's best uses of the money. The budget the window is solved for
+    is corrected by the window's realized overspend or underspend, so the average over the
+    window converges to the budget instead of drifting. Unlike a lambda tuned once, this follows
+    the traffic as it changes.
 
-    A budget below what even the cheapest choices cost over the window cannot be met; the
-    request then goes to its cheapest backend (lambda = inf is reported as the largest finite
-    lambda tried) rather than failing, since the window's history is not the caller's fault.
+    A budget the window cannot meet even with the cheapest choices sends the request to its
+    cheapest eligible backend rather than failing: the window's history is not the caller's fault.
     """
 
     def __init__(self, size: int, max_keys: int = 1024) -> None:
         self.size, self.max_keys = size, max_keys
-        self._w: OrderedDict[tuple[str, tuple[str, ...]], deque] = OrderedDict()
+        self._w: OrderedDict[tuple[str, tuple[str, ...]], tuple[deque, deque]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def price(self, key: str, names: tuple[str, ...], quality: npt.NDArray, cost: npt.NDArray, budget: float) -> float:
-        """quality, cost: (B,) this request's predictions over ``names`` -> lambda for it."""
+    def _window(self, key: str, names: tuple[str, ...]) -> tuple[deque, deque]:
+        k = (key, tuple(names))
+        win = self._w.get(k)
+        if win is None:
+            win = self._w[k] = (deque(maxlen=self.size), deque(maxlen=self.size))
+            while len(self._w) > self.max_keys:
+                self._w.popitem(last=False)
+        self._w.move_to_end(k)
+        return win
+
+    def decide(self, key: str, names: Sequence[str], quality: npt.NDArray, cost: npt.NDArray, budget: float,
+               eligible: npt.NDArray[np.bool_] | None = None) -> tuple[int, float]:
+        """quality, cost: (B,) this request's predictions over ``names``; eligible: (B,) which it may
+        use. Returns (index of its backend, the window's lambda). Call ``commit`` with what the
+        request was really routed to."""
         q = np.asarray(quality, dtype=np.float64)
         c = np.asarray(cost, dtype=np.float64)
+        ok = np.ones(len(q), bool) if eligible is None else np.asarray(eligible, bool)
         with self._lock:
-            k = (key, tuple(names))
-            win = self._w.get(k)
-            if win is None:
-                win = self._w[k] = deque(maxlen=self.size)
-                while len(self._w) > self.max_keys:
-                    self._w.popitem(last=False)
-            self._w.move_to_end(k)
-            win.append((q, c))
-            Q = np.stack([r[0] for r in win])
-            C = np.stack([r[1] for r in win])
-        try:
-            _, lam = assign(Q, C, budget)
-        except InvalidArgument:
-            lam = 1e12
-        return float(lam)
+            preds, spent = self._window(key, tuple(names))
+            preds.append((q, c))
+            Q = np.stack([r[0] for r in preds])
+            C = np.stack([r[1] for r in preds])
+            fill = len(spent) / self.size
+            realized = float(np.mean(spent)) if spent else budget
+        # Integral correction: spend less while the window is over budget, more while under.
+        target = max(budget + (budget - realized) * fill, 0.0)
+        Q[-1, ~ok] = -1e6
+        C[-1, ~ok] = np.nanmax(np.abs(C)) * 1e3 + 1e6
+        floor = C.min(1).mean()
+        if target < floor:
+            return int(np.argmin(np.where(ok, c, np.inf))), 1e12
+        choice, lam = assign(Q, C, target)
+        return int(choice[-1]), float(lam)
+
+    def commit(self, key: str, names: Sequence[str], cost: float) -> None:
+        with self._lock:
+            self._window(key, tuple(names))[1].append(float(cost))

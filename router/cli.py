@@ -6,6 +6,8 @@
     caprouter generate --address HOST:PORT "prompt" [knobs] [--max-tokens N] [--temperature T] [--stop S ...]
     caprouter feedback --address HOST:PORT --decision-id ID --score S [--backend NAME]
     caprouter backends --address HOST:PORT
+    caprouter onboard  --address HOST:PORT NAME --results FILE [--cost-per-request X | --price-in X --price-out Y
+                       | --active-parameters N] [--description TEXT]
     caprouter aptitude [--config FILE] [--out FILE] [--backends A,B] [--limit N]
     caprouter build-datastore [--config FILE]
     caprouter train --data FILE.jsonl[.gz] --out DIR [--costs FILE] [--seed N]
@@ -46,6 +48,9 @@ def _add_knobs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-cost", type=float)
     p.add_argument("--allow", nargs="*", default=[], help="only these backends")
     p.add_argument("--deny", nargs="*", default=[], help="never these backends")
+    p.add_argument("--budget", type=float, help="average cost per request to keep to over the recent traffic "
+                                                "(replaces --cost-weight)")
+    p.add_argument("--budget-key", default="", help="which traffic the budget window is shared by")
     p.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
     p.add_argument("--json", action="store_true", help="print the response as JSON")
 
@@ -57,8 +62,9 @@ def _request_fields(args: argparse.Namespace) -> dict[str, Any]:
     if args.messages:
         raw = sys.stdin.read() if args.messages == "-" else Path(args.messages).read_text()
         msgs = [pb.Message(role=m["role"], content=m["content"]) for m in json.loads(raw)]
-    knobs = pb.RoutingKnobs(allowed_backends=args.allow, denied_backends=args.deny)
-    for f, v in (("cost_weight", args.cost_weight), ("min_quality", args.min_quality), ("max_cost", args.max_cost)):
+    knobs = pb.RoutingKnobs(allowed_backends=args.allow, denied_backends=args.deny, budget_key=args.budget_key)
+    for f, v in (("cost_weight", args.cost_weight), ("min_quality", args.min_quality), ("max_cost", args.max_cost),
+                 ("budget_per_request", args.budget)):
         if v is not None:
             setattr(knobs, f, v)
     return {"prompt": args.prompt, "messages": msgs, "knobs": knobs}
@@ -103,6 +109,7 @@ def cmd_route(args: argparse.Namespace) -> int:
         print(MessageToJson(resp))
     else:
         _print_decision(resp.backend, resp.decision_id, resp.candidates, resp.excluded, resp.timings, resp.cost_unit)
+        print(f"cost_weight (lambda): {resp.cost_weight:g}")
     return 0
 
 
@@ -169,6 +176,74 @@ def cmd_backends(args: argparse.Namespace) -> int:
               f"({b.outcomes} outcomes)  cost: {b.cost_model.summary}")
         if b.description:
             print(f"{'':<28} {b.description}")
+    return 0
+
+
+def read_aptitude_results(path: str, backend: str) -> list[Any]:
+    """Aptitude results from JSONL (.gz): rows {"item_id" | "prompt", "score", "cost"?}, or outcome
+    rows in the datastore schema ({"prompt", "scores": {backend: score}, "cost"?: {...}}), of which
+    the named backend's scores are taken (what `caprouter aptitude --out` writes)."""
+    import gzip
+
+    from caprouter.v1 import router_pb2 as pb
+    from router.errors import InvalidArgument
+
+    opener = gzip.open if path.endswith(".gz") else open
+    out = []
+    try:
+        with opener(path, "rt") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if "scores" in row:
+                    if backend not in row["scores"]:
+                        continue
+                    r = pb.AptitudeResult(prompt=row["prompt"], score=float(row["scores"][backend]))
+                    c = (row.get("cost") or {}).get(backend)
+                else:
+                    r = pb.AptitudeResult(item_id=str(row.get("item_id") or row.get("id") or ""),
+                                          prompt=row.get("prompt", "") if not (row.get("item_id") or row.get("id")) else "",
+                                          score=float(row["score"]))
+                    c = row.get("cost")
+                if c is not None:
+                    r.cost = float(c)
+                out.append(r)
+    except FileNotFoundError:
+        raise InvalidArgument(f"results file not found: {path}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise InvalidArgument(f"{path}: line {n}: not an aptitude result ({type(e).__name__}: {e})") from None
+    return out
+
+
+def cmd_onboard(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf.json_format import MessageToJson
+
+    from caprouter.v1 import router_pb2 as pb
+
+    results = read_aptitude_results(args.results, args.name)
+    if args.active_parameters:
+        cm = pb.CostModel(kind="compute", active_parameters=args.active_parameters)
+    elif args.price_in is not None or args.price_out is not None:
+        cm = pb.CostModel(kind="per_token", input_per_million_tokens=args.price_in or 0.0,
+                          output_per_million_tokens=args.price_out or 0.0)
+    else:
+        cm = pb.CostModel(kind="per_request", per_request=args.cost_per_request or 0.0)
+    if args.expected_output_tokens:
+        cm.expected_output_tokens = args.expected_output_tokens
+    req = pb.OnboardRequest(backend=args.name, description=args.description or "", cost_model=cm, results=results)
+    try:
+        resp = _stub(args.address).Onboard(req, timeout=args.timeout)
+    except grpc.RpcError as e:
+        return _rpc_error(e)
+    if args.json:
+        print(MessageToJson(resp))
+        return 0
+    b = resp.backend
+    print(f"{'registered' if resp.created else 'updated'} {b.name} ({b.kind}) from {resp.results_used} aptitude "
+          f"results, mean score {resp.mean_score:.3f}; cost: {b.cost_model.summary}; capability vector "
+          f"{'fitted' if resp.capability_fitted else 'not used (datastore only)'}")
     return 0
 
 
@@ -288,6 +363,21 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--address", default="127.0.0.1:50051")
     b.add_argument("--timeout", type=float, default=30.0)
     b.set_defaults(fn=cmd_backends)
+
+    o = sub.add_parser("onboard", help="register (or update) a backend on a running server from its aptitude results")
+    o.add_argument("name", help="the backend's name")
+    o.add_argument("--results", required=True,
+                   help="JSONL (.gz) of {item_id | prompt, score, cost?}, or outcome rows with scores[NAME]")
+    o.add_argument("--address", default="127.0.0.1:50051")
+    o.add_argument("--description")
+    o.add_argument("--cost-per-request", type=float, help="flat cost per request (server's cost unit)")
+    o.add_argument("--price-in", type=float, help="per million input tokens")
+    o.add_argument("--price-out", type=float, help="per million output tokens")
+    o.add_argument("--active-parameters", type=int, help="cost by compute: active parameters")
+    o.add_argument("--expected-output-tokens", type=int)
+    o.add_argument("--timeout", type=float, default=120.0)
+    o.add_argument("--json", action="store_true")
+    o.set_defaults(fn=cmd_onboard)
 
     a = sub.add_parser("aptitude", help="run the backends on the aptitude suite and write outcomes")
     with_config(a)

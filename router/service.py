@@ -8,6 +8,7 @@ dataclasses here and map CaprouterError codes to status codes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import threading
@@ -235,7 +236,9 @@ class RouterService:
             quality = [enc.get(n, q) for n, q in zip(names, quality)]
         return quality, cost, support
 
-    def route(self, query: Query) -> Decision:
+    def route(self, query: Query, *, dispatch: bool = False) -> Decision:
+        """Decide for one prompt. dispatch: the decision is for Generate, so route-only backends
+        (which caprouter cannot call) are not eligible."""
         t0 = time.perf_counter()
         msgs = self._messages(query.prompt, query.messages)
         backends = self.backends      # one consistent set for this request, whatever Onboard does meanwhile
@@ -245,15 +248,36 @@ class RouterService:
         emb = self.encoder.encode([text])[0]
         t1 = time.perf_counter()
         quality, cost, support = self.predict(emb, sum(len(c) for _, c in msgs), backends)
-        if knobs.budget is not None:
-            lam = self._budgets.price(knobs.budget_key, tuple(names), np.array(quality), np.array(cost), knobs.budget)
-            knobs = replace(knobs, cost_weight=lam)
-        selection = select(names, quality, cost, knobs, support=support, unavailable=self.unavailable(backends))
+        unavailable = self.unavailable(backends)
+        route_only = sorted(n for n, b in backends.items() if b.kind == "route-only")
+        if dispatch:
+            unavailable.update({n: "route-only (caprouter chooses it, the app calls it)" for n in route_only})
+        try:
+            selection = select(names, quality, cost, knobs, support=support, unavailable=unavailable)
+            if knobs.budget is not None:
+                selection = self._window_budget(knobs, names, quality, cost, support, unavailable, selection)
+        except NoEligibleBackend:
+            if dispatch and route_only and len(route_only) == len(names):
+                listed = ", ".join(map(repr, route_only))
+                raise FailedPrecondition(
+                    f"every backend of this server is route-only ({listed}): caprouter can choose them but cannot "
+                    "call them. Use Route and call the chosen model yourself") from None
+            raise
         t2 = time.perf_counter()
         decision = Decision(uuid.uuid4().hex, selection, Timings((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t2 - t0) * 1e3),
                             msgs, text, emb)
         self._remember(decision)
         return decision
+
+    def _window_budget(self, knobs: Knobs, names: list[str], quality: list[float], cost: list[float],
+                       support: list[float], unavailable: dict[str, str], eligible: Selection) -> Selection:
+        ok = {s.backend for s in eligible.ranked}
+        idx, lam = self._budgets.decide(knobs.budget_key, names, np.array(quality), np.array(cost), knobs.budget,
+                                        np.array([n in ok for n in names]))
+        sel = select(names, quality, cost, replace(knobs, cost_weight=lam), support=support, unavailable=unavailable)
+        sel = promote(sel, names[idx])
+        self._budgets.commit(knobs.budget_key, names, sel.chosen.cost)
+        return sel
 
     def route_batch(self, items: Sequence[Query], knobs_in: KnobsInput) -> "BatchDecision":
         """Route prompts together. With a budget, the batch's average predicted cost keeps to it:
@@ -340,7 +364,7 @@ class RouterService:
         loop = asyncio.get_running_loop()
         msgs = self._messages(query.prompt, query.messages)
         self._gen_request(msgs, params)  # validate before spending time on routing
-        decision = await loop.run_in_executor(None, self.route, query)
+        decision = await loop.run_in_executor(None, functools.partial(self.route, query, dispatch=True))
         fallbacks: list[tuple[str, str]] = []
         for cand in decision.selection.ranked:
             backend = self.backends[cand.backend]

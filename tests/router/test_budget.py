@@ -53,3 +53,43 @@ def test_budget_spends_where_quality_per_cost_is_highest():
 def test_impossible_budget_is_a_clear_error():
     with pytest.raises(InvalidArgument, match="below the cheapest"):
         assign(np.ones((2, 2)), np.full((2, 2), 3.0), 1.0)
+
+
+def test_window_budget_follows_the_traffic_where_a_tuned_lambda_drifts():
+    from router.budget import BudgetWindows
+
+    rng = np.random.default_rng(3)
+    n, B, budget = 1200, 4, 2.0
+    base_cost = np.array([0.5, 1.5, 3.0, 6.0])
+    Q = np.clip(rng.normal([0.3, 0.5, 0.6, 0.75], 0.15, (n, B)), 0, 1)
+    C = base_cost * rng.uniform(0.8, 1.2, (n, B))
+    Q[n // 2:, 2:] += 0.25                             # harder traffic halfway: the big models pull ahead
+
+    def lam_for(Qs, Cs):
+        return assign(Qs, Cs, budget)[1]
+
+    fixed = lam_for(Q[: n // 2], C[: n // 2])          # tuned on the first half's traffic
+    rows = np.arange(n)
+    fixed_pick = np.argmax(Q - fixed * C, 1)
+    win = BudgetWindows(size=100)
+    names = ("a", "b", "c", "d")
+    win_pick = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        win_pick[i], _ = win.decide("app", names, Q[i], C[i], budget)
+        win.commit("app", names, C[i, win_pick[i]])
+    late = rows >= n // 2 + 100
+    assert C[late, fixed_pick[late]].mean() > budget * 1.2           # the tuned lambda overspends after the shift
+    assert abs(C[late, win_pick[late]].mean() - budget) < 0.1 * budget
+    assert abs(C[rows < n // 2, win_pick[rows < n // 2]].mean() - budget) < 0.1 * budget
+
+
+def test_window_budgets_are_kept_per_key_and_impossible_budgets_go_cheapest():
+    from router.budget import BudgetWindows
+
+    win = BudgetWindows(size=10, max_keys=2)
+    q, c = np.array([0.9, 0.2]), np.array([10.0, 1.0])
+    assert win.decide("a", ("x", "y"), q, c, 100.0) == (0, 0.0)      # not binding
+    assert win.decide("b", ("x", "y"), q, c, 0.5)[0] == 1             # below the cheapest: cheapest
+    assert win.decide("b", ("x", "y"), q, c, 100.0, np.array([False, True]))[0] == 1   # eligibility holds
+    win.decide("c", ("x", "y"), q, c, 5.0)
+    assert len(win._w) == 2                                           # oldest key evicted

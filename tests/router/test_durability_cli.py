@@ -1,6 +1,7 @@
 """The server as users run it: `caprouter serve` in its own process, killed with SIGKILL."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -66,6 +67,22 @@ def test_acknowledged_feedback_survives_sigkill_and_cli_works(tmp_path, server_c
                              capture_output=True, text=True, timeout=120)
         assert gen.returncode == 0 and "finish: FINISH_REASON_" in gen.stdout, gen.stderr
 
+        # Onboard a route-only backend from aptitude results with the CLI (before the kill: it must survive).
+        results = tmp_path / "apt.jsonl"
+        results.write_text("".join(json.dumps({"item_id": f"arithmetic-{i:03d}", "score": 1.0}) + "\n" for i in range(10))
+                           + "".join(json.dumps({"prompt": f"Name a colour, number {i}.", "score": 0.0}) + "\n"
+                                     for i in range(10)))
+        ob = subprocess.run([str(BIN), "onboard", "calc-9b", "--address", address, "--results", str(results),
+                             "--cost-per-request", "50", "--description", "a calculator model"],
+                            capture_output=True, text=True, timeout=120)
+        assert ob.returncode == 0 and "registered calc-9b" in ob.stdout and "20 aptitude results" in ob.stdout, ob.stderr
+        ls = subprocess.run([str(BIN), "backends", "--address", address], capture_output=True, text=True, timeout=60)
+        assert "calc-9b" in ls.stdout and "route-only" in ls.stdout
+        # Generate never dispatches to a route-only backend; it is listed as excluded.
+        gen = subprocess.run([str(BIN), "generate", "--address", address, "What is 2 + 3?", "--max-tokens", "2",
+                              "--cost-weight", "0"], capture_output=True, text=True, timeout=120)
+        assert gen.returncode == 0 and "calc-9b" in gen.stdout and "route-only" in gen.stdout, gen.stderr
+
         with grpc.insecure_channel(address) as ch:
             stub = router_pb2_grpc.RouterStub(ch)
             base = _outcomes(stub)
@@ -88,8 +105,13 @@ def test_acknowledged_feedback_survives_sigkill_and_cli_works(tmp_path, server_c
         with grpc.insecure_channel(ready.read_text()) as ch:
             stub = router_pb2_grpc.RouterStub(ch)
             assert _outcomes(stub) == base + 20
+            listed = {b.name: b for b in stub.ListBackends(pb.ListBackendsRequest(), timeout=30).backends}
+            assert listed["calc-9b"].outcomes == 20 and listed["calc-9b"].cost_model.per_request == 50
+            r = stub.Route(pb.RouteRequest(prompt="What is 3 + 4? Answer with just the number.",
+                                           knobs=pb.RoutingKnobs(cost_weight=0.0)), timeout=30)
+            assert r.backend == "calc-9b"
             r = stub.Route(pb.RouteRequest(prompt="durability probe 3"), timeout=30)
-            assert r.candidates[0].support > 0
+            assert {c.backend: c.support for c in r.candidates}["smollm2-135m"] > 0
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0

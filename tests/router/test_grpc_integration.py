@@ -162,6 +162,34 @@ def test_generate_error_table(stub, params, part):
     assert got == grpc.StatusCode.INVALID_ARGUMENT and part in details
 
 
+def test_route_batch_keeps_a_budget_and_route_keeps_a_window_budget(stub):
+    prompts = ["What is 12 + 30?", "Name the capital of Japan.", "Reverse the word 'cat'.",
+               "Is 17 a prime number? Answer yes or no.", "Write the word 'blue' in capital letters.",
+               "What is 7 * 8?", "Which is heavier, a kilogram of iron or a gram of gold?", "Spell 'dog' backwards."]
+    items = [pb.BatchItem(prompt=p) for p in prompts]
+    free = stub.RouteBatch(pb.RouteBatchRequest(items=items, knobs=pb.RoutingKnobs(cost_weight=0.0)), timeout=60)
+    assert len(free.decisions) == len(prompts) and free.metadata.api_version == "caprouter.v1"
+    lo = sum(min(c.predicted_cost for c in d.candidates) for d in free.decisions) / len(prompts)
+    hi = sum(max(c.predicted_cost for c in d.candidates) for d in free.decisions) / len(prompts)
+    budget = lo + 0.3 * (hi - lo)
+    b = stub.RouteBatch(pb.RouteBatchRequest(items=items, knobs=pb.RoutingKnobs(budget_per_request=budget)), timeout=60)
+    assert b.predicted_mean_cost <= budget + 1e-6 and b.cost_unit == "GFLOP"
+    chosen = [d.candidates[0] for d in b.decisions]
+    assert all(d.backend == c.backend and c.rank == 1 for d, c in zip(b.decisions, chosen))
+    assert abs(sum(c.predicted_cost for c in chosen) / len(chosen) - b.predicted_mean_cost) < 1e-6
+    assert all(d.cost_weight == b.cost_weight for d in b.decisions)
+    with pytest.raises(grpc.RpcError) as ei:
+        stub.RouteBatch(pb.RouteBatchRequest(items=items, knobs=pb.RoutingKnobs(budget_per_request=lo / 2)), timeout=60)
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "below the cheapest" in ei.value.details()
+    with pytest.raises(grpc.RpcError) as ei:
+        stub.RouteBatch(pb.RouteBatchRequest(items=[items[0], pb.BatchItem()]), timeout=60)
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "items[1]" in ei.value.details()
+    # One at a time: the window's lambda is reported with every decision.
+    knobs = pb.RoutingKnobs(budget_per_request=budget, budget_key="grpc-window-test")
+    picks = [stub.Route(pb.RouteRequest(prompt=p, knobs=knobs), timeout=30) for p in prompts * 2]
+    assert all(r.cost_weight >= 0 for r in picks) and {r.backend for r in picks} <= {DENSE, PRUNED}
+
+
 def test_feedback_round_trip(stub):
     r = stub.Route(pb.RouteRequest(prompt="Spell the word cat backwards."), timeout=30)
     before = {b.name: b.outcomes for b in stub.ListBackends(pb.ListBackendsRequest(), timeout=30).backends}

@@ -174,3 +174,40 @@ def test_capability_encoder_takes_the_datastore_as_input_so_feedback_still_moves
     qb = {s.backend: s.quality for s in before.ranked}
     qa = {s.backend: s.quality for s in after.ranked}
     assert qa["mathy"] > qb["mathy"] + 0.1
+
+
+def test_route_batch_keeps_the_batch_budget_and_spends_it_where_it_pays(make_service):
+    from router.errors import InvalidArgument
+
+    svc = make_service([ScriptedBackend("mathy", per_request=10.0), ScriptedBackend("wordy", per_request=1.0)])
+    items = [Query(prompt=f"What is {i} + {2 * i}?") for i in range(4)] + \
+            [Query(prompt=f"Write a poem about {t}.") for t in ("dogs", "fog", "the sun", "salt")]
+    free = svc.route_batch(items, KnobsInput(cost_weight=0.0))
+    assert [d.backend for d in free.decisions] == ["mathy"] * 4 + ["wordy"] * 4 and free.cost_weight == 0.0
+    budget = (2 * 10.0 + 6 * 1.0) / 8            # room for two prompts on the expensive backend
+    b = svc.route_batch(items, KnobsInput(budget=budget))
+    chosen = [d.backend for d in b.decisions]
+    assert b.mean_cost <= budget + 1e-9 and chosen.count("mathy") == 2
+    assert all(chosen[i] == "wordy" for i in range(4, 8))             # the expensive slots go to math prompts
+    assert b.cost_weight > 0 and all(d.selection.cost_weight == b.cost_weight for d in b.decisions)
+    # Each decision is remembered for Feedback.
+    svc.feedback(b.decisions[0].decision_id, 1.0)
+    with pytest.raises(InvalidArgument, match="below the cheapest"):
+        svc.route_batch(items, KnobsInput(budget=0.5))
+    with pytest.raises(InvalidArgument, match=r"items\[1\]: prompt is empty"):
+        svc.route_batch([items[0], Query(prompt="")], KnobsInput())
+    with pytest.raises(InvalidArgument, match="at least one item"):
+        svc.route_batch([], KnobsInput())
+    with pytest.raises(InvalidArgument, match="budget_per_request must be >= 0"):
+        svc.route_batch(items, KnobsInput(budget=-1.0))
+
+
+def test_window_budget_on_route_reports_the_solved_lambda(make_service):
+    svc = make_service([ScriptedBackend("mathy", per_request=10.0), ScriptedBackend("wordy", per_request=1.0)])
+    prompts = [f"What is {i} + {i + 5}?" for i in range(20)]
+    picks = [svc.route(Query(prompt=p, knobs=KnobsInput(budget=4.0, budget_key="t1"))).selection for p in prompts]
+    costs = [s.chosen.cost for s in picks]
+    assert any(s.cost_weight > 0 for s in picks) and np.mean(costs[5:]) <= 4.0 + 1e-9
+    # Another key has its own window; no budget leaves the default lambda.
+    assert svc.route(Query(prompt=prompts[0], knobs=KnobsInput(budget=100.0, budget_key="t2"))).backend == "mathy"
+    assert svc.route(Query(prompt=prompts[0])).selection.cost_weight == svc.defaults.cost_weight
