@@ -279,7 +279,13 @@ def cmd_build_datastore(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     setup_logging(cfg.log_level, "text")
-    store = open_datastore(cfg, build_encoder(cfg), progress=True)
+    encoder = build_encoder(cfg)
+    artifact = None
+    if cfg.artifact:
+        from router import artifact as art
+
+        artifact = art.load(Path(cfg.artifact), embedder_id=encoder.model_id, dim=encoder.dim)
+    store = open_datastore(cfg, encoder, progress=True, artifact=artifact)
     print(f"datastore at {state_dir(cfg)}: {len(store)} outcomes")
     for name, s in store.stats().items():
         print(f"  {name:<28} {s.outcomes:>7} outcomes, mean score {s.mean_score:.3f}")
@@ -293,7 +299,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     setup_logging(cfg.log_level, "text")
-    m = train_command(cfg, args.data, args.out, costs=args.costs, seed=args.seed, max_epochs=args.epochs)
+    m = train_command(cfg, args.data, args.out, costs=args.costs, seed=args.seed, max_epochs=args.epochs,
+                      test_share=args.test_share, progress=sys.stderr.isatty())
     w = m["knn_weights"]
     print(f"wrote artifact {args.out}: {len(m['backends'])} backends, best epoch {m['metrics']['best_epoch']}, "
           f"datastore weight {min(w.values()):.2f}..{max(w.values()):.2f}")
@@ -393,6 +400,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--costs", help="JSON backend -> cost per request, for backends the data gives no cost")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--epochs", type=int, help="maximum epochs (early stopping decides before)")
+    t.add_argument("--test-share", type=float, default=0.2,
+                   help="share held out for the test report when the data has no split of its own (0: none)")
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate an artifact: markdown + JSON report and a cost-quality PNG")

@@ -177,6 +177,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     ds = data.get("datastore") or {}
     if isinstance(ds, dict) and isinstance(ds.get("outcomes"), list):
         ds["outcomes"] = [str(base / p) if not Path(p).is_absolute() else p for p in ds["outcomes"]]
+    if isinstance(data.get("artifact"), str) and not Path(data["artifact"]).is_absolute():
+        data["artifact"] = str(base / data["artifact"])
     for k, v in (overrides or {}).items():
         if v is not None:
             _set_dotted(data, k, v)

@@ -109,14 +109,22 @@ def knn_store(X, records, ds_cfg):
 
 
 def train_command(config, data_path: str, out: str, *, costs: str | None = None, seed: int = 0,
-                  max_epochs: int | None = None, progress: bool = True) -> dict[str, Any]:
+                  max_epochs: int | None = None, test_share: float = 0.2, progress: bool = True) -> dict[str, Any]:
+    """Train and write an artifact. The data's own test split is held out where it has one, else a
+    seeded ``test_share`` of it (0: none, for a router that serves rather than is measured).
+    Validation (10% of the rest) picks the loss weights and the epoch; the served datastore
+    then holds every outcome that is not test data (training and validation)."""
     from encoders.capability import CapabilityConfig, config_dict, train_selected
     from router.app import build_encoder
 
     data = load_routing_data(data_path, _costs(costs))
     encoder = build_encoder(config)
     X = _embed(encoder, data, progress)
-    tr, va, te = split_indices(data, seed=seed)
+    if not 0.0 <= test_share < 1.0:
+        from router.errors import InvalidArgument
+
+        raise InvalidArgument(f"--test-share must be in [0, 1), got {test_share}")
+    tr, va, te = split_indices(data, seed=seed, test_share=test_share)
     te = te[data.complete_rows()[te]]
     cfg = CapabilityConfig(seed=seed, **({"max_epochs": max_epochs} if max_epochs else {}))
     fallback = np.nanmean(data.C[tr], 0)
@@ -140,14 +148,17 @@ def train_command(config, data_path: str, out: str, *, costs: str | None = None,
         "embedder": {"id": encoder.model_id, "dim": encoder.dim, "max_tokens": config.encoder.max_tokens},
         "backends": data.backends,
         "cost": {"mean_per_request": {b: float(v) for b, v in zip(data.backends, fallback)}},
-        "data": {"path": str(Path(data_path).resolve()), "sha256": data.source_hash, "n_train": int(len(tr)),
-                 "n_val": int(len(va)), "n_test": int(len(te)), "seed": seed},
+        "data": {"path": str(data_path), "sha256": data.source_hash, "n_train": int(len(tr)),
+                 "n_val": int(len(va)), "n_test": int(len(te)), "seed": seed, "test_share": test_share,
+                 "served_outcomes": "train+val"},
         "capability": config_dict(cfg),
         "knn_weights": {b: float(w) for b, w in zip(data.backends, res.model.w.detach().numpy())},
         "datastore": config.datastore.model_dump(include={"k", "prior_strength", "temperature"}),
         "metrics": metrics,
     }
-    art.save(Path(out), model=res.model, manifest=manifest, records=[data.records[i] for i in tr], embeddings=X[tr])
+    served = np.sort(np.concatenate([tr, va]))
+    art.save(Path(out), model=res.model, manifest=manifest, records=[data.records[i] for i in served],
+             embeddings=X[served])
     return manifest
 
 
