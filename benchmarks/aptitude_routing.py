@@ -2,8 +2,10 @@
 
     .venv/bin/python benchmarks/aptitude_routing.py [--data FILE] [--folds 10] [--plot docs/img/aptitude_routing.png]
 
-10-fold cross-validation, seeded: the datastore holds 9 folds, the router decides for the 10th
-(so no prompt is ever its own neighbour). For a sweep of cost weights lambda, each decision's
+10-fold cross-validation, seeded: the router is built from 9 folds and decides for the 10th (so no
+prompt is ever its own neighbour), twice: the kNN datastore alone, and what the embedded default
+serves, the training pipeline's artifact (`caprouter train`: capability encoder blended with the
+datastore, validation carved from the 9 folds). For a sweep of cost weights lambda, each decision's
 realized quality and cost are the chosen backend's recorded score and cost on that prompt.
 Printed next to every single backend and the per-prompt oracle, measured on the same prompts.
 Writes a PNG of the cost-quality curve. The last line is key=value figures.
@@ -46,30 +48,57 @@ def main() -> int:
 
     rng = np.random.default_rng(args.seed)
     fold = rng.permutation(len(rows)) % args.folds
+    Qknn = np.zeros_like(Y)
     Qhat = np.zeros_like(Y)
     Chat = np.zeros_like(C)
     ds_cfg = cfg.datastore
-    for f in range(args.folds):
+    from tqdm import tqdm
+
+    from encoders.capability import CapabilityConfig, train_selected
+    from router.training import BlendPredictor, knn_estimates, out_of_fold_knn
+
+    for f in tqdm(range(args.folds), desc="folds", disable=not sys.stderr.isatty()):
         tr, te = np.where(fold != f)[0], np.where(fold == f)[0]
         store = FaissKnnDatastore.from_records(emb[tr], [rows[i] for i in tr], k=ds_cfg.k,
                                                prior_strength=ds_cfg.prior_strength, temperature=ds_cfg.temperature)
         est = store.estimate(emb[te])
         cols = [est.column(b) for b in backends]
-        Qhat[te] = est.quality[:, cols]
+        Qknn[te] = est.quality[:, cols]
         Chat[te] = np.where(np.isnan(est.cost[:, cols]), C[tr].mean(0), est.cost[:, cols])
+        # The pipeline, as `caprouter train --test-share 0` runs it on these 9 folds.
+        perm = rng.permutation(tr)
+        nv = int(round(0.1 * len(tr)))
+        va, trn = np.sort(perm[:nv]), np.sort(perm[nv:])
+        recs = [rows[i] for i in trn]
+        sub = FaissKnnDatastore.from_records(emb[trn], recs, k=ds_cfg.k, prior_strength=ds_cfg.prior_strength,
+                                             temperature=ds_cfg.temperature)
+        K = out_of_fold_knn(emb[trn], recs, backends, ds_cfg, seed=args.seed)
+        Kv = knn_estimates(sub, emb[va], backends, C[trn].mean(0))[0]
+        res, _, _ = train_selected(emb[trn], Y[trn], emb[va], Y[va], CapabilityConfig(seed=args.seed), K=K, Kv=Kv)
+        Qhat[te] = BlendPredictor(res.model, store, backends, C[tr].mean(0)).predict(emb[te])[0]
 
     lams = np.concatenate([[0.0], np.geomspace(1e-4, 1.0, 60)])
-    pts = []
-    for lam in lams:
-        pick = np.argmax(Qhat - lam * Chat, axis=1)
-        n = np.arange(len(rows))
-        pts.append((lam, float(C[n, pick].mean()), float(Y[n, pick].mean()), np.bincount(pick, minlength=len(backends)) / len(rows)))
+    from router.evaluate import evaluate
+
+    n = np.arange(len(rows))
+
+    def sweep(Q):
+        out = []
+        for lam in lams:
+            pick = np.argmax(Q - lam * Chat, axis=1)
+            out.append((lam, float(C[n, pick].mean()), float(Y[n, pick].mean()),
+                        np.bincount(pick, minlength=len(backends)) / len(rows)))
+        return out
+
+    pts, pts_knn = sweep(Qhat), sweep(Qknn)
+    aiq, aiq_knn = evaluate(Qhat, Chat, Y, C)["aiq"], evaluate(Qknn, Chat, Y, C)["aiq"]
     if args.sweep:
         for lam, c, q, sh in pts:
             print(f"lambda={lam:.5f} cost={c:.3f} quality={q:.3f} share={np.round(sh, 2).tolist()}")
     default = cfg.routing.cost_weight
     pick = np.argmax(Qhat - default * Chat, axis=1)
-    n = np.arange(len(rows))
+    kpick = np.argmax(Qknn - default * Chat, axis=1)
+    k_q, k_c = float(Y[n, kpick].mean()), float(C[n, kpick].mean())
     d_q, d_c = float(Y[n, pick].mean()), float(C[n, pick].mean())
     share = np.bincount(pick, minlength=len(backends)) / len(rows)
     oracle_q = float(Y.max(1).mean())
@@ -85,6 +114,8 @@ def main() -> int:
     lam0 = pts[0]
     print(f"{'router lambda=0':<34}{lam0[2]:>9.3f}{lam0[1]:>14.2f}   " + ", ".join(f"{b} {s:.0%}" for b, s in zip(backends, lam0[3])))
     print(f"{f'router lambda={default:g} (default)':<34}{d_q:>9.3f}{d_c:>14.2f}   " + ", ".join(f"{b} {s:.0%}" for b, s in zip(backends, share)))
+    print(f"{f'kNN datastore alone, lambda={default:g}':<34}{k_q:>9.3f}{k_c:>14.2f}")
+    print(f"AIQ over the lambda sweep: router {aiq:.3f}, kNN datastore alone {aiq_knn:.3f}")
     best_single = int(np.argmax(Y.mean(0)))
     gain = d_q - Y[:, best_single].mean()
     cost_ratio = d_c / C[:, best_single].mean()
@@ -95,7 +126,8 @@ def main() -> int:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    ax.plot([p[1] for p in pts], [p[2] for p in pts], "o-", ms=3, label="caprouter (kNN), lambda sweep")
+    ax.plot([p[1] for p in pts], [p[2] for p in pts], "o-", ms=3, label="caprouter (served pipeline), lambda sweep")
+    ax.plot([p[1] for p in pts_knn], [p[2] for p in pts_knn], ".--", ms=3, alpha=0.7, label="kNN datastore alone")
     for j, b in enumerate(backends):
         ax.plot(C[:, j].mean(), Y[:, j].mean(), "s", ms=8, label=f"always {b}")
     ax.plot(oracle_c, oracle_q, "*", ms=12, label="oracle")
@@ -112,7 +144,8 @@ def main() -> int:
     figs = {"prompts": len(rows), "oracle_quality": f"{oracle_q:.3f}", "router_l0_quality": f"{lam0[2]:.3f}",
             "router_l0_cost": f"{lam0[1]:.2f}", "router_default_quality": f"{d_q:.3f}",
             "router_default_cost": f"{d_c:.2f}", "default_quality_minus_best_single": f"{gain:+.3f}",
-            "default_cost_over_best_single": f"{cost_ratio:.3f}"}
+            "default_cost_over_best_single": f"{cost_ratio:.3f}", "aiq": f"{aiq:.3f}", "aiq_knn": f"{aiq_knn:.3f}",
+            "knn_default_quality": f"{k_q:.3f}", "knn_default_cost": f"{k_c:.2f}"}
     for j, b in enumerate(backends):
         figs[f"quality_{b}"] = f"{Y[:, j].mean():.3f}"
         figs[f"cost_{b}"] = f"{C[:, j].mean():.2f}"
