@@ -2,12 +2,16 @@
 
     .venv/bin/python benchmarks/traffic_budget.py [--set llmrouter] [--window 50]
 
-Predictions: caprouter's kNN datastore built on the training split. For budgets between the
-cheapest and the dearest single model's cost: (a) lambda tuned on the validation split so that
-its average cost there meets the budget, then applied per prompt on test; (b) router.budget.assign
-on each window of test prompts with the same budget. Reported: realized average cost, share of
-windows over budget, and accuracy; then (b) again at exactly the cost (a) realized, so both are
-compared at the same average cost. The last line is key=value figures.
+Predictions: caprouter's kNN datastore built on the training split; test prompts in their file
+order, the budget checked over consecutive windows of --window requests. For budgets between the
+cheapest and the dearest single model's cost:
+  (a) lambda tuned on the validation split so that its average cost there meets the budget;
+  (b) lambda tuned on the validation split so that every validation window meets it;
+  (c) RouteBatch: router.budget.assign on each window of test prompts;
+  (d) Route with budget_per_request: one request at a time, router.budget.BudgetWindows;
+  (e) (c) again at exactly the cost (a) realized, to compare the two at the same average cost.
+Reported: realized average cost, share of windows over budget, accuracy. The last line is
+key=value figures.
 """
 from __future__ import annotations
 
@@ -19,29 +23,45 @@ from routing_quality import knn_store
 
 from router.training import knn_estimates as store_predict
 
-from router.budget import assign
+from router.budget import BudgetWindows, assign
 from router.config import AppConfig
 from router.routing_data import split_indices
 
 
 def tuned_lambda(Q, C, budget):
-    lo, hi = 0.0, 1.0
-    n = np.arange(len(Q))
-    while C[n, np.argmax(Q - hi * C, 1)].mean() > budget and hi < 1e12:
-        hi *= 2
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if C[n, np.argmax(Q - mid * C, 1)].mean() > budget:
-            lo = mid
-        else:
-            hi = mid
-    return hi
+    """The lambda whose per-prompt choices average ``budget`` on (Q, C)."""
+    return assign(Q, C, budget)[1]
 
 
-def windows(Q, C, Y, budget, w):
+def window_costs(C, picks, w):
+    n = np.arange(len(picks))
+    return np.array([C[s:s + w][n[:len(picks[s:s + w])], picks[s:s + w]].mean() for s in range(0, len(picks), w)])
+
+
+def compliant_lambda(Q, C, budget, w):
+    """The smallest lambda (of a fine grid) whose choices keep to the budget in every window of
+    (Q, C): a lambda tuned for compliance rather than for the average."""
+    for lam in np.concatenate([[0.0], np.geomspace(1e-4, 1e4, 400)]):
+        if window_costs(C, np.argmax(Q - lam * C, 1), w).max() <= budget:
+            return lam
+    return 1e4
+
+
+def windows(Q, C, budget, w):
     picks = np.empty(len(Q), dtype=np.int64)
     for s in range(0, len(Q), w):
         picks[s:s + w], _ = assign(Q[s:s + w], C[s:s + w], budget)
+    return picks
+
+
+def online(Q, C, budget, size):
+    """One request at a time with a window budget, as Route with budget_per_request does."""
+    win = BudgetWindows(size)
+    names = tuple(str(j) for j in range(Q.shape[1]))
+    picks = np.empty(len(Q), dtype=np.int64)
+    for i in range(len(Q)):
+        picks[i], _ = win.decide("bench", names, Q[i], C[i], budget)
+        win.commit("bench", names, C[i, picks[i]])
     return picks
 
 
@@ -49,11 +69,15 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--set", default="llmrouter")
     ap.add_argument("--window", type=int, default=50)
+    ap.add_argument("--online-window", type=int, default=100, help="routing.budget_window for the online mode")
+    ap.add_argument("--shuffle", type=int, help="shuffle the test prompts with this seed (default: file order)")
     args = ap.parse_args()
     data = load(args.set)
     X = embeddings(args.set, data)
     tr, va, te = split_indices(data, seed=0)
     te, va = te[data.complete_rows()[te]], va[data.complete_rows()[va]]
+    if args.shuffle is not None:
+        te = np.random.default_rng(args.shuffle).permutation(te)
     cfg = AppConfig()
     mean_cost = np.nanmean(data.C[tr], 0)
     store = knn_store(X, data, tr, cfg)
@@ -62,30 +86,38 @@ def main() -> int:
     Y, C = data.Y[te], data.C[te]
     n = np.arange(len(te))
     singles = C.mean(0)
-    print(f"{args.set}: {len(te)} test prompts in windows of {args.window}; single-model costs "
+    w = args.window
+    print(f"{args.set}: {len(te)} test prompts ({'file order' if args.shuffle is None else f'shuffled, seed {args.shuffle}'}), budgets checked over windows of {w}; single-model costs "
           f"{singles.min():.3f} .. {singles.max():.3f}")
-    print(f"{'budget':>8} | {'tuned-lambda cost':>17} {'windows over':>12} {'accuracy':>9} | "
-          f"{'batch cost':>10} {'windows over':>12} {'accuracy':>9} | {'batch @ same cost':>17}")
-    gains, overs = [], []
-    for frac in (0.2, 0.35, 0.5, 0.65, 0.8):
-        budget = float(singles.min() + frac * (singles.max() - singles.min()))
-        lam = tuned_lambda(Qv, Cv, budget)
-        p_l = np.argmax(Qt - lam * Ct, 1)
-        p_b = windows(Qt, Ct, Y, budget, args.window)
-        cost_l = C[n, p_l].mean()
-        over_l = np.mean([C[s:s + args.window][np.arange(len(p_l[s:s + args.window])), p_l[s:s + args.window]].mean()
-                          > budget * (1 + 1e-4) for s in range(0, len(te), args.window)])
-        over_b = np.mean([C[s:s + args.window][np.arange(len(p_b[s:s + args.window])), p_b[s:s + args.window]].mean()
-                          > budget * (1 + 1e-4) for s in range(0, len(te), args.window)])
-        p_same = windows(Qt, Ct, Y, cost_l, args.window)
-        q_l, q_b, q_same = Y[n, p_l].mean(), Y[n, p_b].mean(), Y[n, p_same].mean()
-        gains.append(q_same - q_l)
-        overs.append((over_l, over_b))
-        print(f"{budget:>8.3f} | {cost_l:>17.3f} {over_l:>12.0%} {q_l:>9.3f} | {C[n, p_b].mean():>10.3f} "
-              f"{over_b:>12.0%} {q_b:>9.3f} | {q_same:>17.3f}")
-    print(f"batch assignment at the tuned lambda's realized cost: accuracy {np.mean(gains):+.4f} on average")
-    print(f"mean_gain_same_cost={np.mean(gains):+.4f} windows_over_budget_lambda={np.mean([o[0] for o in overs]):.2f} "
-          f"windows_over_budget_batch={np.mean([o[1] for o in overs]):.2f}")
+    head = "| budget | policy | average cost | windows over budget | accuracy |"
+    print(head + "\n|---|---|---|---|---|")
+    res = {k: [] for k in ("lambda", "compliant", "batch", "online", "batch_same_cost")}
+    budgets = [float(singles.min() + f * (singles.max() - singles.min())) for f in (0.2, 0.35, 0.5, 0.65, 0.8)]
+    for budget in budgets:
+        picks = {
+            "lambda": np.argmax(Qt - tuned_lambda(Qv, Cv, budget) * Ct, 1),
+            "compliant": np.argmax(Qt - compliant_lambda(Qv, Cv, budget, w) * Ct, 1),
+            "batch": windows(Qt, Ct, budget, w),
+            "online": online(Qt, Ct, budget, args.online_window),
+        }
+        picks["batch_same_cost"] = windows(Qt, Ct, C[n, picks["lambda"]].mean(), w)
+        labels = {"lambda": "lambda tuned on validation (average)", "compliant": "lambda tuned on validation (every window)",
+                  "batch": "RouteBatch per window (assign)", "online": f"Route, window budget ({args.online_window})",
+                  "batch_same_cost": "RouteBatch at the tuned lambda's cost"}
+        for k, p in picks.items():
+            wc = window_costs(C, p, w)
+            over = float(np.mean(wc > budget * (1 + 1e-4))) if k != "batch_same_cost" else float("nan")
+            res[k].append((C[n, p].mean(), over, Y[n, p].mean()))
+            print(f"| {budget:.3f} | {labels[k]} | {C[n, p].mean():.3f} | "
+                  f"{'-' if k == 'batch_same_cost' else f'{over:.0%}'} | {Y[n, p].mean():.3f} |")
+    m = {k: np.array(v) for k, v in res.items()}
+    print(f"mean over budgets: accuracy lambda {m['lambda'][:, 2].mean():.4f}, compliant lambda "
+          f"{m['compliant'][:, 2].mean():.4f}, batch {m['batch'][:, 2].mean():.4f}, online {m['online'][:, 2].mean():.4f}")
+    print(f"windows_over_lambda={m['lambda'][:, 1].mean():.2f} windows_over_compliant={m['compliant'][:, 1].mean():.2f} "
+          f"windows_over_batch={m['batch'][:, 1].mean():.2f} windows_over_online={m['online'][:, 1].mean():.2f} "
+          f"acc_gain_batch_vs_compliant={m['batch'][:, 2].mean() - m['compliant'][:, 2].mean():+.4f} "
+          f"acc_gain_batch_same_cost={m['batch_same_cost'][:, 2].mean() - m['lambda'][:, 2].mean():+.4f} "
+          f"mean_cost_online={np.mean([r[0] for r in res['online']]):.3f} mean_budget={np.mean(budgets):.3f}")
     return 0
 
 
