@@ -21,7 +21,7 @@ from encoders.capability import CapabilityConfig, add_backend, onboard, predict,
 from router.config import AppConfig
 from router.evaluate import evaluate
 from router.routing_data import split_indices
-from router.training import knn_estimates, knn_store, out_of_fold_knn
+from router.training import aptitude_knn, knn_estimates, knn_store, out_of_fold_knn, select_aptitude
 
 
 def main() -> int:
@@ -56,9 +56,12 @@ def main() -> int:
     ref = evaluate(predict(full, X[te], Qk), Chat, Y, C)["aiq"]
     print(f"{args.set}: retrained with all {len(names)} backends: test AIQ {ref:.4f}")
 
-    rng = np.random.default_rng(args.seed)
-    apt = np.sort(rng.choice(tr, size=args.aptitude, replace=False))
-    ratios = []
+    apt_sets = {"random": select_aptitude(X[tr], args.aptitude, seed=args.seed, method="random"),
+                "k-means": select_aptitude(X[tr], args.aptitude, seed=args.seed, method="kmeans")}
+    apt_sets = {k: tr[v] for k, v in apt_sets.items()}
+    variants = [(sel, prior) for sel in apt_sets for prior in ("mean", "span")]
+    ratios: dict[tuple[str, str], list[float]] = {v: [] for v in variants}
+    print(f"{'held out':<40}" + "".join(f"{sel + '/' + prior:>16}" for sel, prior in variants))
     for held in ([args.holdout] if args.holdout else names):
         j = names.index(held)
         rest = [b for b in names if b != held]
@@ -69,29 +72,32 @@ def main() -> int:
             b: s for b, s in data.records[i].scores.items() if b != held}) for i in tr], rest, ds, seed=args.seed)
         Kvr = knn_estimates(store, X[va], rest, mean_cost[rcols])[0]
         model = train(X[tr], data.Y[tr][:, rcols], X[va], data.Y[va][:, rcols], ccfg, K=Kr, Kv=Kvr).model
-        # Onboarding: the held-out backend's aptitude outcomes join the datastore; its vector is fitted.
-        y_apt = data.Y[apt, j]
-        ok = ~np.isnan(y_apt)
-        fold = np.arange(len(apt)) % 5
-        k_apt = np.zeros(len(apt), np.float32)
-        for f in range(5):
-            s = store_of(apt[(fold != f) & ok], {held})
-            k_apt[fold == f] = knn_estimates(s, X[apt[fold == f]], [held], mean_cost[[j]])[0][:, 0]
-        g, b, h = onboard(model, X[apt[ok]], y_apt[ok], knn=k_apt[ok])
-        on = add_backend(model, g, b, h, ccfg)
-        order = rest + [held]
-        apt_store = store_of(apt[ok], {held})
         q_rest, c_rest = knn_estimates(store, X[te], rest, mean_cost[rcols])
-        q_new, c_new = knn_estimates(apt_store, X[te], [held], mean_cost[[j]])
-        Kt = np.concatenate([q_rest, q_new], 1)
-        Ct = np.concatenate([c_rest, c_new], 1)
+        order = rest + [held]
         cols = [names.index(b) for b in order]
-        aiq = evaluate(predict(on, X[te], Kt), Ct, Y[:, cols], C[:, cols])["aiq"]
-        ratios.append(aiq / ref)
-        print(f"held out {held:<36} onboarded with {ok.sum()} aptitude prompts: AIQ {aiq:.4f} "
-              f"({aiq / ref:.1%} of retrained)")
-    print(f"min_ratio={min(ratios):.3f} mean_ratio={np.mean(ratios):.3f} reference_aiq={ref:.4f} "
-          f"aptitude_prompts={args.aptitude}")
+        line = f"{held:<40}"
+        for sel, prior in variants:
+            # Onboarding: the held-out backend's aptitude outcomes join the datastore; its vector is fitted.
+            apt = apt_sets[sel]
+            y_apt = data.Y[apt, j]
+            ok = ~np.isnan(y_apt)
+            xa, ya = X[apt[ok]], y_apt[ok]
+            g, b, h = onboard(model, xa, ya, knn=aptitude_knn(xa, ya, ds), prior=prior)
+            on = add_backend(model, g, b, h, ccfg)
+            q_new, c_new = knn_estimates(store_of(apt[ok], {held}), X[te], [held], mean_cost[[j]])
+            Kt = np.concatenate([q_rest, q_new], 1)
+            Ct = np.concatenate([c_rest, c_new], 1)
+            aiq = evaluate(predict(on, X[te], Kt), Ct, Y[:, cols], C[:, cols])["aiq"]
+            ratios[(sel, prior)].append(aiq / ref)
+            line += f"{aiq / ref:>16.1%}"
+        print(line, flush=True)
+    print("mean".ljust(40) + "".join(f"{np.mean(ratios[v]):>16.1%}" for v in variants))
+    print("min".ljust(40) + "".join(f"{np.min(ratios[v]):>16.1%}" for v in variants))
+    print("backends >= 95%".ljust(40) + "".join(f"{sum(r >= 0.95 for r in ratios[v]):>16d}" for v in variants))
+    best = ratios[("k-means", "span")]
+    print(f"min_ratio={min(best):.3f} mean_ratio={np.mean(best):.3f} at_least_95={sum(r >= 0.95 for r in best)}/"
+          f"{len(best)} reference_aiq={ref:.4f} aptitude_prompts={args.aptitude} "
+          + " ".join(f"mean_{s}_{p}={np.mean(ratios[(s, p)]):.3f}" for s, p in variants))
     return 0
 
 

@@ -201,8 +201,12 @@ class FaissKnnDatastore:
         """float32 (B,): each backend's mean score; the global mean for a backend with none."""
         return self._prior
 
-    def estimate(self, embeddings: npt.NDArray[np.float32]) -> Estimate:
-        """embeddings: float32 (n, d), unit rows -> Estimate over all known backends."""
+    def estimate(self, embeddings: npt.NDArray[np.float32], *, k: int | None = None,
+                 temperature: float | None = None) -> Estimate:
+        """embeddings: float32 (n, d), unit rows -> Estimate over all known backends. k and
+        temperature override the store's (a broader neighbourhood for a second opinion)."""
+        k = k or self.k
+        temperature = temperature or self.temperature
         q = np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1, self.dim)
         with self._lock:
             B, n = len(self.backends), q.shape[0]
@@ -214,8 +218,8 @@ class FaissKnnDatastore:
             # A few queries: search on the calling thread. FAISS's OpenMP team would otherwise
             # wake up next to torch's spinning one and, on a small CPU, double the search time.
             faiss.omp_set_num_threads(1 if n <= 64 else self._omp_threads)
-            sims, idx = self.index.search(q, min(self.k, len(self._ids)))
-            w = np.exp((sims - sims[:, :1]) / self.temperature).astype(np.float32)   # (n, k)
+            sims, idx = self.index.search(q, min(k, len(self._ids)))
+            w = np.exp((sims - sims[:, :1]) / temperature).astype(np.float32)        # (n, k)
             w[idx < 0] = 0.0
             idx = np.maximum(idx, 0)
             wk = w[:, None, :]                                                         # (n, 1, k)

@@ -47,6 +47,13 @@ class CapabilityConfig:
     seed: int = 0
     code_marginal: list[float] | None = None   # None: uniform
     knn_init: float = 0.5     # initial weight of the kNN estimate's logit
+    # The datastore neighbourhoods whose estimates are inputs, as [k, temperature] (0: the
+    # datastore's own setting). None: the datastore's neighbourhood only.
+    knn_scales: list[list[float]] | None = None
+
+    @property
+    def n_scales(self) -> int:
+        return len(self.knn_scales) if self.knn_scales else 1
 
 
 def build_model(in_dim: int, n_backends: int, cfg: CapabilityConfig):
@@ -62,8 +69,9 @@ def build_model(in_dim: int, n_backends: int, cfg: CapabilityConfig):
             self.beta = nn.Parameter(torch.zeros(n_backends))
             self.mu = nn.Parameter(torch.randn(cfg.codes, cfg.dim))
             self.H = nn.Parameter(torch.zeros(cfg.codes, n_backends))
-            # Per-backend weight of the datastore's kNN estimate (as a logit): the learned blend.
-            self.w = nn.Parameter(torch.full((n_backends,), cfg.knn_init))
+            # Per-backend, per-neighbourhood weight of the datastore's kNN estimates (as logits):
+            # the learned blend.
+            self.w = nn.Parameter(torch.full((n_backends, cfg.n_scales), cfg.knn_init / cfg.n_scales))
 
         def embed(self, x):
             return self.f(x)
@@ -72,16 +80,19 @@ def build_model(in_dim: int, n_backends: int, cfg: CapabilityConfig):
             return nn.functional.normalize(z, dim=-1) @ nn.functional.normalize(self.mu, dim=-1).T / cfg.tau_p
 
         def forward(self, x, knn=None):
-            """x: (n, in_dim); knn: (n, B) kNN quality estimates or None ->
-            logits (n, B), z (n, d), assignment logits (n, K)."""
+            """x: (n, in_dim); knn: (n, B) or (n, B, S) kNN quality estimates (S neighbourhoods)
+            or None -> logits (n, B), z (n, d), assignment logits (n, K)."""
             z = self.f(x)
             a = self.assign_logits(z)
             logits = z @ self.g.T + self.beta + torch.softmax(a, -1) @ self.H
             if knn is not None:
-                logits = logits + self.w * knn_logit(knn)
+                kl = knn_logit(knn)
+                logits = logits + (self.w * (kl if kl.ndim == 3 else kl[..., None])).sum(-1)
             return logits, z, a
 
-    return CapabilityModel()
+    model = CapabilityModel()
+    model.knn_scales = cfg.knn_scales      # how to compute the knn input it expects
+    return model
 
 
 def knn_logit(q):
@@ -236,38 +247,62 @@ def code_assignment(model, X: npt.NDArray[np.float32]) -> npt.NDArray[np.float32
 
 
 def onboard(model, X: npt.NDArray[np.float32], y: npt.NDArray[np.float32], *, l2: float = 0.1,
-            steps: int = 300, knn: npt.NDArray[np.float32] | None = None
+            steps: int = 300, knn: npt.NDArray[np.float32] | None = None, prior: str = "span"
             ) -> tuple[npt.NDArray[np.float32], float, npt.NDArray[np.float32]]:
     """Fit a new backend's (g, beta, H column) from its aptitude results, the prompt side frozen.
 
-    X: (m, d_in) aptitude prompts; y: (m,) the backend's scores. The parameters are shrunk towards
-    the mean of the trained backends' (l2), so a handful of prompts gives a sensible vector.
-    knn: (m,) the datastore's out-of-sample estimates for the new backend on those prompts (its
-    weight is the trained backends' mean), or None. Returns (g (d,), beta, h (K,)).
+    X: (m, d_in) aptitude prompts; y: (m,) the backend's scores. knn: (m,) or (m, S) the
+    datastore's out-of-sample estimates for the new backend on those prompts (their weights are
+    the trained backends' mean), or None. Returns (g (d,), beta, h (K,)).
+
+    prior "span" (Model-SAT's view: a model is described by where it sits among known models):
+        (g, beta, h) = A^T a + (delta_g, c, delta_h),   A: the trained backends' (g, beta, h)
+    with a (B,) free and the residual delta shrunk by l2: a few dozen results place the new
+    backend among the known ones (B + 1 numbers), and only what they cannot express costs the
+    l2 penalty. prior "mean": the parameters are shrunk towards the trained backends' mean.
     """
     import torch
 
+    if prior not in ("span", "mean"):
+        raise ValueError(f"prior must be 'span' or 'mean', got {prior!r}")
     with torch.no_grad():
         _, z, a = model(torch.as_tensor(X, dtype=torch.float32))
         s = torch.softmax(a, -1)
-        g0, b0, h0 = model.g.mean(0), model.beta.mean(), model.H.mean(1)
-        offset = model.w.mean() * knn_logit(knn) if knn is not None else torch.zeros(len(y))
-    g = g0.clone().requires_grad_(True)
-    b = b0.clone().requires_grad_(True)
-    h = h0.clone().requires_grad_(True)
+        G, Bt, Hm = model.g.detach(), model.beta.detach(), model.H.detach()      # (B, d), (B,), (K, B)
+        nb = G.shape[0]
+        if knn is not None:
+            kl = knn_logit(knn)
+            offset = (model.w.mean(0) * (kl if kl.ndim == 2 else kl[:, None])).sum(-1)
+        else:
+            offset = torch.zeros(len(y))
     yt = torch.as_tensor(y, dtype=torch.float32)
-    opt = torch.optim.LBFGS([g, b, h], max_iter=steps, line_search_fn="strong_wolfe")
+    mix = torch.full((nb,), 1.0 / nb, requires_grad=prior == "span")
+    dg = torch.zeros(G.shape[1], requires_grad=True)
+    dh = torch.zeros(Hm.shape[0], requires_grad=True)
+    c = torch.zeros((), requires_grad=True)
+    params = [dg, dh, c] + ([mix] if prior == "span" else [])
+    opt = torch.optim.LBFGS(params, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def parts():
+        return mix @ G + dg, mix @ Bt + c, Hm @ mix + dh
 
     def closure():
         opt.zero_grad()
+        g, b, h = parts()
         logits = z @ g + b + s @ h + offset
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, yt)
-        loss = loss + l2 * ((g - g0).pow(2).sum() + (h - h0).pow(2).sum()) / len(y)
+        loss = loss + l2 * (dg.pow(2).sum() + dh.pow(2).sum()) / len(y)
+        if prior == "span":
+            # Mixing weights stay moderate: an extrapolation far outside the known models needs
+            # more evidence than a few dozen results.
+            loss = loss + l2 * (mix - 1.0 / nb).pow(2).sum() / len(y)
         loss.backward()
         return loss
 
     opt.step(closure)
-    return g.detach().numpy(), float(b.detach()), h.detach().numpy()
+    with torch.no_grad():
+        g, b, h = parts()
+    return g.numpy().copy(), float(b), h.numpy().copy()
 
 
 def config_dict(cfg: CapabilityConfig) -> dict:
@@ -285,7 +320,7 @@ def add_backend(model, g: npt.NDArray[np.float32], beta: float, h: npt.NDArray[n
     state["g"] = torch.cat([state["g"], torch.as_tensor(g, dtype=torch.float32)[None]])
     state["beta"] = torch.cat([state["beta"], torch.tensor([beta], dtype=torch.float32)])
     state["H"] = torch.cat([state["H"], torch.as_tensor(h, dtype=torch.float32)[:, None]], 1)
-    state["w"] = torch.cat([state["w"], state["w"].mean()[None]])
+    state["w"] = torch.cat([state["w"], state["w"].mean(0, keepdim=True)])
     new.load_state_dict(state)
     new.eval()
     return new

@@ -86,7 +86,10 @@ def load(path: Path, *, embedder_id: str | None = None, dim: int | None = None) 
         raise ArtifactError(f"{path} expects {emb['dim']}-d embeddings, the configured encoder gives {dim}-d")
     cfg = CapabilityConfig(**manifest["capability"])
     model = build_model(emb["dim"], len(manifest["backends"]), cfg)
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    state = load_file(str(path / "model.safetensors"))
+    if state["w"].ndim == 1:          # artifacts before per-neighbourhood weights: one neighbourhood
+        state["w"] = state["w"][:, None]
+    model.load_state_dict(state)
     model.eval()
     embeddings = np.load(path / "embeddings.npy")
     records = list(read_outcomes(path / "outcomes.jsonl.gz"))

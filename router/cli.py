@@ -301,7 +301,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     setup_logging(cfg.log_level, "text")
     m = train_command(cfg, args.data, args.out, costs=args.costs, seed=args.seed, max_epochs=args.epochs,
                       test_share=args.test_share, progress=sys.stderr.isatty())
-    w = m["knn_weights"]
+    w = {b: sum(v) for b, v in m["knn_weights"].items()}
     print(f"wrote artifact {args.out}: {len(m['backends'])} backends, best epoch {m['metrics']['best_epoch']}, "
           f"datastore weight {min(w.values()):.2f}..{max(w.values()):.2f}")
     test = m["metrics"].get("test")

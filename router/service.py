@@ -143,11 +143,26 @@ class Capability:
         names = self.backends if name in self.backends else [*self.backends, name]
         return Capability(model, names, self._compute, config=self.config)
 
-    def predict(self, embedding: npt.NDArray[np.float32], knn: Mapping[str, float]) -> dict[str, float]:
-        """embedding: (d,); knn: the datastore's quality estimate per backend -> quality per backend."""
+    def predict(self, embedding: npt.NDArray[np.float32], knn: Mapping[str, float],
+                datastore: Any = None) -> dict[str, float]:
+        """embedding: (d,); knn: the datastore's quality estimate per backend (its own
+        neighbourhood); datastore: asked for the other neighbourhoods the model was trained with
+        -> quality per backend."""
         from encoders.capability import predict
 
-        k = np.array([[knn[b] for b in self.backends]], dtype=np.float32)
+        k = np.array([[knn[b] for b in self.backends]], dtype=np.float32)          # (1, B)
+        scales = getattr(self.model, "knn_scales", None)
+        if scales:
+            cols = []
+            for kk, t in scales:
+                if not (kk or t):
+                    cols.append(k)
+                else:
+                    est = datastore.estimate(embedding[None, :], k=int(kk), temperature=float(t))
+                    mean = est.quality.mean(1) if est.quality.size else np.full(1, 0.5, np.float32)
+                    cols.append(np.array([[est.quality[0, c] if (c := est.column(b)) is not None else mean[0]
+                                           for b in self.backends]], dtype=np.float32))
+            k = np.stack(cols, -1)                                                  # (1, B, S)
         q = self._compute.run(predict, self.model, embedding[None, :], k)[0]
         return dict(zip(self.backends, map(float, q)))
 
@@ -232,7 +247,7 @@ class RouterService:
             support.append(float(est.support[0, col]) if col is not None else 0.0)
         if capability is not None:
             knn = dict(zip(names, quality))
-            enc = capability.predict(embedding, {b: knn.get(b, prior) for b in capability.backends})
+            enc = capability.predict(embedding, {b: knn.get(b, prior) for b in capability.backends}, self.datastore)
             quality = [enc.get(n, q) for n, q in zip(names, quality)]
         return quality, cost, support
 

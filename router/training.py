@@ -13,47 +13,106 @@ from router.evaluate import evaluate, zero_router
 from router.routing_data import RoutingData, load_routing_data, split_indices
 
 
-def knn_estimates(store: Any, X: npt.NDArray[np.float32], backends: list[str],
-                  fallback_cost: npt.NDArray) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-    """The datastore's quality and cost estimates (n, B) in ``backends`` order (a backend the
-    store has never seen gets its prior: the mean of the others)."""
-    est = store.estimate(X)
-    q = np.empty((len(X), len(backends)), np.float32)
-    c = np.empty_like(q)
-    for j, b in enumerate(backends):
-        col = est.column(b)
-        q[:, j] = est.quality[:, col] if col is not None else est.quality.mean(1)
-        c[:, j] = est.cost[:, col] if col is not None else np.nan
+def knn_estimates(store: Any, X: npt.NDArray[np.float32], backends: list[str], fallback_cost: npt.NDArray, *,
+                  scales: list[list[float]] | None = None) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """The datastore's quality and cost estimates in ``backends`` order (a backend the store has
+    never seen gets its prior: the mean of the others). Quality is (n, B), or (n, B, S) for S
+    neighbourhoods ``scales`` ([k, temperature], 0 = the store's own); cost (n, B) is always the
+    store's own neighbourhood's."""
+    def one(k: float = 0, t: float = 0) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        est = store.estimate(X, k=int(k) or None, temperature=float(t) or None)
+        q = np.empty((len(X), len(backends)), np.float32)
+        c = np.empty_like(q)
+        for j, b in enumerate(backends):
+            col = est.column(b)
+            q[:, j] = est.quality[:, col] if col is not None else est.quality.mean(1)
+            c[:, j] = est.cost[:, col] if col is not None else np.nan
+        return q, c
+
+    q, c = one()
+    if scales:
+        q = np.stack([q if not (k or t) else one(k, t)[0] for k, t in scales], -1)
     return q, np.where(np.isnan(c), fallback_cost, c).astype(np.float32)
 
 
 def out_of_fold_knn(X: npt.NDArray[np.float32], records: list, backends: list[str], ds_cfg: Any, *,
-                    folds: int = 5, seed: int = 0) -> npt.NDArray[np.float32]:
+                    folds: int = 5, seed: int = 0, scales: list[list[float]] | None = None) -> npt.NDArray[np.float32]:
     """kNN estimates for training prompts from stores that do not hold them (k-fold), so the
     encoder learns how far to trust the datastore on prompts it has not memorized."""
     fold = np.random.default_rng(seed).permutation(len(X)) % folds
-    out = np.zeros((len(X), len(backends)), np.float32)
+    out = np.zeros((len(X), len(backends), *([len(scales)] if scales else [])), np.float32)
     for f in range(folds):
         tr, te = np.where(fold != f)[0], np.where(fold == f)[0]
         store = knn_store(X[tr], [records[i] for i in tr], ds_cfg)
-        out[te] = knn_estimates(store, X[te], backends, np.zeros(len(backends)))[0]
+        out[te] = knn_estimates(store, X[te], backends, np.zeros(len(backends)), scales=scales)[0]
     return out
 
 
 def aptitude_knn(X: npt.NDArray[np.float32], y: npt.NDArray[np.float32], ds_cfg: Any, *,
-                 folds: int = 5) -> npt.NDArray[np.float32]:
-    """(m,) out-of-fold kNN estimates of a new backend on its own aptitude prompts X (m, d) with
+                 folds: int = 5, scales: list[list[float]] | None = None) -> npt.NDArray[np.float32]:
+    """(m,) or (m, S) out-of-fold kNN estimates of a new backend on its own aptitude prompts X (m, d) with
     scores y (m,): what the datastore will say about it on prompts it has not seen, which is what
     its capability vector is fitted on top of."""
     from datastore.records import OutcomeRecord
 
     fold = np.arange(len(X)) % folds
-    out = np.zeros(len(X), np.float32)
+    out = np.zeros((len(X), *([len(scales)] if scales else [])), np.float32)
     for f in range(folds):
         tr, te = np.where(fold != f)[0], np.where(fold == f)[0]
         recs = [OutcomeRecord(id=str(i), prompt="", scores={"new": float(y[i])}) for i in tr]
-        out[te] = knn_estimates(knn_store(X[tr], recs, ds_cfg), X[te], ["new"], np.zeros(1))[0][:, 0]
+        out[te] = knn_estimates(knn_store(X[tr], recs, ds_cfg), X[te], ["new"], np.zeros(1), scales=scales)[0][:, 0]
     return out
+
+
+def select_aptitude(X: npt.NDArray[np.float32], m: int, *, seed: int = 0, method: str = "kmeans") -> npt.NDArray[np.int64]:
+    """Indices of m prompts of X (n, d) to serve as an aptitude test. "kmeans": the prompt nearest
+    each of m k-means centroids, so the test covers every region of the prompt space that the
+    data holds (Model-SAT's test covers capabilities, not a random draw of them); "random": a
+    seeded sample."""
+    rng = np.random.default_rng(seed)
+    if m >= len(X):
+        return np.arange(len(X))
+    if method == "random":
+        return np.sort(rng.choice(len(X), size=m, replace=False))
+    if method != "kmeans":
+        raise ValueError(f"method must be 'kmeans' or 'random', got {method!r}")
+    import faiss
+
+    Xc = np.ascontiguousarray(X, dtype=np.float32)
+    cent = _kmeans_pp(Xc, m, rng)
+    for _ in range(15):                     # spherical Lloyd iterations from the k-means++ seeds
+        assign = (Xc @ cent.T).argmax(1)
+        for k in range(m):
+            members = Xc[assign == k]
+            if len(members):
+                v = members.sum(0)
+                cent[k] = v / max(float(np.linalg.norm(v)), 1e-12)
+    index = faiss.IndexFlatIP(X.shape[1])
+    index.add(Xc)
+    _, nn = index.search(cent, 8)
+    chosen: list[int] = []
+    taken: set[int] = set()
+    for row in nn:                         # the nearest prompt not already chosen by another centroid
+        i = next((int(i) for i in row if i >= 0 and i not in taken), None)
+        if i is not None:
+            chosen.append(i)
+            taken.add(i)
+    rest = np.setdiff1d(np.arange(len(X)), chosen)
+    if len(chosen) < m:
+        chosen += list(rng.choice(rest, size=m - len(chosen), replace=False))
+    return np.sort(np.asarray(chosen, dtype=np.int64))
+
+
+def _kmeans_pp(X: npt.NDArray[np.float32], m: int, rng: np.random.Generator) -> npt.NDArray[np.float32]:
+    """k-means++ seeds (D^2 sampling, cosine distance): small, distinct regions get a seed too."""
+    cent = [X[rng.integers(len(X))]]
+    d = 1.0 - X @ cent[0]
+    for _ in range(1, m):
+        p = np.maximum(d, 0).astype(np.float64) ** 2
+        i = rng.choice(len(X), p=p / p.sum()) if p.sum() > 0 else rng.integers(len(X))
+        cent.append(X[i])
+        d = np.minimum(d, 1.0 - X @ X[i])
+    return np.array(cent, dtype=np.float32)
 
 
 def fit_backend(model: Any, X: npt.NDArray[np.float32], y: npt.NDArray[np.float32], ds_cfg: Any
@@ -62,7 +121,12 @@ def fit_backend(model: Any, X: npt.NDArray[np.float32], y: npt.NDArray[np.float3
     the prompt side of ``model`` frozen (Model-SAT onboarding)."""
     from encoders.capability import onboard
 
-    return onboard(model, X, y, knn=aptitude_knn(X, y, ds_cfg))
+    return onboard(model, X, y, knn=aptitude_knn(X, y, ds_cfg, scales=_scales(model)))
+
+
+def _scales(model: Any) -> list[list[float]] | None:
+    """The neighbourhoods a capability model was trained with (None: the datastore's only)."""
+    return getattr(model, "knn_scales", None)
 
 
 class BlendPredictor:
@@ -76,7 +140,7 @@ class BlendPredictor:
         """X: (n, d) -> quality (n, B), cost (n, B) in ``backends`` order."""
         from encoders.capability import predict
 
-        qk, cost = knn_estimates(self.store, X, self.backends, self.fallback_cost)
+        qk, cost = knn_estimates(self.store, X, self.backends, self.fallback_cost, scales=_scales(self.model))
         return predict(self.model, X, qk).astype(np.float32), cost
 
 
@@ -130,8 +194,8 @@ def train_command(config, data_path: str, out: str, *, costs: str | None = None,
     fallback = np.nanmean(data.C[tr], 0)
     records = [data.records[i] for i in tr]
     store = knn_store(X[tr], records, config.datastore)
-    K = out_of_fold_knn(X[tr], records, data.backends, config.datastore, seed=seed)
-    Kv = knn_estimates(store, X[va], data.backends, fallback)[0]
+    K = out_of_fold_knn(X[tr], records, data.backends, config.datastore, seed=seed, scales=cfg.knn_scales)
+    Kv = knn_estimates(store, X[va], data.backends, fallback, scales=cfg.knn_scales)[0]
     res, cfg, table = train_selected(X[tr], data.Y[tr], X[va], data.Y[va], cfg, K=K, Kv=Kv, progress=progress)
     pred = BlendPredictor(res.model, store, data.backends, fallback)
     va_c = va[data.complete_rows()[va]]
@@ -152,7 +216,7 @@ def train_command(config, data_path: str, out: str, *, costs: str | None = None,
                  "n_val": int(len(va)), "n_test": int(len(te)), "seed": seed, "test_share": test_share,
                  "served_outcomes": "train+val"},
         "capability": config_dict(cfg),
-        "knn_weights": {b: float(w) for b, w in zip(data.backends, res.model.w.detach().numpy())},
+        "knn_weights": {b: [float(x) for x in w] for b, w in zip(data.backends, res.model.w.detach().numpy())},
         "datastore": config.datastore.model_dump(include={"k", "prior_strength", "temperature"}),
         "metrics": metrics,
     }

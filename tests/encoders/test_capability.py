@@ -49,13 +49,14 @@ def test_ot_term_keeps_codes_from_collapsing():
     assert counts.min() > 0.15, counts  # every code keeps a real share of the traffic
 
 
-def test_onboarding_a_seen_backend_recovers_its_trained_behaviour():
+@pytest.mark.parametrize("prior", ["span", "mean"])
+def test_onboarding_a_seen_backend_recovers_its_trained_behaviour(prior):
     X, Y, c = toy(n=900)
     cfg = CapabilityConfig(dim=16, hidden=32, codes=3, max_epochs=60, patience=60, seed=0)
     res = train(X[:600], Y[:600], X[600:700], Y[600:700], cfg)
     m = res.model
     j = 1
-    g, b, h = onboard(m, X[:100], Y[:100, j])  # its results on 100 aptitude prompts
+    g, b, h = onboard(m, X[:100], Y[:100, j], prior=prior)  # its results on 100 aptitude prompts
     import torch
 
     with torch.no_grad():
@@ -67,3 +68,19 @@ def test_onboarding_a_seen_backend_recovers_its_trained_behaviour():
     # behaviour: against the true probabilities the onboarded backend is no worse than the trained one.
     truth = np.where(c[700:] == j, 0.9, 0.15)
     assert np.abs(onboarded - truth).mean() <= np.abs(trained - truth).mean() + 0.02
+
+
+def test_kmeans_aptitude_selection_covers_every_cluster():
+    from router.training import select_aptitude
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(10, 32))
+    sizes = [400] + [20] * 9                      # one dominant cluster and nine small ones
+    X = np.concatenate([c + 0.05 * rng.normal(size=(k, 32)) for c, k in zip(centers, sizes)]).astype(np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    label = np.repeat(np.arange(10), sizes)
+    km = select_aptitude(X, 20, seed=0, method="kmeans")
+    assert len(km) == 20 and len(set(km.tolist())) == 20
+    assert len(set(label[km].tolist())) == 10     # every cluster is tested
+    rnd = select_aptitude(X, 20, seed=0, method="random")
+    assert len(set(rnd.tolist())) == 20
