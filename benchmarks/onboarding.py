@@ -3,9 +3,10 @@
     .venv/bin/python benchmarks/onboarding.py [--set llmrouter] [--aptitude 100] [--holdout NAME]
 
 For each held-out backend (default: every backend in turn): train the router without it; pick a
-fixed aptitude set of --aptitude training prompts; put the held-out backend's outcomes on those
-prompts (only) into the datastore; fit its vector with the prompt side frozen
-(encoders.capability.onboard); evaluate test AIQ over all backends. Reference: the router
+fixed aptitude set of --aptitude training prompts (k-means coverage, router.training.select_aptitude,
+and a random draw for comparison); put the held-out backend's outcomes on those prompts (only)
+into the datastore; fit its vector with the prompt side frozen (encoders.capability.onboard, with
+the "span" prior and the older "mean" prior); evaluate test AIQ over all backends. Reference: the router
 retrained on the full training data with every backend, same split, same seed. Target: onboarded
 AIQ >= 95% of retrained. The last line is key=value figures.
 """
@@ -48,11 +49,12 @@ def main() -> int:
 
     # Reference: retrained with every backend.
     full_store = store_of(tr, set(names))
-    K = out_of_fold_knn(X[tr], [data.records[i] for i in tr], names, ds, seed=args.seed)
-    Kv = knn_estimates(full_store, X[va], names, mean_cost)[0]
     ccfg = CapabilityConfig(seed=args.seed)
+    sc = ccfg.knn_scales
+    K = out_of_fold_knn(X[tr], [data.records[i] for i in tr], names, ds, seed=args.seed, scales=sc)
+    Kv = knn_estimates(full_store, X[va], names, mean_cost, scales=sc)[0]
     full = train(X[tr], data.Y[tr], X[va], data.Y[va], ccfg, K=K, Kv=Kv).model
-    Qk, Chat = knn_estimates(full_store, X[te], names, mean_cost)
+    Qk, Chat = knn_estimates(full_store, X[te], names, mean_cost, scales=sc)
     ref = evaluate(predict(full, X[te], Qk), Chat, Y, C)["aiq"]
     print(f"{args.set}: retrained with all {len(names)} backends: test AIQ {ref:.4f}")
 
@@ -69,10 +71,11 @@ def main() -> int:
         # The router without the held-out backend.
         store = store_of(tr, set(rest))
         Kr = out_of_fold_knn(X[tr], [OutcomeRecord(id=data.records[i].id, prompt="", scores={
-            b: s for b, s in data.records[i].scores.items() if b != held}) for i in tr], rest, ds, seed=args.seed)
-        Kvr = knn_estimates(store, X[va], rest, mean_cost[rcols])[0]
+            b: s for b, s in data.records[i].scores.items() if b != held}) for i in tr], rest, ds, seed=args.seed,
+            scales=sc)
+        Kvr = knn_estimates(store, X[va], rest, mean_cost[rcols], scales=sc)[0]
         model = train(X[tr], data.Y[tr][:, rcols], X[va], data.Y[va][:, rcols], ccfg, K=Kr, Kv=Kvr).model
-        q_rest, c_rest = knn_estimates(store, X[te], rest, mean_cost[rcols])
+        q_rest, c_rest = knn_estimates(store, X[te], rest, mean_cost[rcols], scales=sc)
         order = rest + [held]
         cols = [names.index(b) for b in order]
         line = f"{held:<40}"
@@ -82,9 +85,9 @@ def main() -> int:
             y_apt = data.Y[apt, j]
             ok = ~np.isnan(y_apt)
             xa, ya = X[apt[ok]], y_apt[ok]
-            g, b, h = onboard(model, xa, ya, knn=aptitude_knn(xa, ya, ds), prior=prior)
+            g, b, h = onboard(model, xa, ya, knn=aptitude_knn(xa, ya, ds, scales=sc), prior=prior)
             on = add_backend(model, g, b, h, ccfg)
-            q_new, c_new = knn_estimates(store_of(apt[ok], {held}), X[te], [held], mean_cost[[j]])
+            q_new, c_new = knn_estimates(store_of(apt[ok], {held}), X[te], [held], mean_cost[[j]], scales=sc)
             Kt = np.concatenate([q_rest, q_new], 1)
             Ct = np.concatenate([c_rest, c_new], 1)
             aiq = evaluate(predict(on, X[te], Kt), Ct, Y[:, cols], C[:, cols])["aiq"]

@@ -42,8 +42,12 @@ def run_set(name: str, seed: int, ablation: bool) -> dict:
     records = [data.records[i] for i in tr]
     store = knn_store(X, data, tr, cfg)
     Qk_te, Chat = knn_estimates(store, X[te], data.backends, mean_cost)
-    K = out_of_fold_knn(X[tr], records, data.backends, cfg.datastore, seed=seed)
-    Kv = knn_estimates(store, X[va], data.backends, mean_cost)[0]
+    base = CapabilityConfig(seed=seed)
+    scales = base.knn_scales
+    # The datastore's estimates at every neighbourhood the encoder takes as input.
+    Qs_te = knn_estimates(store, X[te], data.backends, mean_cost, scales=scales)[0]
+    K = out_of_fold_knn(X[tr], records, data.backends, cfg.datastore, seed=seed, scales=scales)
+    Kv = knn_estimates(store, X[va], data.backends, mean_cost, scales=scales)[0]
     Y, C = data.Y[te], data.C[te]
 
     preds: dict[str, np.ndarray] = {}
@@ -57,8 +61,8 @@ def run_set(name: str, seed: int, ablation: bool) -> dict:
     # caprouter as `caprouter train` builds it: the loss weights picked on validation loss among
     # the full objective and its ablations (each ablation is reported too).
     main_label = "caprouter (capability encoder + datastore)"
-    res, chosen, table = train_selected(X[tr], data.Y[tr], X[va], data.Y[va], CapabilityConfig(seed=seed), K=K, Kv=Kv)
-    preds[main_label] = predict(res.model, X[te], Qk_te)
+    res, chosen, table = train_selected(X[tr], data.Y[tr], X[va], data.Y[va], base, K=K, Kv=Kv)
+    preds[main_label] = predict(res.model, X[te], Qs_te)
     names = {(0.2, 0.1): "ablation: full objective (w_con 0.2, w_ot 0.1)", (0.0, 0.0): "ablation: prediction loss only",
              (0.2, 0.0): "ablation: prediction + contrastive", (0.0, 0.1): "ablation: prediction + OT"}
     selection = []
@@ -66,10 +70,18 @@ def run_set(name: str, seed: int, ablation: bool) -> dict:
         key = (t["w_con"], t["w_ot"])
         selection.append({"w_con": key[0], "w_ot": key[1], "val_bce": t["val_bce"]})
         if ablation:
-            preds[names.get(key, f"ablation: {key}")] = predict(t["result"].model, X[te], Qk_te)
+            preds[names.get(key, f"ablation: {key}")] = predict(t["result"].model, X[te], Qs_te)
     if ablation:
         nd = train(X[tr], data.Y[tr], X[va], data.Y[va], chosen)
         preds["ablation: chosen weights, no datastore input"] = predict(nd.model, X[te], None)
+        if scales:
+            from dataclasses import replace
+
+            one = replace(chosen, knn_scales=None)
+            K1 = out_of_fold_knn(X[tr], records, data.backends, cfg.datastore, seed=seed)
+            m1 = train(X[tr], data.Y[tr], X[va], data.Y[va], one, K=K1, Kv=knn_estimates(
+                store, X[va], data.backends, mean_cost)[0]).model
+            preds["ablation: chosen weights, datastore's own neighbourhood only"] = predict(m1, X[te], Qk_te)
 
     rows = {"zero router": zero_router(Y, C)}
     for label, Q in preds.items():

@@ -47,9 +47,11 @@ class CapabilityConfig:
     seed: int = 0
     code_marginal: list[float] | None = None   # None: uniform
     knn_init: float = 0.5     # initial weight of the kNN estimate's logit
+    w_rank: float = 0.0       # weight of the pairwise ranking term between backends on a prompt
     # The datastore neighbourhoods whose estimates are inputs, as [k, temperature] (0: the
-    # datastore's own setting). None: the datastore's neighbourhood only.
-    knn_scales: list[list[float]] | None = None
+    # datastore's own setting). None: the datastore's neighbourhood only. Default: its own (sharp:
+    # the closest few dominate) and a broad one (128 neighbours, nearly a plain average).
+    knn_scales: list[list[float]] | None = field(default_factory=lambda: [[0, 0], [128, 1.0]])
 
     @property
     def n_scales(self) -> int:
@@ -108,6 +110,17 @@ def _masked_bce(logits, y, m):
 
     loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
     return (loss * m).sum() / m.sum().clamp(min=1)
+
+
+def ranking_loss(logits, y, m):
+    """Pairwise term: where backend j scored higher than k on a prompt, logit_j should exceed
+    logit_k (weighted by the score gap). Routing ranks backends per prompt; the prediction loss
+    alone fits each backend's level, not the order between them. logits, y, m: (n, B)."""
+    import torch
+
+    d = logits[:, :, None] - logits[:, None, :]
+    gap = (y[:, :, None] - y[:, None, :]).clamp(min=0) * (m[:, :, None] * m[:, None, :])
+    return (gap * torch.nn.functional.softplus(-d)).sum() / gap.sum().clamp(min=1e-6)
 
 
 def contrastive_loss(z, y_filled, tau: float, tau_y: float):
@@ -201,6 +214,8 @@ def train(X: npt.NDArray[np.float32], Y: npt.NDArray[np.float32], Xv: npt.NDArra
             l_pred = _masked_bce(logits, Yt[idx], Mt[idx])
             loss = l_pred
             tot["pred"] += l_pred.item() * len(idx)
+            if cfg.w_rank > 0:
+                loss = loss + cfg.w_rank * ranking_loss(logits, Yt[idx], Mt[idx])
             if cfg.w_con > 0:
                 l_con = contrastive_loss(z, Ft[idx], cfg.tau, cfg.tau_y)
                 loss = loss + cfg.w_con * l_con

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import shutil
@@ -39,9 +40,15 @@ class Artifact:
 
     @property
     def capability_config(self):
-        from encoders.capability import CapabilityConfig
+        return capability_config(self.manifest)
 
-        return CapabilityConfig(**self.manifest["capability"])
+
+def capability_config(manifest: dict[str, Any]):
+    from encoders.capability import CapabilityConfig
+
+    capability = dict(manifest["capability"])
+    capability.setdefault("knn_scales", None)      # artifacts from before several neighbourhoods
+    return CapabilityConfig(**capability)
 
 
 def save(out: Path, *, model, manifest: dict[str, Any], records: list, embeddings: np.ndarray) -> Path:
@@ -53,7 +60,8 @@ def save(out: Path, *, model, manifest: dict[str, Any], records: list, embedding
     tmp.mkdir(parents=True)
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
     np.save(tmp / "embeddings.npy", embeddings.astype(np.float32))
-    with gzip.open(tmp / "outcomes.jsonl.gz", "wt") as f:
+    # mtime 0: the same outcomes give the same bytes (the bundled default artifact is in git).
+    with gzip.GzipFile(tmp / "outcomes.jsonl.gz", "wb", mtime=0) as gz, io.TextIOWrapper(gz, "utf-8") as f:
         for r in records:
             f.write(json.dumps(r.to_json()) + "\n")
     full = {"format": FORMAT, "kind": "caprouter-router", "code_version": __version__,
@@ -69,7 +77,7 @@ def load(path: Path, *, embedder_id: str | None = None, dim: int | None = None) 
     from safetensors.torch import load_file
 
     from datastore.records import read_outcomes
-    from encoders.capability import CapabilityConfig, build_model
+    from encoders.capability import build_model
 
     path = Path(path)
     try:
@@ -84,7 +92,7 @@ def load(path: Path, *, embedder_id: str | None = None, dim: int | None = None) 
                             f"{embedder_id!r}; retrain with `caprouter train` or configure that encoder")
     if dim is not None and emb["dim"] != dim:
         raise ArtifactError(f"{path} expects {emb['dim']}-d embeddings, the configured encoder gives {dim}-d")
-    cfg = CapabilityConfig(**manifest["capability"])
+    cfg = capability_config(manifest)
     model = build_model(emb["dim"], len(manifest["backends"]), cfg)
     state = load_file(str(path / "model.safetensors"))
     if state["w"].ndim == 1:          # artifacts before per-neighbourhood weights: one neighbourhood

@@ -84,3 +84,40 @@ def test_kmeans_aptitude_selection_covers_every_cluster():
     assert len(set(label[km].tolist())) == 10     # every cluster is tested
     rnd = select_aptitude(X, 20, seed=0, method="random")
     assert len(set(rnd.tolist())) == 20
+
+
+def test_several_knn_neighbourhoods_as_inputs_and_onboarding_keeps_their_weights():
+    import torch
+
+    from encoders.capability import add_backend
+
+    X, Y, c = toy(n=400)
+    rng = np.random.default_rng(1)
+    K = np.clip(np.stack([Y + rng.normal(0, 0.2, Y.shape), np.full_like(Y, 0.5)], -1), 0.01, 0.99).astype(np.float32)
+    cfg = CapabilityConfig(dim=8, hidden=16, codes=2, max_epochs=30, patience=30, knn_scales=[[0, 0], [64, 1.0]])
+    res = train(X[:300], Y[:300], X[300:], Y[300:], cfg, K=K[:300], Kv=K[300:])
+    m = res.model
+    assert tuple(m.w.shape) == (Y.shape[1], 2) and m.knn_scales == [[0, 0], [64, 1.0]]
+    # The informative neighbourhood earns the larger weight.
+    assert (m.w[:, 0] > m.w[:, 1]).all()
+    p = predict(m, X[300:], K[300:])
+    assert p.shape == (100, Y.shape[1]) and np.isfinite(p).all()
+    g, b, h = onboard(m, X[:50], Y[:50, 0], knn=K[:50, 0])
+    new = add_backend(m, g, b, h, cfg)
+    assert tuple(new.w.shape) == (Y.shape[1] + 1, 2)
+    torch.testing.assert_close(new.w[-1], m.w.mean(0))
+    assert predict(new, X[:5], np.concatenate([K[:5], K[:5, :1]], 1)).shape == (5, Y.shape[1] + 1)
+
+
+def test_ranking_term_orders_backends_per_prompt():
+    import torch
+
+    from encoders.capability import ranking_loss
+
+    y = torch.tensor([[1.0, 0.0, 0.5]])
+    m = torch.ones_like(y)
+    good = ranking_loss(torch.tensor([[3.0, -3.0, 0.0]]), y, m)
+    bad = ranking_loss(torch.tensor([[-3.0, 3.0, 0.0]]), y, m)
+    assert good < 0.1 < bad
+    # Unobserved scores take no part.
+    assert ranking_loss(torch.tensor([[-3.0, 3.0, 0.0]]), y, torch.tensor([[1.0, 0.0, 0.0]])) == 0

@@ -211,3 +211,23 @@ def test_window_budget_on_route_reports_the_solved_lambda(make_service):
     # Another key has its own window; no budget leaves the default lambda.
     assert svc.route(Query(prompt=prompts[0], knobs=KnobsInput(budget=100.0, budget_key="t2"))).backend == "mathy"
     assert svc.route(Query(prompt=prompts[0])).selection.cost_weight == svc.defaults.cost_weight
+
+
+def test_capability_with_a_broad_neighbourhood_asks_the_datastore_for_it(make_service):
+    from encoders.capability import CapabilityConfig, build_model
+    from router.service import Capability
+
+    svc = make_service([ScriptedBackend("mathy"), ScriptedBackend("wordy")])
+    cfg = CapabilityConfig(dim=8, hidden=16, codes=2, knn_scales=[[0, 0], [24, 1.0]])
+    model = build_model(384, 2, cfg).eval()
+    calls = []
+    real = svc.datastore.estimate
+
+    def spy(emb, **kw):
+        calls.append(kw)
+        return real(emb, **kw)
+
+    svc.datastore.estimate = spy
+    svc.capability = Capability(model, ["mathy", "wordy"], config=cfg)
+    d = svc.route(Query(prompt="What is 3 + 9?"))
+    assert {"k": 24, "temperature": 1.0} in calls and len(d.selection.ranked) == 2
