@@ -49,12 +49,16 @@ def test_ot_term_keeps_codes_from_collapsing():
     assert counts.min() > 0.15, counts  # every code keeps a real share of the traffic
 
 
-@pytest.mark.parametrize("prior", ["span", "mean"])
-def test_onboarding_a_seen_backend_recovers_its_trained_behaviour(prior):
+@pytest.fixture(scope="module")
+def trained_toy():
     X, Y, c = toy(n=900)
     cfg = CapabilityConfig(dim=16, hidden=32, codes=3, max_epochs=60, patience=60, seed=0)
-    res = train(X[:600], Y[:600], X[600:700], Y[600:700], cfg)
-    m = res.model
+    return X, Y, c, train(X[:600], Y[:600], X[600:700], Y[600:700], cfg).model
+
+
+@pytest.mark.parametrize("prior", ["span", "mean"])
+def test_onboarding_a_seen_backend_recovers_its_trained_behaviour(prior, trained_toy):
+    X, Y, c, m = trained_toy
     j = 1
     g, b, h = onboard(m, X[:100], Y[:100, j], prior=prior)  # its results on 100 aptitude prompts
     import torch
