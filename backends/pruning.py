@@ -1,4 +1,5 @@
-"""Structured MLP pruning of Llama-style decoders, with genuinely smaller weights.
+"""Structured pruning of Llama-style decoders (MLP neurons, whole layers), with genuinely smaller
+weights.
 
 Importance of MLP neuron j in a layer (activation-aware, as in Wanda, at neuron granularity):
 
@@ -9,6 +10,14 @@ neuron matters when it both fires and writes a large vector into the residual st
 keeps the same number of neurons (the top ``keep`` share), so the result is a standard config
 with a smaller ``intermediate_size`` and the pruned model saves and loads like any HF model, and
 its matmuls are really smaller (hence really faster, not masked).
+
+Importance of decoder layer l (Block Influence, as in ShortGPT):
+
+    BI_l = 1 - mean_t cos(h_t^in, h_t^out)
+
+over the calibration tokens: a layer that barely turns its input stream is the cheapest to drop.
+Dropping layers shortens the sequential chain of small matmuls that bounds decode on a CPU at
+batch 1 (and kernel launches on a GPU), which width pruning does not.
 """
 from __future__ import annotations
 
@@ -43,9 +52,7 @@ def mlp_neuron_importance(model: torch.nn.Module, tokenizer, texts: Sequence[str
     try:
         with torch.inference_mode():
             for t in texts:
-                ids = tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                                    return_tensors="pt", return_dict=True)["input_ids"]
-                model(input_ids=ids)
+                model(input_ids=_chat_ids(tokenizer, t))
     finally:
         for h in hooks:
             h.remove()
@@ -54,6 +61,54 @@ def mlp_neuron_importance(model: torch.nn.Module, tokenizer, texts: Sequence[str
         wnorm = layer.mlp.down_proj.weight.detach().to(torch.float64).norm(dim=0)
         out.append((s.sqrt() * wnorm).to(torch.float32))
     return out
+
+
+def _chat_ids(tokenizer, text: str):
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                         return_tensors="pt", return_dict=True)["input_ids"]
+
+
+def layer_importance(model: torch.nn.Module, tokenizer, texts: Sequence[str]) -> torch.Tensor:
+    """float32 (num_layers,): Block Influence of every decoder layer on the calibration texts."""
+    layers = model.model.layers
+    tot = torch.zeros(len(layers), dtype=torch.float64)
+    count = torch.zeros(len(layers), dtype=torch.float64)
+    hooks = []
+    for i, layer in enumerate(layers):
+        def hook(_mod, args, kwargs, output, i=i):
+            h_in = args[0] if args else kwargs["hidden_states"]
+            h_out = output[0] if isinstance(output, tuple) else output
+            cos = torch.nn.functional.cosine_similarity(h_in.reshape(-1, h_in.shape[-1]).double(),
+                                                        h_out.reshape(-1, h_out.shape[-1]).double(), dim=-1)
+            tot[i] += (1 - cos).sum()
+            count[i] += cos.numel()
+        hooks.append(layer.register_forward_hook(hook, with_kwargs=True))
+    try:
+        with torch.inference_mode():
+            for t in texts:
+                model(input_ids=_chat_ids(tokenizer, t))
+    finally:
+        for h in hooks:
+            h.remove()
+    return (tot / count.clamp(min=1)).to(torch.float32)
+
+
+def drop_layers(model: torch.nn.Module, importance: torch.Tensor, keep: float) -> torch.Tensor:
+    """Keep the ``keep`` share of decoder layers with the highest importance, in their order, in
+    place; returns the kept layer indices. Attention layers are renumbered so the KV cache
+    indexes them densely."""
+    layers = model.model.layers
+    n = max(1, int(round(keep * len(layers))))
+    idx = torch.topk(importance, n).indices.sort().values
+    model.model.layers = torch.nn.ModuleList([layers[int(i)] for i in idx])
+    for new_i, layer in enumerate(model.model.layers):
+        if hasattr(layer.self_attn, "layer_idx"):
+            layer.self_attn.layer_idx = new_i
+    cfg = model.config
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = [cfg.layer_types[int(i)] for i in idx]
+    cfg.num_hidden_layers = n
+    return idx
 
 
 def _slice_linear(lin: torch.nn.Linear, idx: torch.Tensor, dim: int) -> torch.nn.Linear:
@@ -84,26 +139,39 @@ def prune_mlp(model: torch.nn.Module, importances: Sequence[torch.Tensor], keep:
     return kept
 
 
-def pruned_weights(base_dir: Path, keep: float, cache: Path) -> Path:
-    """A cached HF folder with the MLP-pruned variant of ``base_dir`` (built once)."""
+def pruned_weights(base_dir: Path, keep: float, cache: Path, *, layers_keep: float = 1.0) -> Path:
+    """A cached HF folder with the pruned variant of ``base_dir`` (built once): the ``layers_keep``
+    share of decoder layers by Block Influence, then the ``keep`` share of MLP neurons of each
+    remaining layer by activation-aware importance (both measured on the dense model)."""
     texts = calibration_texts()
-    key = hashlib.sha256(json.dumps([str(base_dir.name), keep, texts]).encode()).hexdigest()[:12]
-    out = cache / f"{base_dir.name}-mlp{int(round(keep * 100))}-{key}"
+    spec: list = [str(base_dir.name), keep, texts] + ([layers_keep] if layers_keep < 1 else [])
+    key = hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:12]
+    name = f"{base_dir.name}-mlp{int(round(keep * 100))}"
+    if layers_keep < 1:
+        name += f"-layers{int(round(layers_keep * 100))}"
+    out = cache / f"{name}-{key}"
     if (out / "pruning.json").exists():
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("pruning %s to %.0f%% of MLP neurons on %d calibration prompts", base_dir.name, keep * 100, len(texts))
+    log.info("pruning %s to %.0f%% of layers and %.0f%% of MLP neurons on %d calibration prompts", base_dir.name,
+             layers_keep * 100, keep * 100, len(texts))
     tok = AutoTokenizer.from_pretrained(str(base_dir))
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
     imp = mlp_neuron_importance(model, tok, texts)
-    prune_mlp(model, imp, keep)
+    kept_layers = list(range(len(model.model.layers)))
+    if layers_keep < 1:
+        kept_layers = drop_layers(model, layer_importance(model, tok, texts), layers_keep).tolist()
+        imp = [imp[i] for i in kept_layers]
+    if keep < 1:
+        prune_mlp(model, imp, keep)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))
     (tmp / "pruning.json").write_text(json.dumps({
-        "base": str(base_dir), "method": "mlp-activation-aware", "keep": keep,
+        "base": str(base_dir), "method": "layers-block-influence+mlp-activation-aware", "keep": keep,
+        "layers_keep": layers_keep, "kept_layers": kept_layers, "num_hidden_layers": model.config.num_hidden_layers,
         "intermediate_size": model.config.intermediate_size, "calibration_prompts": len(texts)}, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 class PruneOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     # Share of MLP neurons kept in every layer (activation-aware importance).
-    mlp_keep: float = Field(gt=0, le=1)
+    mlp_keep: float = Field(1.0, gt=0, le=1)
+    # Share of decoder layers kept (Block Influence).
+    layers_keep: float = Field(1.0, gt=0, le=1)
 
 
 class TransformersOptions(BaseModel):
@@ -96,7 +98,8 @@ class TransformersBackend(Backend):
         from backends.weights import resolve_weights
 
         base = resolve_weights(self.opts.model, self._models_dir)
-        path = pruned_weights(base, self.opts.prune.mlp_keep, self._models_dir) if self.opts.prune else base
+        p = self.opts.prune
+        path = pruned_weights(base, p.mlp_keep, self._models_dir, layers_keep=p.layers_keep) if p else base
         dtype = getattr(torch, self.opts.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(self.opts.device).eval()

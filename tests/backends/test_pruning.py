@@ -63,3 +63,35 @@ def test_importance_is_activation_aware(tiny):
     imp = mlp_neuron_importance(tiny, tok, ["a", "b"])
     assert len(imp) == 2 and imp[0].shape == (64,)
     assert imp[0][5] == 0 and imp[0].sum() > 0
+
+
+def test_dropping_no_layer_changes_nothing_and_dropped_models_decode_with_a_cache(tiny):
+    from backends.pruning import drop_layers
+
+    ids = torch.randint(0, 128, (1, 8))
+    with torch.inference_mode():
+        dense = tiny(input_ids=ids).logits.clone()
+    assert drop_layers(tiny, torch.tensor([0.3, 0.7]), keep=1.0).tolist() == [0, 1]
+    with torch.inference_mode():
+        torch.testing.assert_close(tiny(input_ids=ids).logits, dense)
+    kept = drop_layers(tiny, torch.tensor([0.3, 0.7]), keep=0.5)
+    assert kept.tolist() == [1] and tiny.config.num_hidden_layers == 1 and len(tiny.model.layers) == 1
+    assert tiny.model.layers[0].self_attn.layer_idx == 0
+    with torch.inference_mode():
+        out = tiny.generate(input_ids=ids, max_new_tokens=5, do_sample=False, use_cache=True)
+        # Cached decoding computes what a full forward over the same tokens computes.
+        full = tiny(input_ids=out[:, :-1]).logits[:, -1].argmax(-1)
+    assert out.shape == (1, 13) and full.item() == out[0, -1].item()
+
+
+def test_block_influence_ranks_an_identity_layer_lowest(tiny):
+    from types import SimpleNamespace
+
+    from backends.pruning import layer_importance
+
+    with torch.no_grad():                      # layer 0 writes nothing into the residual stream
+        tiny.model.layers[0].self_attn.o_proj.weight.zero_()
+        tiny.model.layers[0].mlp.down_proj.weight.zero_()
+    tok = SimpleNamespace(apply_chat_template=lambda *a, **k: {"input_ids": torch.randint(0, 128, (1, 9))})
+    bi = layer_importance(tiny, tok, ["a", "b", "c"])
+    assert bi.shape == (2,) and bi[0] < 1e-6 < bi[1]
