@@ -39,6 +39,19 @@ def calibration_texts() -> list[str]:
     return [line.strip() for line in p.read_text().splitlines() if line.strip()]
 
 
+def _run_calibration(model: torch.nn.Module, tokenizer, texts: Sequence[str], hooks: list) -> None:
+    """Forward every calibration text (as a chat turn) through the model, then remove ``hooks``."""
+    try:
+        with torch.inference_mode():
+            for t in texts:
+                ids = tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                                    return_tensors="pt", return_dict=True)["input_ids"]
+                model(input_ids=ids)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def mlp_neuron_importance(model: torch.nn.Module, tokenizer, texts: Sequence[str]) -> list[torch.Tensor]:
     """One float32 tensor (intermediate_size,) of importances per decoder layer."""
     layers = model.model.layers
@@ -49,23 +62,12 @@ def mlp_neuron_importance(model: torch.nn.Module, tokenizer, texts: Sequence[str
             h = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
             sq[i] += (h * h).sum(0)
         hooks.append(layer.mlp.down_proj.register_forward_pre_hook(hook))
-    try:
-        with torch.inference_mode():
-            for t in texts:
-                model(input_ids=_chat_ids(tokenizer, t))
-    finally:
-        for h in hooks:
-            h.remove()
+    _run_calibration(model, tokenizer, texts, hooks)
     out = []
     for layer, s in zip(layers, sq):
         wnorm = layer.mlp.down_proj.weight.detach().to(torch.float64).norm(dim=0)
         out.append((s.sqrt() * wnorm).to(torch.float32))
     return out
-
-
-def _chat_ids(tokenizer, text: str):
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                         return_tensors="pt", return_dict=True)["input_ids"]
 
 
 def layer_importance(model: torch.nn.Module, tokenizer, texts: Sequence[str]) -> torch.Tensor:
@@ -83,13 +85,7 @@ def layer_importance(model: torch.nn.Module, tokenizer, texts: Sequence[str]) ->
             tot[i] += (1 - cos).sum()
             count[i] += cos.numel()
         hooks.append(layer.register_forward_hook(hook, with_kwargs=True))
-    try:
-        with torch.inference_mode():
-            for t in texts:
-                model(input_ids=_chat_ids(tokenizer, t))
-    finally:
-        for h in hooks:
-            h.remove()
+    _run_calibration(model, tokenizer, texts, hooks)
     return (tot / count.clamp(min=1)).to(torch.float32)
 
 
