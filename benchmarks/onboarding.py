@@ -61,9 +61,16 @@ def main() -> int:
     apt_sets = {"random": select_aptitude(X[tr], args.aptitude, seed=args.seed, method="random"),
                 "k-means": select_aptitude(X[tr], args.aptitude, seed=args.seed, method="kmeans")}
     apt_sets = {k: tr[v] for k, v in apt_sets.items()}
-    variants = [(sel, prior) for sel in apt_sets for prior in ("mean", "span")]
-    ratios: dict[tuple[str, str], list[float]] = {v: [] for v in variants}
-    print(f"{'held out':<40}" + "".join(f"{sel + '/' + prior:>16}" for sel, prior in variants))
+    # (aptitude selection, prior, fit the datastore weights): the first is the earlier method,
+    # the last what the Onboard RPC does.
+    variants = [("random", "mean", False), ("random", "span", True), ("k-means", "span", False),
+                ("k-means", "span", True)]
+    ratios: dict[tuple[str, str, bool], list[float]] = {v: [] for v in variants}
+
+    def label(v):
+        return f"{v[0]}/{v[1]}/{'w fit' if v[2] else 'w mean'}"
+
+    print(f"{'held out':<40}" + "".join(f"{label(v):>22}" for v in variants))
     for held in ([args.holdout] if args.holdout else names):
         j = names.index(held)
         rest = [b for b in names if b != held]
@@ -79,28 +86,29 @@ def main() -> int:
         order = rest + [held]
         cols = [names.index(b) for b in order]
         line = f"{held:<40}"
-        for sel, prior in variants:
+        for sel, prior, fit_w in variants:
             # Onboarding: the held-out backend's aptitude outcomes join the datastore; its vector is fitted.
             apt = apt_sets[sel]
             y_apt = data.Y[apt, j]
             ok = ~np.isnan(y_apt)
             xa, ya = X[apt[ok]], y_apt[ok]
-            g, b, h = onboard(model, xa, ya, knn=aptitude_knn(xa, ya, ds, scales=sc), prior=prior)
-            on = add_backend(model, g, b, h, ccfg)
+            g, b, h, w = onboard(model, xa, ya, knn=aptitude_knn(xa, ya, ds, scales=sc), prior=prior,
+                                 fit_w=fit_w)
+            on = add_backend(model, g, b, h, ccfg, w)
             q_new, c_new = knn_estimates(store_of(apt[ok], {held}), X[te], [held], mean_cost[[j]], scales=sc)
             Kt = np.concatenate([q_rest, q_new], 1)
             Ct = np.concatenate([c_rest, c_new], 1)
             aiq = evaluate(predict(on, X[te], Kt), Ct, Y[:, cols], C[:, cols])["aiq"]
-            ratios[(sel, prior)].append(aiq / ref)
-            line += f"{aiq / ref:>16.1%}"
+            ratios[(sel, prior, fit_w)].append(aiq / ref)
+            line += f"{aiq / ref:>22.1%}"
         print(line, flush=True)
-    print("mean".ljust(40) + "".join(f"{np.mean(ratios[v]):>16.1%}" for v in variants))
-    print("min".ljust(40) + "".join(f"{np.min(ratios[v]):>16.1%}" for v in variants))
-    print("backends >= 95%".ljust(40) + "".join(f"{sum(r >= 0.95 for r in ratios[v]):>16d}" for v in variants))
-    best = ratios[("k-means", "span")]
+    print("mean".ljust(40) + "".join(f"{np.mean(ratios[v]):>22.1%}" for v in variants))
+    print("min".ljust(40) + "".join(f"{np.min(ratios[v]):>22.1%}" for v in variants))
+    print("backends >= 95%".ljust(40) + "".join(f"{sum(r >= 0.95 for r in ratios[v]):>22d}" for v in variants))
+    best = ratios[variants[-1]]
     print(f"min_ratio={min(best):.3f} mean_ratio={np.mean(best):.3f} at_least_95={sum(r >= 0.95 for r in best)}/"
           f"{len(best)} reference_aiq={ref:.4f} aptitude_prompts={args.aptitude} "
-          + " ".join(f"mean_{s}_{p}={np.mean(ratios[(s, p)]):.3f}" for s, p in variants))
+          + " ".join(f"mean_{label(v).replace('/', '_').replace(' ', '_')}={np.mean(ratios[v]):.3f}" for v in variants))
     return 0
 
 

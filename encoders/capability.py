@@ -262,13 +262,17 @@ def code_assignment(model, X: npt.NDArray[np.float32]) -> npt.NDArray[np.float32
 
 
 def onboard(model, X: npt.NDArray[np.float32], y: npt.NDArray[np.float32], *, l2: float = 0.1,
-            steps: int = 300, knn: npt.NDArray[np.float32] | None = None, prior: str = "span"
-            ) -> tuple[npt.NDArray[np.float32], float, npt.NDArray[np.float32]]:
+            steps: int = 300, knn: npt.NDArray[np.float32] | None = None, prior: str = "span",
+            fit_w: bool = True
+            ) -> tuple[npt.NDArray[np.float32], float, npt.NDArray[np.float32], npt.NDArray[np.float32]]:
     """Fit a new backend's (g, beta, H column) from its aptitude results, the prompt side frozen.
 
     X: (m, d_in) aptitude prompts; y: (m,) the backend's scores. knn: (m,) or (m, S) the
-    datastore's out-of-sample estimates for the new backend on those prompts (their weights are
-    the trained backends' mean), or None. Returns (g (d,), beta, h (K,)).
+    datastore's out-of-sample estimates for the new backend on those prompts, or None. Returns
+    (g (d,), beta, h (K,), w (S,)): w, the weights of its datastore estimates, starts at the
+    trained backends' mean and, with fit_w, is fitted too (shrunk towards that mean): a backend
+    known from a few dozen outcomes has sparser neighbours than the trained ones, and the
+    out-of-fold estimates on its aptitude prompts show how far to trust them.
 
     prior "span" (Model-SAT's view: a model is described by where it sits among known models):
         (g, beta, h) = A^T a + (delta_g, c, delta_h),   A: the trained backends' (g, beta, h)
@@ -285,17 +289,18 @@ def onboard(model, X: npt.NDArray[np.float32], y: npt.NDArray[np.float32], *, l2
         s = torch.softmax(a, -1)
         G, Bt, Hm = model.g.detach(), model.beta.detach(), model.H.detach()      # (B, d), (B,), (K, B)
         nb = G.shape[0]
+        w0 = model.w.detach().mean(0)                                           # (S,)
+        kl = None
         if knn is not None:
             kl = knn_logit(knn)
-            offset = (model.w.mean(0) * (kl if kl.ndim == 2 else kl[:, None])).sum(-1)
-        else:
-            offset = torch.zeros(len(y))
+            kl = kl if kl.ndim == 2 else kl[:, None]                            # (m, S)
     yt = torch.as_tensor(y, dtype=torch.float32)
+    wv = w0.clone().requires_grad_(fit_w and kl is not None)
     mix = torch.full((nb,), 1.0 / nb, requires_grad=prior == "span")
     dg = torch.zeros(G.shape[1], requires_grad=True)
     dh = torch.zeros(Hm.shape[0], requires_grad=True)
     c = torch.zeros((), requires_grad=True)
-    params = [dg, dh, c] + ([mix] if prior == "span" else [])
+    params = [dg, dh, c] + ([mix] if prior == "span" else []) + ([wv] if wv.requires_grad else [])
     opt = torch.optim.LBFGS(params, max_iter=steps, line_search_fn="strong_wolfe")
 
     def parts():
@@ -304,9 +309,9 @@ def onboard(model, X: npt.NDArray[np.float32], y: npt.NDArray[np.float32], *, l2
     def closure():
         opt.zero_grad()
         g, b, h = parts()
-        logits = z @ g + b + s @ h + offset
+        logits = z @ g + b + s @ h + (kl @ wv if kl is not None else 0.0)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, yt)
-        loss = loss + l2 * (dg.pow(2).sum() + dh.pow(2).sum()) / len(y)
+        loss = loss + l2 * (dg.pow(2).sum() + dh.pow(2).sum() + (wv - w0).pow(2).sum()) / len(y)
         if prior == "span":
             # Mixing weights stay moderate: an extrapolation far outside the known models needs
             # more evidence than a few dozen results.
@@ -317,16 +322,18 @@ def onboard(model, X: npt.NDArray[np.float32], y: npt.NDArray[np.float32], *, l2
     opt.step(closure)
     with torch.no_grad():
         g, b, h = parts()
-    return g.numpy().copy(), float(b), h.numpy().copy()
+    return g.numpy().copy(), float(b), h.numpy().copy(), wv.detach().numpy().copy()
 
 
 def config_dict(cfg: CapabilityConfig) -> dict:
     return asdict(cfg)
 
 
-def add_backend(model, g: npt.NDArray[np.float32], beta: float, h: npt.NDArray[np.float32], cfg: CapabilityConfig):
+def add_backend(model, g: npt.NDArray[np.float32], beta: float, h: npt.NDArray[np.float32], cfg: CapabilityConfig,
+                w: npt.NDArray[np.float32] | None = None):
     """A copy of ``model`` with one more backend (g, beta, h from ``onboard``); the new backend's
-    datastore weight is the trained backends' mean. The prompt side is shared unchanged."""
+    datastore weights are w (from ``onboard``), or the trained backends' mean. The prompt side is
+    shared unchanged."""
     import torch
 
     B = model.g.shape[0]
@@ -335,15 +342,17 @@ def add_backend(model, g: npt.NDArray[np.float32], beta: float, h: npt.NDArray[n
     state["g"] = torch.cat([state["g"], torch.as_tensor(g, dtype=torch.float32)[None]])
     state["beta"] = torch.cat([state["beta"], torch.tensor([beta], dtype=torch.float32)])
     state["H"] = torch.cat([state["H"], torch.as_tensor(h, dtype=torch.float32)[:, None]], 1)
-    state["w"] = torch.cat([state["w"], state["w"].mean(0, keepdim=True)])
+    w_new = state["w"].mean(0, keepdim=True) if w is None else torch.as_tensor(w, dtype=torch.float32)[None]
+    state["w"] = torch.cat([state["w"], w_new])
     new.load_state_dict(state)
     new.eval()
     return new
 
 
-def replace_backend(model, j: int, g: npt.NDArray[np.float32], beta: float, h: npt.NDArray[np.float32], cfg: CapabilityConfig):
+def replace_backend(model, j: int, g: npt.NDArray[np.float32], beta: float, h: npt.NDArray[np.float32],
+                    cfg: CapabilityConfig, w: npt.NDArray[np.float32] | None = None):
     """A copy of ``model`` with backend j's (g, beta, h) replaced (a re-onboarded backend); its
-    datastore weight is kept."""
+    datastore weights are replaced by w when given."""
     import torch
 
     new = build_model(model.f[0].in_features, model.g.shape[0], cfg)
@@ -351,6 +360,8 @@ def replace_backend(model, j: int, g: npt.NDArray[np.float32], beta: float, h: n
     state["g"][j] = torch.as_tensor(g, dtype=torch.float32)
     state["beta"][j] = float(beta)
     state["H"][:, j] = torch.as_tensor(h, dtype=torch.float32)
+    if w is not None:
+        state["w"][j] = torch.as_tensor(w, dtype=torch.float32)
     new.load_state_dict(state)
     new.eval()
     return new

@@ -134,10 +134,10 @@ class Capability:
         from router.training import fit_backend
 
         def fit() -> Any:
-            g, b, h = fit_backend(self.model, X, y, ds_cfg)
+            g, b, h, w = fit_backend(self.model, X, y, ds_cfg)
             if name in self.backends:
-                return replace_backend(self.model, self.backends.index(name), g, b, h, self.config)
-            return add_backend(self.model, g, b, h, self.config)
+                return replace_backend(self.model, self.backends.index(name), g, b, h, self.config, w)
+            return add_backend(self.model, g, b, h, self.config, w)
 
         model = self._compute.run(fit)
         names = self.backends if name in self.backends else [*self.backends, name]

@@ -116,9 +116,9 @@ def _kmeans_pp(X: npt.NDArray[np.float32], m: int, rng: np.random.Generator) -> 
 
 
 def fit_backend(model: Any, X: npt.NDArray[np.float32], y: npt.NDArray[np.float32], ds_cfg: Any
-                ) -> tuple[npt.NDArray[np.float32], float, npt.NDArray[np.float32]]:
-    """A new backend's capability vector (g, beta, h) from its aptitude results X (m, d), y (m,),
-    the prompt side of ``model`` frozen (Model-SAT onboarding)."""
+                ) -> tuple[npt.NDArray[np.float32], float, npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """A new backend's capability vector and datastore weights (g, beta, h, w) from its aptitude
+    results X (m, d), y (m,), the prompt side of ``model`` frozen (Model-SAT onboarding)."""
     from encoders.capability import onboard
 
     return onboard(model, X, y, knn=aptitude_knn(X, y, ds_cfg, scales=_scales(model)))

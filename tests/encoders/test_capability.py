@@ -60,7 +60,7 @@ def trained_toy():
 def test_onboarding_a_seen_backend_recovers_its_trained_behaviour(prior, trained_toy):
     X, Y, c, m = trained_toy
     j = 1
-    g, b, h = onboard(m, X[:100], Y[:100, j], prior=prior)  # its results on 100 aptitude prompts
+    g, b, h, _ = onboard(m, X[:100], Y[:100, j], prior=prior)  # its results on 100 aptitude prompts
     import torch
 
     with torch.no_grad():
@@ -106,10 +106,13 @@ def test_several_knn_neighbourhoods_as_inputs_and_onboarding_keeps_their_weights
     assert (m.w[:, 0] > m.w[:, 1]).all()
     p = predict(m, X[300:], K[300:])
     assert p.shape == (100, Y.shape[1]) and np.isfinite(p).all()
-    g, b, h = onboard(m, X[:50], Y[:50, 0], knn=K[:50, 0])
-    new = add_backend(m, g, b, h, cfg)
+    g, b, h, w = onboard(m, X[:50], Y[:50, 0], knn=K[:50, 0], fit_w=False)
+    new = add_backend(m, g, b, h, cfg, w)
     assert tuple(new.w.shape) == (Y.shape[1] + 1, 2)
     torch.testing.assert_close(new.w[-1], m.w.mean(0))
+    # Fitted, the weights move towards the neighbourhood that predicts this backend's results.
+    w_fit = onboard(m, X[:50], Y[:50, 0], knn=K[:50, 0])[3]
+    assert w_fit[0] - w_fit[1] > float(m.w.mean(0)[0] - m.w.mean(0)[1])
     assert predict(new, X[:5], np.concatenate([K[:5], K[:5, :1]], 1)).shape == (5, Y.shape[1] + 1)
 
 
