@@ -122,9 +122,13 @@ class Capability:
     def __init__(self, model: Any, backends: Sequence[str], compute: Any = None, *, config: Any = None) -> None:
         from router.compute import Inline
 
+        from encoders.capability import FrozenCapability
+
         self.model, self.backends = model, list(backends)
         self.config = config            # the model's CapabilityConfig (needed to grow it)
         self._compute = compute or Inline()
+        # Serving runs the numpy copy on the calling thread: no torch dispatch, no thread hop.
+        self._frozen = self._compute.run(FrozenCapability, model)
 
     def with_backend(self, name: str, X: npt.NDArray[np.float32], y: npt.NDArray[np.float32],
                      ds_cfg: Any) -> "Capability":
@@ -148,8 +152,6 @@ class Capability:
         """embedding: (d,); knn: the datastore's quality estimate per backend (its own
         neighbourhood); datastore: asked for the other neighbourhoods the model was trained with
         -> quality per backend."""
-        from encoders.capability import predict
-
         k = np.array([[knn[b] for b in self.backends]], dtype=np.float32)          # (1, B)
         scales = getattr(self.model, "knn_scales", None)
         if scales:
@@ -163,7 +165,7 @@ class Capability:
                     cols.append(np.array([[est.quality[0, c] if (c := est.column(b)) is not None else mean[0]
                                            for b in self.backends]], dtype=np.float32))
             k = np.stack(cols, -1)                                                  # (1, B, S)
-        q = self._compute.run(predict, self.model, embedding[None, :], k)[0]
+        q = self._frozen.predict(embedding[None, :], k)[0]
         return dict(zip(self.backends, map(float, q)))
 
 

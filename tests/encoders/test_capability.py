@@ -128,3 +128,16 @@ def test_ranking_term_orders_backends_per_prompt():
     assert good < 0.1 < bad
     # Unobserved scores take no part.
     assert ranking_loss(torch.tensor([[-3.0, 3.0, 0.0]]), y, torch.tensor([[1.0, 0.0, 0.0]])) == 0
+
+
+def test_the_numpy_serving_copy_computes_what_the_torch_model_computes():
+    from encoders.capability import FrozenCapability, build_model
+
+    cfg = CapabilityConfig(dim=8, hidden=16, codes=3, knn_scales=[[0, 0], [64, 1.0]])
+    m = build_model(16, 4, cfg).eval()
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(7, 16)).astype(np.float32)
+    K = rng.uniform(0, 1, (7, 4, 2)).astype(np.float32)
+    frozen = FrozenCapability(m)
+    np.testing.assert_allclose(frozen.predict(X, K), predict(m, X, K), atol=1e-5)
+    np.testing.assert_allclose(frozen.predict(X), predict(m, X), atol=1e-5)
