@@ -158,20 +158,29 @@ class TransformersBackend(Backend):
         probs = torch.softmax(logits.float() / temperature, dim=-1)
         return int(torch.multinomial(probs, 1, generator=gen))
 
+    def _cache_kw(self) -> str:
+        # transformers renamed past_key_values to cache (5.2x; the old name goes in 5.40).
+        if not hasattr(self, "_cache_name"):
+            import inspect
+
+            self._cache_name = "cache" if "cache" in inspect.signature(self.model.forward).parameters \
+                else "past_key_values"
+        return self._cache_name
+
     def _prefill(self, ids: Any, temperature: float, gen: Any) -> tuple[Any, int]:
         import torch
 
         with torch.inference_mode():
             out = self.model(input_ids=ids, use_cache=True)
-            return out.past_key_values, self._pick(out.logits[0, -1], temperature, gen)
+            return getattr(out, self._cache_kw()), self._pick(out.logits[0, -1], temperature, gen)
 
     def _step(self, token: int, past: Any, temperature: float, gen: Any) -> tuple[Any, int]:
         import torch
 
+        kw = self._cache_kw()
         with torch.inference_mode():
-            out = self.model(input_ids=torch.tensor([[token]], device=self.opts.device), past_key_values=past,
-                             use_cache=True)
-            return out.past_key_values, self._pick(out.logits[0, -1], temperature, gen)
+            out = self.model(input_ids=torch.tensor([[token]], device=self.opts.device), use_cache=True, **{kw: past})
+            return getattr(out, kw), self._pick(out.logits[0, -1], temperature, gen)
 
     def generate_sync(self, req: GenerationRequest, emit: Callable[[Any], None]) -> Finished:
         """Decode on the calling thread's behalf, one compute-thread call per token;
