@@ -205,33 +205,46 @@ class FaissKnnDatastore:
                  temperature: float | None = None) -> Estimate:
         """embeddings: float32 (n, d), unit rows -> Estimate over all known backends. k and
         temperature override the store's (a broader neighbourhood for a second opinion)."""
-        k = k or self.k
-        temperature = temperature or self.temperature
+        return self.estimate_many(embeddings, [(k or 0, temperature or 0.0)])[0]
+
+    def estimate_many(self, embeddings: npt.NDArray[np.float32],
+                      scales: Sequence[tuple[float, float]]) -> list[Estimate]:
+        """One Estimate per neighbourhood (k, temperature) (0: the store's own), from a single
+        search for the largest k: the capability encoder takes several per request."""
         q = np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1, self.dim)
+        ks = [int(k) or self.k for k, _ in scales]
+        temps = [float(t) or self.temperature for _, t in scales]
         with self._lock:
             B, n = len(self.backends), q.shape[0]
             prior = self._prior
             backends = tuple(self.backends)
             if len(self._ids) == 0 or B == 0:
                 z = np.zeros((n, B), dtype=np.float32)
-                return Estimate(backends, z + prior, z, z + np.nan)
+                return [Estimate(backends, z + prior, z, z + np.nan) for _ in scales]
             # A few queries: search on the calling thread. FAISS's OpenMP team would otherwise
             # wake up next to torch's spinning one and, on a small CPU, double the search time.
             faiss.omp_set_num_threads(1 if n <= 64 else self._omp_threads)
-            sims, idx = self.index.search(q, min(k, len(self._ids)))
-            w = np.exp((sims - sims[:, :1]) / temperature).astype(np.float32)        # (n, k)
-            w[idx < 0] = 0.0
+            sims, idx = self.index.search(q, min(max(ks), len(self._ids)))
+            valid = idx >= 0
             idx = np.maximum(idx, 0)
-            wk = w[:, None, :]                                                         # (n, 1, k)
-            num = (wk @ self._scores.val[idx])[:, 0]                                    # (n, B)
-            den = (wk @ self._scores.seen[idx])[:, 0]
-            cnum = (wk @ self._cost.val[idx])[:, 0]
-            cden = (wk @ self._cost.seen[idx])[:, 0]
+            val_s, seen_s = self._scores.val[idx], self._scores.seen[idx]              # (n, kmax, B)
+            val_c, seen_c = self._cost.val[idx], self._cost.seen[idx]
+        out = []
         a = self.prior_strength
-        quality = (num + a * prior) / np.maximum(den + a, 1e-12) if a > 0 else np.where(den > 0, num / np.maximum(den, 1e-12), prior)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            cost = np.where(cden > 0, cnum / cden, np.nan)
-        return Estimate(backends, np.clip(quality, 0, 1, dtype=np.float32), den, cost.astype(np.float32))
+        for k, temperature in zip(ks, temps):
+            w = np.exp((sims[:, :k] - sims[:, :1]) / temperature).astype(np.float32)  # (n, k)
+            w[~valid[:, :k]] = 0.0
+            wk = w[:, None, :]                                                         # (n, 1, k)
+            num = (wk @ val_s[:, :k])[:, 0]                                            # (n, B)
+            den = (wk @ seen_s[:, :k])[:, 0]
+            cnum = (wk @ val_c[:, :k])[:, 0]
+            cden = (wk @ seen_c[:, :k])[:, 0]
+            quality = (num + a * prior) / np.maximum(den + a, 1e-12) if a > 0 else \
+                np.where(den > 0, num / np.maximum(den, 1e-12), prior)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                cost = np.where(cden > 0, cnum / cden, np.nan)
+            out.append(Estimate(backends, np.clip(quality, 0, 1, dtype=np.float32), den, cost.astype(np.float32)))
+        return out
 
     def stats(self) -> dict[str, BackendStats]:
         with self._lock:

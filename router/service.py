@@ -147,24 +147,19 @@ class Capability:
         names = self.backends if name in self.backends else [*self.backends, name]
         return Capability(model, names, self._compute, config=self.config)
 
-    def predict(self, embedding: npt.NDArray[np.float32], knn: Mapping[str, float],
-                datastore: Any = None) -> dict[str, float]:
-        """embedding: (d,); knn: the datastore's quality estimate per backend (its own
-        neighbourhood); datastore: asked for the other neighbourhoods the model was trained with
-        -> quality per backend."""
-        k = np.array([[knn[b] for b in self.backends]], dtype=np.float32)          # (1, B)
-        scales = getattr(self.model, "knn_scales", None)
-        if scales:
-            cols = []
-            for kk, t in scales:
-                if not (kk or t):
-                    cols.append(k)
-                else:
-                    est = datastore.estimate(embedding[None, :], k=int(kk), temperature=float(t))
-                    mean = est.quality.mean(1) if est.quality.size else np.full(1, 0.5, np.float32)
-                    cols.append(np.array([[est.quality[0, c] if (c := est.column(b)) is not None else mean[0]
-                                           for b in self.backends]], dtype=np.float32))
-            k = np.stack(cols, -1)                                                  # (1, B, S)
+    @property
+    def scales(self) -> list[tuple[float, float]]:
+        """The datastore neighbourhoods the model takes as input, in its order."""
+        return [(float(k), float(t)) for k, t in (getattr(self.model, "knn_scales", None) or [[0, 0]])]
+
+    def predict(self, embedding: npt.NDArray[np.float32], estimates: Sequence[Any]) -> dict[str, float]:
+        """embedding: (d,); estimates: the datastore's Estimate for it at each of ``scales`` ->
+        quality per backend."""
+        cols = []
+        for est in estimates:
+            mean = float(est.quality[0].mean()) if est.quality.size else 0.5
+            cols.append([est.quality[0, c] if (c := est.column(b)) is not None else mean for b in self.backends])
+        k = np.asarray(cols, dtype=np.float32).T[None]                               # (1, B, S)
         q = self._frozen.predict(embedding[None, :], k)[0]
         return dict(zip(self.backends, map(float, q)))
 
@@ -234,7 +229,11 @@ class RouterService:
         backends = self.backends if backends is None else backends
         names = list(backends)
         capability = self.capability
-        est = self.datastore.estimate(embedding[None, :])
+        scales = capability.scales if capability is not None else [(0.0, 0.0)]
+        if (0.0, 0.0) not in scales:
+            scales = [(0.0, 0.0), *scales]
+        ests = self.datastore.estimate_many(embedding[None, :], scales)
+        est = ests[scales.index((0.0, 0.0))]
         # A configured backend with no outcome yet: the mean of the others' estimates.
         prior = float(est.quality.mean()) if est.quality.size else 0.5
         quality, cost, support = [], [], []
@@ -248,8 +247,7 @@ class RouterService:
             cost.append(c)
             support.append(float(est.support[0, col]) if col is not None else 0.0)
         if capability is not None:
-            knn = dict(zip(names, quality))
-            enc = capability.predict(embedding, {b: knn.get(b, prior) for b in capability.backends}, self.datastore)
+            enc = capability.predict(embedding, [ests[scales.index(s)] for s in capability.scales])
             quality = [enc.get(n, q) for n, q in zip(names, quality)]
         return quality, cost, support
 

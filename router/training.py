@@ -19,8 +19,10 @@ def knn_estimates(store: Any, X: npt.NDArray[np.float32], backends: list[str], f
     never seen gets its prior: the mean of the others). Quality is (n, B), or (n, B, S) for S
     neighbourhoods ``scales`` ([k, temperature], 0 = the store's own); cost (n, B) is always the
     store's own neighbourhood's."""
-    def one(k: float = 0, t: float = 0) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-        est = store.estimate(X, k=int(k) or None, temperature=float(t) or None)
+    wanted = [(0.0, 0.0)] + [(float(k), float(t)) for k, t in (scales or [])]
+    ests = store.estimate_many(X, wanted)
+
+    def cols(est: Any) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
         q = np.empty((len(X), len(backends)), np.float32)
         c = np.empty_like(q)
         for j, b in enumerate(backends):
@@ -29,9 +31,9 @@ def knn_estimates(store: Any, X: npt.NDArray[np.float32], backends: list[str], f
             c[:, j] = est.cost[:, col] if col is not None else np.nan
         return q, c
 
-    q, c = one()
+    q, c = cols(ests[0])
     if scales:
-        q = np.stack([q if not (k or t) else one(k, t)[0] for k, t in scales], -1)
+        q = np.stack([cols(e)[0] for e in ests[1:]], -1)
     return q, np.where(np.isnan(c), fallback_cost, c).astype(np.float32)
 
 

@@ -221,13 +221,19 @@ def test_capability_with_a_broad_neighbourhood_asks_the_datastore_for_it(make_se
     cfg = CapabilityConfig(dim=8, hidden=16, codes=2, knn_scales=[[0, 0], [24, 1.0]])
     model = build_model(384, 2, cfg).eval()
     calls = []
-    real = svc.datastore.estimate
+    real = svc.datastore.estimate_many
 
-    def spy(emb, **kw):
-        calls.append(kw)
-        return real(emb, **kw)
+    def spy(emb, scales):
+        calls.append(list(scales))
+        return real(emb, scales)
 
-    svc.datastore.estimate = spy
+    svc.datastore.estimate_many = spy
     svc.capability = Capability(model, ["mathy", "wordy"], config=cfg)
     d = svc.route(Query(prompt="What is 3 + 9?"))
-    assert {"k": 24, "temperature": 1.0} in calls and len(d.selection.ranked) == 2
+    assert calls == [[(0.0, 0.0), (24.0, 1.0)]] and len(d.selection.ranked) == 2      # one search, both scales
+    # The same numbers as asking for each neighbourhood on its own.
+    e = svc.encoder.encode(["What is 3 + 9?"])[0]
+    many = real(e[None], [(0, 0), (24, 1.0)])
+    for got, k, t in zip(many, (None, 24), (None, 1.0)):
+        one = svc.datastore.estimate(e[None], k=k, temperature=t)
+        np.testing.assert_allclose(got.quality, one.quality, atol=1e-6)
