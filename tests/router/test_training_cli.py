@@ -88,6 +88,29 @@ def test_artifact_round_trip_and_manifest_mismatch_refused(trained, tmp_path):
         art.load(tmp_path)
 
 
+def test_artifacts_from_before_several_neighbourhoods_still_load(trained, tmp_path):
+    """An artifact written before knn_scales existed: one datastore weight per backend."""
+    import shutil
+
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+
+    from encoders.capability import predict
+    from router import artifact as art
+
+    old = tmp_path / "old"
+    shutil.copytree(trained, old)
+    state = load_file(str(old / "model.safetensors"))
+    state["w"] = state["w"][:, 0].contiguous()
+    save_file(state, str(old / "model.safetensors"))
+    m = json.loads((old / "manifest.json").read_text())
+    del m["capability"]["knn_scales"]
+    (old / "manifest.json").write_text(json.dumps(m))
+    a = art.load(old)
+    assert a.model.knn_scales is None and tuple(a.model.w.shape) == (9, 1)
+    assert predict(a.model, a.embeddings[:3], np.full((3, 9), 0.5, np.float32)).shape == (3, 9)
+
+
 def test_missing_costs_is_a_clear_cli_error(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text(json.dumps({"prompt": "x", "scores": {"a": 1, "b": 0}}) + "\n")
