@@ -55,12 +55,15 @@ class RouterServicer(pb_grpc.RouterServicer):
             raise Unavailable(f"caprouter is starting ({self.app.loading_detail}); retry shortly")
         return self.app.service
 
+    @staticmethod
+    async def _off_loop(fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        """Run blocking core work (embedding, search, fsync) off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args, **kwargs))
+
     @_guard_unary
     async def Route(self, request: pb.RouteRequest, context: grpc.aio.ServicerContext) -> pb.RouteResponse:
         svc = self._svc()
-        q = convert.query(request)
-        decision = await asyncio.get_running_loop().run_in_executor(None, svc.route, q)
-        return convert.route_response(svc, decision)
+        return convert.route_response(svc, await self._off_loop(svc.route, convert.query(request)))
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
         try:
@@ -84,9 +87,9 @@ class RouterServicer(pb_grpc.RouterServicer):
     @_guard_unary
     async def Feedback(self, request: pb.FeedbackRequest, context: grpc.aio.ServicerContext) -> pb.FeedbackResponse:
         svc = self._svc()
-        res = await asyncio.get_running_loop().run_in_executor(None, functools.partial(
+        res = await self._off_loop(
             svc.feedback, request.decision_id, request.score, backend=request.backend, prompt=request.prompt,
-            messages=convert.messages(request), cost=request.cost if request.HasField("cost") else None))
+            messages=convert.messages(request), cost=request.cost if request.HasField("cost") else None)
         return pb.FeedbackResponse(metadata=convert.metadata(svc), record_id=res.record_id, backend=res.backend)
 
     @_guard_unary
@@ -95,19 +98,15 @@ class RouterServicer(pb_grpc.RouterServicer):
         return pb.ListBackendsResponse(metadata=convert.metadata(svc),
                                        backends=[convert.backend_info(v) for v in svc.list_backends()])
 
-
     @_guard_unary
     async def Onboard(self, request: pb.OnboardRequest, context: grpc.aio.ServicerContext) -> pb.OnboardResponse:
         svc = self._svc()
-        spec = convert.onboard_spec(request)
-        res = await asyncio.get_running_loop().run_in_executor(None, svc.onboard, spec)
-        return convert.onboard_response(svc, res)
+        return convert.onboard_response(svc, await self._off_loop(svc.onboard, convert.onboard_spec(request)))
 
     @_guard_unary
     async def RouteBatch(self, request: pb.RouteBatchRequest, context: grpc.aio.ServicerContext) -> pb.RouteBatchResponse:
         svc = self._svc()
-        items, knobs = convert.batch_items(request), convert.knobs(request.knobs)
-        res = await asyncio.get_running_loop().run_in_executor(None, svc.route_batch, items, knobs)
+        res = await self._off_loop(svc.route_batch, convert.batch_items(request), convert.knobs(request.knobs))
         return convert.batch_response(svc, res)
 
 
