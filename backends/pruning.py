@@ -29,6 +29,7 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -135,16 +136,62 @@ def prune_mlp(model: torch.nn.Module, importances: Sequence[torch.Tensor], keep:
     return kept
 
 
-def pruned_weights(base_dir: Path, keep: float, cache: Path, *, layers_keep: float = 1.0) -> Path:
+def teacher_sequences(teacher: torch.nn.Module, tokenizer, texts: Sequence[str], *, max_new_tokens: int = 48,
+                      batch: int = 8) -> list[torch.Tensor]:
+    """Each calibration prompt (as a chat turn) followed by the teacher's greedy answer: the
+    sequences a pruned code is distilled on, so it learns to answer as the dense model does."""
+    tokenizer.padding_side = "left"
+    out: list[torch.Tensor] = []
+    for s in range(0, len(texts), batch):
+        chat = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+                for t in texts[s:s + batch]]
+        enc = tokenizer(chat, return_tensors="pt", padding=True)
+        with torch.inference_mode():
+            gen = teacher.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                   pad_token_id=tokenizer.pad_token_id)
+        for row, mask in zip(gen, torch.cat([enc["attention_mask"], torch.ones_like(gen[:, enc["input_ids"].shape[1]:])], 1)):
+            out.append(row[mask.bool()].clone()[None])
+    return out
+
+
+def distill(student: torch.nn.Module, teacher: torch.nn.Module, sequences: Sequence[torch.Tensor], *, steps: int,
+            lr: float = 5e-5, seed: int = 0) -> list[float]:
+    """Recovery step: train ``student`` in place to match the teacher's next-token distributions
+    (KL(teacher || student), mean over tokens) on ``sequences``, one sequence a step. Returns the
+    loss of every step."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+    student.train()
+    losses = []
+    for _ in range(steps):
+        seq = sequences[int(torch.randint(len(sequences), (1,), generator=gen))]
+        with torch.no_grad():
+            t = torch.log_softmax(teacher(input_ids=seq).logits[0].float(), -1)
+        s = torch.log_softmax(student(input_ids=seq).logits[0].float(), -1)
+        loss = torch.nn.functional.kl_div(s, t, log_target=True, reduction="batchmean")
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss))
+    student.eval()
+    return losses
+
+
+def pruned_weights(base_dir: Path, keep: float, cache: Path, *, layers_keep: float = 1.0,
+                   recover_steps: int = 0) -> Path:
     """A cached HF folder with the pruned variant of ``base_dir`` (built once): the ``layers_keep``
     share of decoder layers by Block Influence, then the ``keep`` share of MLP neurons of each
     remaining layer by activation-aware importance (both measured on the dense model)."""
     texts = calibration_texts()
-    spec: list = [str(base_dir.name), keep, texts] + ([layers_keep] if layers_keep < 1 else [])
+    spec: list = [str(base_dir.name), keep, texts] + ([layers_keep] if layers_keep < 1 else []) + \
+        ([recover_steps] if recover_steps else [])
     key = hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:12]
     name = f"{base_dir.name}-mlp{int(round(keep * 100))}"
     if layers_keep < 1:
         name += f"-layers{int(round(layers_keep * 100))}"
+    if recover_steps:
+        name += f"-kd{recover_steps}"
     out = cache / f"{name}-{key}"
     if (out / "pruning.json").exists():
         return out
@@ -161,13 +208,20 @@ def pruned_weights(base_dir: Path, keep: float, cache: Path, *, layers_keep: flo
         imp = [imp[i] for i in kept_layers]
     if keep < 1:
         prune_mlp(model, imp, keep)
+    losses: list[float] = []
+    if recover_steps:
+        teacher = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
+        losses = distill(model, teacher, teacher_sequences(teacher, tok, texts), steps=recover_steps)
+        log.info("recovery: KL %.3f -> %.3f over %d steps", float(np.mean(losses[:10])),
+                 float(np.mean(losses[-10:])), recover_steps)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))
     (tmp / "pruning.json").write_text(json.dumps({
         "base": str(base_dir), "method": "layers-block-influence+mlp-activation-aware", "keep": keep,
-        "layers_keep": layers_keep, "kept_layers": kept_layers, "num_hidden_layers": model.config.num_hidden_layers,
+        "layers_keep": layers_keep, "kept_layers": kept_layers, "recover_steps": recover_steps,
+        "recovery_kl_first_last": [float(np.mean(losses[:10])), float(np.mean(losses[-10:]))] if losses else None, "num_hidden_layers": model.config.num_hidden_layers,
         "intermediate_size": model.config.intermediate_size, "calibration_prompts": len(texts)}, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

@@ -34,6 +34,8 @@ class PruneOptions(BaseModel):
     mlp_keep: float = Field(1.0, gt=0, le=1)
     # Share of decoder layers kept (Block Influence).
     layers_keep: float = Field(1.0, gt=0, le=1)
+    # Recovery: steps of distillation from the dense model on the calibration prompts (0: none).
+    recover_steps: int = Field(0, ge=0, le=100_000)
 
 
 class TransformersOptions(BaseModel):
@@ -99,7 +101,8 @@ class TransformersBackend(Backend):
 
         base = resolve_weights(self.opts.model, self._models_dir)
         p = self.opts.prune
-        path = pruned_weights(base, p.mlp_keep, self._models_dir, layers_keep=p.layers_keep) if p else base
+        path = pruned_weights(base, p.mlp_keep, self._models_dir, layers_keep=p.layers_keep,
+                              recover_steps=p.recover_steps) if p else base
         dtype = getattr(torch, self.opts.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(self.opts.device).eval()

@@ -95,3 +95,27 @@ def test_block_influence_ranks_an_identity_layer_lowest(tiny):
     tok = SimpleNamespace(apply_chat_template=lambda *a, **k: {"input_ids": torch.randint(0, 128, (1, 9))})
     bi = layer_importance(tiny, tok, ["a", "b", "c"])
     assert bi.shape == (2,) and bi[0] < 1e-6 < bi[1]
+
+
+def test_distillation_brings_a_pruned_model_closer_to_the_dense_one(tiny):
+    import copy
+
+    from backends.pruning import distill, drop_layers
+
+    torch.manual_seed(1)
+    with torch.no_grad():                      # peaked next-token distributions, as a trained LM has
+        tiny.lm_head.weight.mul_(30)
+    teacher = copy.deepcopy(tiny).eval()
+    drop_layers(tiny, torch.tensor([0.9, 0.1]), keep=0.5)
+    seqs = [torch.randint(0, 128, (1, 16)) for _ in range(4)]
+
+    def kl() -> float:
+        with torch.no_grad():
+            return sum(float(torch.nn.functional.kl_div(torch.log_softmax(tiny(input_ids=s).logits[0], -1),
+                                                        torch.log_softmax(teacher(input_ids=s).logits[0], -1),
+                                                        log_target=True, reduction="batchmean")) for s in seqs)
+
+    before = kl()
+    losses = distill(tiny, teacher, seqs, steps=150, lr=3e-3)
+    assert len(losses) == 150 and kl() < 0.6 * before
+    assert not tiny.training
