@@ -8,7 +8,8 @@ step yet. For each code and the dense model, side by side: parameters (SmolLM2 t
 projection to the embedding table, so every parameter is used by every token: parameters are the
 per-token compute), decode tokens/s at batch 1 through the serving decode loop
 (TransformersBackend, EOS ignored, codes alternating on the same prompts, median after a warm-up
-round), tokens/s at batch --batch with HF generate, and perplexity on held-out prose
+round), and with --recover-steps N the layer-pruned codes again after N steps of distillation from
+the dense model (backends.pruning.distill), tokens/s at batch --batch with HF generate, and perplexity on held-out prose
 (../shared/docs/background.md, not used for calibration). The last line is key=value figures.
 """
 from __future__ import annotations
@@ -80,7 +81,13 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--recover-steps", type=int, default=0,
+                    help="also measure the layer-pruned codes after this many distillation steps (built once, cached)")
     args = ap.parse_args()
+    codes = dict(CODES)
+    if args.recover_steps:
+        for name in ("layers67-mlp75", "layers50"):
+            codes[f"{name}-kd{args.recover_steps}"] = {**CODES[name], "recover_steps": args.recover_steps}
 
     from backends.transformers_backend import TransformersBackend
     from router.compute import ComputeThread
@@ -91,7 +98,7 @@ def main() -> int:
     backends = {}
 
     async def load_all() -> None:
-        for name, prune in CODES.items():
+        for name, prune in codes.items():
             opts = {"model": "smollm2-135m-instruct", **({"prune": prune} if prune else {})}
             b = TransformersBackend(BackendConfig(name=name, kind="transformers", options=opts), cost_unit="GFLOP",
                                     models_dir=caprouter_home() / "models", compute=compute)
