@@ -25,14 +25,20 @@ import numpy.typing as npt
 from router.errors import InvalidArgument
 
 
-def assign(Q: npt.NDArray, C: npt.NDArray, budget: float, *, iters: int = 60) -> tuple[npt.NDArray[np.int64], float]:
-    """Q, C: (n, B) predicted quality and cost; budget: average cost per request.
+def assign(Q: npt.NDArray, C: npt.NDArray, budget: float, *, eligible: npt.NDArray[np.bool_] | None = None,
+           iters: int = 60) -> tuple[npt.NDArray[np.int64], float]:
+    """Q, C: (n, B) predicted quality and cost; budget: average cost per request; eligible: (n, B)
+    which backends each prompt may use (None: all; every row needs one).
 
     Returns (choice (n,), lambda). The average predicted cost of the choice is <= budget, unless
-    even the cheapest backend for every prompt exceeds it (then InvalidArgument).
+    even the cheapest eligible backend for every prompt exceeds it (then InvalidArgument).
     """
     Q = np.asarray(Q, dtype=np.float64)
     C = np.asarray(C, dtype=np.float64)
+    if eligible is not None:
+        # Priced out: never chosen, never the cheapest.
+        ok = np.asarray(eligible, dtype=bool)
+        Q, C = np.where(ok, Q, -np.inf), np.where(ok, C, np.inf)
     n = len(Q)
     rows = np.arange(n)
     cheapest = C.argmin(1)
@@ -109,7 +115,6 @@ class BudgetWindows:
         request was really routed to."""
         q = np.asarray(quality, dtype=np.float64)
         c = np.asarray(cost, dtype=np.float64)
-        ok = np.ones(len(q), bool) if eligible is None else np.asarray(eligible, bool)
         with self._lock:
             preds, spent = self._window(key, tuple(names))
             preds.append((q, c))
@@ -119,12 +124,13 @@ class BudgetWindows:
             realized = float(np.mean(spent)) if spent else budget
         # Integral correction: spend less while the window is over budget, more while under.
         target = max(budget + (budget - realized) * fill, 0.0)
-        Q[-1, ~ok] = -1e6
-        C[-1, ~ok] = np.nanmax(np.abs(C)) * 1e3 + 1e6
-        floor = C.min(1).mean()
-        if target < floor:
-            return int(np.argmin(np.where(ok, c, np.inf))), 1e12
-        choice, lam = assign(Q, C, target)
+        mask = np.ones(Q.shape, dtype=bool)           # earlier requests: what they could have used
+        if eligible is not None:
+            mask[-1] = np.asarray(eligible, dtype=bool)
+        try:
+            choice, lam = assign(Q, C, target, eligible=mask)
+        except InvalidArgument:                       # even the cheapest choices exceed it
+            return int(np.argmin(np.where(mask[-1], c, np.inf))), 1e12
         return int(choice[-1]), float(lam)
 
     def commit(self, key: str, names: Sequence[str], cost: float) -> None:

@@ -73,8 +73,12 @@ class CostModelConfig(_Model):
     expected_output_tokens: int = Field(64, ge=0)
 
 
+# What a backend may be called (configured or onboarded): safe in URLs, logs and file names.
+BACKEND_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
+
+
 class BackendConfig(_Model):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+    name: str = Field(pattern=BACKEND_NAME)
     kind: str
     description: str = ""
     cost: CostModelConfig = Field(default_factory=CostModelConfig)

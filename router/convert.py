@@ -45,7 +45,7 @@ def knobs(k: pb.RoutingKnobs) -> KnobsInput:
 
 def query(req: Any) -> Query:
     """RouteRequest or GenerateRequest -> Query."""
-    return Query(prompt=req.prompt, messages=tuple((m.role, m.content) for m in req.messages), knobs=knobs(req.knobs))
+    return Query(prompt=req.prompt, messages=messages(req), knobs=knobs(req.knobs))
 
 
 def messages(req: Any) -> tuple[tuple[str, str], ...]:
@@ -79,7 +79,7 @@ def route_response(svc: RouterService, d: Decision) -> pb.RouteResponse:
 
 
 def batch_items(req: pb.RouteBatchRequest) -> list[Query]:
-    return [Query(prompt=it.prompt, messages=tuple((m.role, m.content) for m in it.messages)) for it in req.items]
+    return [Query(prompt=it.prompt, messages=messages(it)) for it in req.items]
 
 
 def batch_response(svc: RouterService, b: BatchDecision) -> pb.RouteBatchResponse:

@@ -27,10 +27,10 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import ValidationError
 
-from router.config import CostModelConfig
+from router.config import BACKEND_NAME, CostModelConfig
 from router.errors import InvalidArgument
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+NAME = re.compile(BACKEND_NAME)
 MIN_RESULTS = 10
 MAX_RESULTS = 5000
 

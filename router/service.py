@@ -264,7 +264,7 @@ class RouterService:
         t1 = time.perf_counter()
         quality, cost, support = self.predict(emb, sum(len(c) for _, c in msgs), backends)
         unavailable = self.unavailable(backends)
-        route_only = sorted(n for n, b in backends.items() if b.kind == "route-only")
+        route_only = sorted(n for n, b in backends.items() if b.kind == "route-only") if dispatch else []
         if dispatch:
             unavailable.update({n: "route-only (caprouter chooses it, the app calls it)" for n in route_only})
         try:
@@ -272,7 +272,7 @@ class RouterService:
             if knobs.budget is not None:
                 selection = self._window_budget(knobs, names, quality, cost, support, unavailable, selection)
         except NoEligibleBackend:
-            if dispatch and route_only and len(route_only) == len(names):
+            if route_only and len(route_only) == len(names):
                 listed = ", ".join(map(repr, route_only))
                 raise FailedPrecondition(
                     f"every backend of this server is route-only ({listed}): caprouter can choose them but cannot "
@@ -330,10 +330,7 @@ class RouterService:
         eligible = np.array([[n in {x.backend for x in sel.ranked} for n in names] for sel in sels])
         lam = knobs.cost_weight
         if knobs.budget is not None:
-            # Ineligible pairs priced out of the assignment: never chosen, never the cheapest.
-            Qm = np.where(eligible, Q, -1e6)
-            Cm = np.where(eligible, C, np.nanmax(np.abs(C)) * 1e3 + 1e6)
-            choice, lam = assign(Qm, Cm, knobs.budget)
+            choice, lam = assign(Q, C, knobs.budget, eligible=eligible)
         else:
             choice = None
         t2 = time.perf_counter()
@@ -445,21 +442,21 @@ class RouterService:
         return FeedbackResult(rid, backend)
 
     # ---- Onboard -------------------------------------------------------------------------------
-    def attach_registry(self, log: Any) -> int:
-        """Use ``log`` (an AppendLog of registrations) for Onboard, and replay what it holds.
+    def attach_registry(self, registry: Any) -> int:
+        """Use ``registry`` (an AppendLog of registrations) for Onboard, and replay what it holds.
         Returns the number of backends restored."""
         from router import onboarding as ob
 
         n = 0
-        for e in ob.latest(log.replayed):
+        for e in ob.latest(registry.replayed):
             if e["backend"] in self._configured:
-                log_msg = "onboarded backend %s is now defined in the config; its registration is ignored"
-                logging.getLogger(__name__).warning(log_msg, e["backend"])
+                log.warning("onboarded backend %s is now defined in the config; its registration is ignored",
+                            e["backend"])
                 continue
             emb = ob.entry_embeddings(e, self.encoder.model_id, self.encoder.dim, self.encoder)
             self._apply(ob.Registration.from_entry(e), emb)
             n += 1
-        self._registry_log = log
+        self._registry_log = registry
         return n
 
     def onboard(self, spec: Any) -> Any:
@@ -472,7 +469,7 @@ class RouterService:
         if spec.backend in self._configured:
             raise FailedPrecondition(f"backend {spec.backend!r} is defined in the server's config; onboarding "
                                      "registers new route-only backends (send its outcomes with Feedback instead)")
-        reg = ob.validate(spec, self._suite(), max_prompt_chars=self.config.limits.max_prompt_chars)
+        reg = ob.validate(spec, self._suite, max_prompt_chars=self.config.limits.max_prompt_chars)
         emb = self.encoder.encode(list(reg.prompts))
         with self._olock:
             created = reg.backend not in self.backends
@@ -501,13 +498,13 @@ class RouterService:
         self.capability = self.capability.with_backend(reg.backend, emb, y, self.config.datastore)
         return True
 
+    @functools.cached_property
     def _suite(self) -> dict[str, str]:
-        if not hasattr(self, "_suite_prompts"):
-            from router.aptitude.runner import suite_path
-            from router.onboarding import load_suite_prompts
+        """The aptitude suite's prompts by item id (read on the first Onboard)."""
+        from router.aptitude.runner import suite_path
+        from router.onboarding import load_suite_prompts
 
-            self._suite_prompts = load_suite_prompts(suite_path(self.config.aptitude.suite))
-        return self._suite_prompts
+        return load_suite_prompts(suite_path(self.config.aptitude.suite))
 
     # ---- ListBackends --------------------------------------------------------------------------
     def list_backends(self) -> list[BackendView]:
