@@ -5,7 +5,7 @@ import abc
 import enum
 import threading
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Sequence
 
 from router.costs import CostModel
 from router.registry import Registry
@@ -35,6 +35,8 @@ class GenerationRequest:
     seed: int | None = None
     # Benchmarks only: decode exactly max_tokens, so that tokens/s compares like with like.
     ignore_eos: bool = False
+    # The prompt's unit-norm embedding (d,) when the router has it (backends that gate on it).
+    embedding: Any = None
     cancel: threading.Event = field(default_factory=threading.Event)
 
 

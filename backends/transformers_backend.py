@@ -55,10 +55,12 @@ _DONE = object()
 @BACKENDS.register("transformers")
 class TransformersBackend(Backend):
     kind = "transformers"
+    options_model: type[TransformersOptions] = TransformersOptions
 
-    def __init__(self, cfg: BackendConfig, *, cost_unit: str, models_dir: Path, compute: Any = None) -> None:
+    def __init__(self, cfg: BackendConfig, *, cost_unit: str, models_dir: Path, compute: Any = None,
+                 encoder: Any = None) -> None:
         try:
-            self.opts = TransformersOptions.model_validate(cfg.options)
+            self.opts = self.options_model.model_validate(cfg.options)
         except ValidationError as e:
             raise ConfigError(f"backend {cfg.name!r}: invalid options:\n{e}") from None
         self.name = cfg.name
@@ -107,6 +109,7 @@ class TransformersBackend(Backend):
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(self.opts.device).eval()
         self.weights_dir = path
+        self._prepare_model(base)
         eos = {self.tokenizer.eos_token_id}
         gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
         eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
@@ -119,6 +122,14 @@ class TransformersBackend(Backend):
         # Warm-up: the first forward pays one-off allocation and kernel selection costs that
         # would otherwise land on the first request.
         self.generate_sync(GenerationRequest(messages=[("user", "Hi")], max_tokens=2), lambda _t: None)
+
+    def _prepare_model(self, base: Path) -> None:
+        """Hook for kinds that reshape the loaded model (the MoE split)."""
+
+    def _request_setup(self, req: GenerationRequest) -> Callable[[], None] | None:
+        """Hook: per request, something to run on the compute thread before each of its forwards
+        (the MoE kind installs the request's expert weights)."""
+        return None
 
     def active_parameters(self) -> int:
         """Parameters used in matmuls per token: every weight but the input embedding table, plus
@@ -170,16 +181,22 @@ class TransformersBackend(Backend):
                 else "past_key_values"
         return self._cache_name
 
-    def _prefill(self, ids: Any, temperature: float, gen: Any) -> tuple[Any, int]:
+    def _prefill(self, ids: Any, temperature: float, gen: Any, setup: Callable[[], None] | None = None
+                 ) -> tuple[Any, int]:
         import torch
 
+        if setup is not None:
+            setup()
         with torch.inference_mode():
             out = self.model(input_ids=ids, use_cache=True)
             return getattr(out, self._cache_kw()), self._pick(out.logits[0, -1], temperature, gen)
 
-    def _step(self, token: int, past: Any, temperature: float, gen: Any) -> tuple[Any, int]:
+    def _step(self, token: int, past: Any, temperature: float, gen: Any, setup: Callable[[], None] | None = None
+              ) -> tuple[Any, int]:
         import torch
 
+        if setup is not None:
+            setup()
         kw = self._cache_kw()
         with torch.inference_mode():
             out = self.model(input_ids=torch.tensor([[token]], device=self.opts.device), use_cache=True, **{kw: past})
@@ -203,7 +220,8 @@ class TransformersBackend(Backend):
         sent = 0
         reason = FinishReason.LENGTH
         t_first = None
-        past, nxt = self._compute.run(self._prefill, ids, req.temperature, gen)
+        setup = self._request_setup(req)
+        past, nxt = self._compute.run(self._prefill, ids, req.temperature, gen, setup)
         for step in range(req.max_tokens):
             if req.cancel.is_set():
                 reason = FinishReason.CANCELLED
@@ -232,7 +250,7 @@ class TransformersBackend(Backend):
                 sent = safe
             if step + 1 == req.max_tokens:
                 break
-            past, nxt = self._compute.run(self._step, nxt, past, req.temperature, gen)
+            past, nxt = self._compute.run(self._step, nxt, past, req.temperature, gen, setup)
         if reason != FinishReason.CANCELLED and out_ids:
             text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
             if reason != FinishReason.STOP_SEQUENCE and len(text) > sent:

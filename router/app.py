@@ -12,13 +12,14 @@ from router.config import AppConfig, builtin_data, caprouter_home
 log = logging.getLogger(__name__)
 
 
-def build_backends(config: AppConfig, compute=None) -> dict:
-    """Construct (not load) every configured backend, found in the registry by kind."""
+def build_backends(config: AppConfig, compute=None, encoder=None) -> dict:
+    """Construct (not load) every configured backend, found in the registry by kind. ``encoder``
+    is the router's prompt encoder, for kinds that gate on the prompt embedding (moe)."""
     from backends import BACKENDS, register_builtin_backends
 
     register_builtin_backends()
     return {b.name: BACKENDS.get(b.kind)(b, cost_unit=config.routing.cost_unit, models_dir=config.models_dir(),
-                                         compute=compute)
+                                         compute=compute, encoder=encoder)
             for b in config.backends}
 
 
@@ -125,7 +126,7 @@ class App:
         store = await loop.run_in_executor(None, lambda: open_datastore(cfg, encoder, progress=progress,
                                                                         artifact=artifact))
         self.loading_detail = "loading backends"
-        self._backends = build_backends(cfg, self.compute)
+        self._backends = build_backends(cfg, self.compute, encoder)
         if artifact is not None:
             self._backends.update(route_only_backends(cfg, artifact, self._backends))
         for b in self._backends.values():

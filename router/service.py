@@ -354,7 +354,7 @@ class RouterService:
                 self._decisions.popitem(last=False)
 
     # ---- Generate ------------------------------------------------------------------------------
-    def _gen_request(self, msgs: Sequence[tuple[str, str]], p: GenParams) -> GenerationRequest:
+    def _gen_request(self, msgs: Sequence[tuple[str, str]], p: GenParams, embedding: Any = None) -> GenerationRequest:
         lim = self.config.limits
         gen = self.config.generation
         mt = gen.max_tokens if p.max_tokens is None else p.max_tokens
@@ -367,7 +367,8 @@ class RouterService:
             raise InvalidArgument(f"too many stop sequences: {len(p.stop)} > {lim.max_stop_sequences}")
         if any(not s for s in p.stop):
             raise InvalidArgument("stop sequences must be non-empty strings")
-        return GenerationRequest(messages=list(msgs), max_tokens=mt, temperature=temp, stop=list(p.stop), seed=p.seed)
+        return GenerationRequest(messages=list(msgs), max_tokens=mt, temperature=temp, stop=list(p.stop), seed=p.seed,
+                                 embedding=embedding)
 
     async def generate(self, query: Query, params: GenParams) -> AsyncIterator[GenStart | TextChunk | GenEnd]:
         """Route, then stream from the best backend; fall back down the ranking while nothing has
@@ -380,7 +381,7 @@ class RouterService:
         fallbacks: list[tuple[str, str]] = []
         for cand in decision.selection.ranked:
             backend = self.backends[cand.backend]
-            req = self._gen_request(msgs, params)
+            req = self._gen_request(msgs, params, decision.embedding)
             stream = backend.generate(req)
             started = False
             try:

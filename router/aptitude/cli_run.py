@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from router.aptitude.runner import load_suite, run_suite, suite_path
-from router.app import build_backends
+from router.app import build_backends, build_encoder
 from router.compute import ComputeThread
 from router.config import AppConfig
 from router.errors import ConfigError
@@ -15,7 +15,9 @@ from router.errors import ConfigError
 def run(config: AppConfig, out: Path, *, only: list[str] | None = None, limit: int | None = None,
         progress: bool = True) -> dict[str, dict[str, float]]:
     compute = ComputeThread()
-    backends = build_backends(config, compute)
+    # Backends that gate on the prompt embedding (moe) embed with the router's encoder.
+    encoder = compute.run(build_encoder, config, compute)
+    backends = build_backends(config, compute, encoder)
     if only:
         missing = sorted(set(only) - set(backends))
         if missing:
