@@ -109,3 +109,15 @@ def split_pool(pool: list[CalibrationPrompt], held_out: float = 0.25, seed: int 
         held += items[:n]
         fit += items[n:]
     return fit, held
+
+
+def subsample(pool: list[CalibrationPrompt], n: int | None) -> list[CalibrationPrompt]:
+    """At most about ``n`` prompts, every category kept in proportion (quick builds, tests)."""
+    if n is None or n >= len(pool):
+        return pool
+    cats = sorted({p.category for p in pool})
+    out: list[CalibrationPrompt] = []
+    for cat in cats:
+        items = [p for p in pool if p.category == cat]
+        out += items[:max(2, round(n * len(items) / len(pool)))]
+    return out

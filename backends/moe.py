@@ -236,7 +236,7 @@ class ExpertMLP(torch.nn.Module):
         super().__init__()
         if any(getattr(m, "bias", None) is not None for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
             raise ConfigError("the MoE split supports bias-free MLPs (Llama-style) only")
-        order = torch.as_tensor(np.argsort(labels, kind="stable"))
+        order = torch.as_tensor(np.argsort(labels, kind="stable"), device=mlp.down_proj.weight.device)
         self.order = order  # permuted neuron i is dense neuron order[i]
         self.act_fn = mlp.act_fn
         self.experts = experts
@@ -252,7 +252,12 @@ class ExpertMLP(torch.nn.Module):
         if len(on) == self.experts:
             return self.gate, self.up, self.down
         s, b = self.shared, self.block
-        rows = torch.cat([torch.arange(s)] + [torch.arange(s + e * b, s + (e + 1) * b) for e in sorted(on)])
+        return self.weights_rows(torch.cat([torch.arange(s)] + [torch.arange(s + e * b, s + (e + 1) * b)
+                                                                for e in sorted(on)]))
+
+    def weights_rows(self, rows: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Compact weights of the (permuted) neurons ``rows``, gathered on the weights' device."""
+        rows = torch.as_tensor(rows, device=self.gate.device)
         return (self.gate.index_select(0, rows), self.up.index_select(0, rows),
                 self.down.index_select(1, rows).contiguous())
 

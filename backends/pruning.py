@@ -120,20 +120,25 @@ def _slice_linear(lin: torch.nn.Linear, idx: torch.Tensor, dim: int) -> torch.nn
 
 def prune_mlp(model: torch.nn.Module, importances: Sequence[torch.Tensor], keep: float) -> list[torch.Tensor]:
     """Keep the top ``keep`` share of MLP neurons in every layer, in place; returns kept indices."""
-    n = model.config.intermediate_size
-    kept_n = max(1, int(round(keep * n)))
-    kept = []
-    for layer, imp in zip(model.model.layers, importances):
-        idx = torch.topk(imp, kept_n).indices.sort().values
+    kept_n = max(1, int(round(keep * model.config.intermediate_size)))
+    kept = [torch.topk(imp, kept_n).indices.sort().values for imp in importances]
+    prune_mlp_rows(model, kept)
+    return kept
+
+
+def prune_mlp_rows(model: torch.nn.Module, kept: Sequence[torch.Tensor]) -> None:
+    """Keep the MLP neurons ``kept[l]`` (the same count in every layer) of each layer l, in place."""
+    sizes = {len(k) for k in kept}
+    if len(sizes) != 1 or len(kept) != len(model.model.layers):
+        raise ValueError("prune_mlp_rows needs one index list per layer, all of the same length")
+    for layer, idx in zip(model.model.layers, kept):
         mlp = layer.mlp
         mlp.gate_proj = _slice_linear(mlp.gate_proj, idx, 0)
         mlp.up_proj = _slice_linear(mlp.up_proj, idx, 0)
         mlp.down_proj = _slice_linear(mlp.down_proj, idx, 1)
         if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = kept_n
-        kept.append(idx)
-    model.config.intermediate_size = kept_n
-    return kept
+            mlp.intermediate_size = len(idx)
+    model.config.intermediate_size = sizes.pop()
 
 
 def teacher_sequences(teacher: torch.nn.Module, tokenizer, texts: Sequence[str], *, max_new_tokens: int = 48,

@@ -273,6 +273,36 @@ def cmd_aptitude(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_codes(args: argparse.Namespace) -> int:
+    from backends.codes import CodeSpec, build_codes
+    from backends.weights import resolve_weights
+    from router.app import build_encoder
+    from router.errors import ConfigError
+    from router.logs import setup_logging
+
+    cfg = _config(args)
+    setup_logging(cfg.log_level, "text")
+    keeps = [float(x) for x in args.keep.split(",")]
+    shares = [float(x) for x in args.shares.split(",")] if args.shares else [1.0 / len(keeps)] * len(keeps)
+    if len(shares) != len(keeps) or not all(0 < k <= 1 for k in keeps) or min(shares) <= 0:
+        raise ConfigError("--keep takes shares in (0, 1]; --shares one positive share per code")
+    specs = [CodeSpec(f"mlp{round(k * 100)}-{chr(ord('a') + i)}", k, s) for i, (k, s) in enumerate(zip(keeps, shares))]
+    m = build_codes(resolve_weights(args.model, cfg.models_dir()), Path(args.out), specs,
+                    encoder=build_encoder(cfg), rounds=args.rounds, seed=args.seed, tailoring=args.tailoring,
+                    answer_tokens=args.answer_tokens, max_prompts=args.max_prompts, cache=cfg.models_dir(),
+                    progress=sys.stderr.isatty())
+    ev = m["evaluation"]
+    for c in m["codes"]:
+        e = ev[c["name"]]
+        print(f"{c['name']}: {c['intermediate_size']} MLP neurons, {e['prompts']} held-out prompts "
+              f"({', '.join(f'{k} {n}' for k, n in e['categories'])}); answer NLL tailored {e['tailored_nll']} "
+              f"vs static {e['static_nll']}")
+    print(f"routed mix at {ev['mix']['avg_mlp_keep']:.2f} of the MLP: NLL {ev['mix']['routed_nll']:.3f} vs one static "
+          f"mask of that size {ev['mix']['static_same_average_nll']:.3f} (dense {ev['dense_nll']:.3f})")
+    print(f"wrote {args.out}; serve a code with kind: transformers, options: {{model: {args.out}/<code>}}")
+    return 0
+
+
 def cmd_build_datastore(args: argparse.Namespace) -> int:
     from router.app import build_encoder, open_datastore, state_dir
     from router.logs import setup_logging
@@ -411,6 +441,20 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="report path (default: ARTIFACT/eval.json; .md and .png beside it)")
     e.add_argument("--costs")
     e.set_defaults(fn=cmd_eval)
+
+    c = sub.add_parser("codes", help="build prompt-tailored architecture codes (joint OT assignment and pruning)")
+    with_config(c)
+    c.add_argument("--out", required=True, help="folder to write (one HF folder per code and codes.json)")
+    c.add_argument("--model", default="smollm2-135m-instruct", help="weight source name or HF folder")
+    c.add_argument("--keep", default="0.9,0.75,0.6", help="share of MLP neurons each code keeps")
+    c.add_argument("--shares", help="traffic share of each code (the OT marginals; default: equal)")
+    c.add_argument("--rounds", type=int, default=3, help="assignment / pruning rounds")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--tailoring", type=float, default=0.5,
+                   help="weight of a code's own prompts in its importance (1: only them; 0: one static mask)")
+    c.add_argument("--answer-tokens", type=int, default=48, help="length of the dense answers the codes are scored on")
+    c.add_argument("--max-prompts", type=int, help="use about this many calibration prompts (quick builds)")
+    c.set_defaults(fn=cmd_codes)
 
     d = sub.add_parser("build-datastore", help="build the datastore snapshot from the configured outcomes")
     with_config(d)
