@@ -5,6 +5,7 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 from router.compute import ComputeThread
 from router.config import AppConfig, builtin_data, caprouter_home
@@ -97,6 +98,9 @@ class App:
     service: "object | None" = None
     loading_detail: str = "not started"
     compute: ComputeThread = field(default_factory=ComputeThread)
+    # Builds the dispatch targets; default: in-process backends from the registry. Ray mode
+    # passes one that returns adapters around Serve deployment handles.
+    backend_factory: Callable[[AppConfig, ComputeThread, Any], dict] | None = None
     _backends: dict = field(default_factory=dict)
 
     @property
@@ -126,7 +130,7 @@ class App:
         store = await loop.run_in_executor(None, lambda: open_datastore(cfg, encoder, progress=progress,
                                                                         artifact=artifact))
         self.loading_detail = "loading backends"
-        self._backends = build_backends(cfg, self.compute, encoder)
+        self._backends = (self.backend_factory or build_backends)(cfg, self.compute, encoder)
         if artifact is not None:
             self._backends.update(route_only_backends(cfg, artifact, self._backends))
         for b in self._backends.values():

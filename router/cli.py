@@ -256,7 +256,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     setup_logging(cfg.log_level, args.log_format)
+    if args.ray or args.ray_address:
+        return _serve_ray(cfg, args)
     asyncio.run(serve(build_app(cfg), ready_file=args.ready_file, progress=sys.stderr.isatty()))
+    return 0
+
+
+def _serve_ray(cfg, args: argparse.Namespace) -> int:
+    """Ray mode: the same service, its backends as Ray Serve deployments (backends/ray_serve.py)."""
+    import signal
+    import threading
+
+    from backends.ray_serve import RayServing
+
+    if args.ray_address:
+        cfg.ray.address = args.ray_address
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    serving = RayServing(cfg)
+    try:
+        if args.ready_file:
+            Path(args.ready_file).write_text(serving.address)
+        where = cfg.ray.address or "a local Ray instance"
+        print(f"caprouter serving on {serving.address} (Ray Serve on {where})", flush=True)
+        stop.wait()
+    finally:
+        serving.close()
     return 0
 
 
@@ -372,6 +398,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--default-cost-weight", type=float, help="default lambda for requests that set none")
     s.add_argument("--log-format", choices=["json", "text"], default="json")
     s.add_argument("--ready-file", help="write the bound address here once serving")
+    s.add_argument("--ray", action="store_true", help="dispatch through Ray Serve, starting a local Ray instance")
+    s.add_argument("--ray-address", help="dispatch through Ray Serve on this cluster (e.g. auto, ray://head:10001)")
     s.add_argument("--artifact", dest="artifact_serve",
                    help="a trained router (caprouter train); its unconfigured backends are served route-only")
     s.set_defaults(fn=cmd_serve)

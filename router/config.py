@@ -116,6 +116,46 @@ class AptitudeConfig(_Model):
     max_tokens: int = Field(48, ge=1)
 
 
+class DeploymentOptions(_Model):
+    """Ray Serve options of one backend's deployment (passed to ``Deployment.options``)."""
+
+    num_replicas: int | None = Field(None, ge=1)
+    # {min_replicas, max_replicas, target_ongoing_requests, ...}; excludes num_replicas.
+    autoscaling_config: dict[str, Any] | None = None
+    max_ongoing_requests: int = Field(4, ge=1)
+    # Ray resources per replica: {num_cpus, num_gpus, memory, resources}. num_cpus 0 by default so
+    # that every replica fits on a small machine; set it to pin replicas to capacity.
+    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0})
+
+    @model_validator(mode="after")
+    def _one_scaling(self) -> "DeploymentOptions":
+        if self.num_replicas is not None and self.autoscaling_config is not None:
+            raise ValueError("set num_replicas or autoscaling_config, not both")
+        return self
+
+
+class RayConfig(_Model):
+    """Ray Serve dispatch (``caprouter serve --ray``): backends as deployments, the router as the
+    ingress deployment that hosts the gRPC server."""
+
+    # None: start a local Ray instance in-process; else a cluster address ("auto", "ray://...").
+    address: str | None = None
+    namespace: str = "caprouter"
+    app_name: str = "caprouter"
+    # CPUs a local instance may use (None: all).
+    num_cpus: int | None = Field(None, ge=1)
+    # Per-backend deployment options by backend name, over ``default``.
+    deployments: dict[str, DeploymentOptions] = Field(default_factory=dict)
+    default: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    ingress: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(num_replicas=1, max_ongoing_requests=64))
+    # Every dispatch has a deadline: the first chunk (the replica's queue and prefill) and each
+    # chunk after it.
+    first_chunk_timeout_s: float = Field(60.0, gt=0)
+    chunk_timeout_s: float = Field(30.0, gt=0)
+    # How often the ingress asks Serve for replica health (backend status).
+    status_poll_s: float = Field(2.0, gt=0)
+
+
 class AppConfig(_Model):
     server: ServerConfig = Field(default_factory=ServerConfig)
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
@@ -124,6 +164,7 @@ class AppConfig(_Model):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     aptitude: AptitudeConfig = Field(default_factory=AptitudeConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
     backends: list[BackendConfig] = Field(default_factory=list)
     # A trained router (`caprouter train`): its capability encoder is blended with the datastore,
     # its outcomes are the datastore's base, and its backends that are not configured above are
