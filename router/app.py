@@ -89,6 +89,16 @@ def state_dir(config: AppConfig) -> Path:
     return caprouter_home() / "datastore" / key
 
 
+def default_telemetry():
+    """Prometheus metrics when prometheus_client is installed, else none."""
+    from router.telemetry import PrometheusTelemetry, Telemetry
+
+    try:
+        return PrometheusTelemetry()
+    except ImportError:
+        return Telemetry()
+
+
 @dataclass
 class App:
     """Everything ``caprouter serve`` runs, wired from one config. ``load`` does the slow part
@@ -101,6 +111,7 @@ class App:
     # Builds the dispatch targets; default: in-process backends from the registry. Ray mode
     # passes one that returns adapters around Serve deployment handles.
     backend_factory: Callable[[AppConfig, ComputeThread, Any], dict] | None = None
+    telemetry: Any = field(default_factory=default_telemetry)
     _backends: dict = field(default_factory=dict)
 
     @property
@@ -136,7 +147,7 @@ class App:
         for b in self._backends.values():
             self.loading_detail = f"loading backend {b.name}"
             await b.load()
-        service = RouterService(cfg, encoder, store, self._backends, capability=capability)
+        service = RouterService(cfg, encoder, store, self._backends, capability=capability, telemetry=self.telemetry)
         self.loading_detail = "restoring onboarded backends"
         restored = await loop.run_in_executor(None, service.attach_registry, open_registry(cfg))
         if restored:

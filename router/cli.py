@@ -27,6 +27,7 @@ def _config(args: argparse.Namespace):
     from router.config import load_config
 
     overrides = {"server.host": getattr(args, "host", None), "server.port": getattr(args, "port", None),
+                 "server.http_port": getattr(args, "http_port", None),
                  "routing.cost_weight": getattr(args, "default_cost_weight", None),
                  "cache_dir": getattr(args, "cache_dir", None), "log_level": getattr(args, "log_level", None)}
     if getattr(args, "state_dir", None):
@@ -397,6 +398,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int)
     s.add_argument("--default-cost-weight", type=float, help="default lambda for requests that set none")
     s.add_argument("--log-format", choices=["json", "text"], default="json")
+    s.add_argument("--http-port", type=int, help="also serve the OpenAI-compatible HTTP API on this port (0: any free)")
     s.add_argument("--ready-file", help="write the bound address here once serving")
     s.add_argument("--ray", action="store_true", help="dispatch through Ray Serve, starting a local Ray instance")
     s.add_argument("--ray-address", help="dispatch through Ray Serve on this cluster (e.g. auto, ray://head:10001)")

@@ -29,6 +29,8 @@ class _Model(BaseModel):
 class ServerConfig(_Model):
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
+    # The OpenAI-compatible HTTP endpoint beside gRPC (None: off; 0 picks a free port).
+    http_port: int | None = Field(None, ge=0, le=65535)
     # Seconds a stopping server lets in-flight requests finish.
     grace_s: float = Field(5.0, ge=0)
 

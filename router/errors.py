@@ -1,21 +1,22 @@
 """The one error hierarchy of caprouter, and its one mapping table to wire status codes.
 
 Every domain error derives from :class:`CaprouterError` and carries a :class:`ErrorCode`. Adapters
-(gRPC, HTTP) translate the code with :data:`GRPC_STATUS` and never inspect exception types, so a
+(gRPC, HTTP) translate the code with :data:`GRPC_STATUS` / :data:`HTTP_STATUS` (and
+:data:`OPENAI_ERROR_TYPE` for the OpenAI-compatible body) and never inspect exception types, so a
 new error needs exactly one line here. The core stays free of grpc imports: codes are names,
 resolved to ``grpc.StatusCode`` members by the adapter.
 
 =====================  ======================  ===========================================
-error                  code                    when
+error                  code (HTTP)             when
 =====================  ======================  ===========================================
-InvalidArgument        INVALID_ARGUMENT        malformed request: empty prompt, bad knob...
-UnknownBackend         INVALID_ARGUMENT        a knob names a backend that is not configured
-NotFound               NOT_FOUND               unknown decision id or backend in a lookup
-NoEligibleBackend      FAILED_PRECONDITION     constraints exclude every backend
-FailedPrecondition     FAILED_PRECONDITION     request valid but not servable in this state
-Unavailable            UNAVAILABLE             not ready yet, or every backend failed
-BackendError           UNAVAILABLE             a backend failed while generating
-DeadlineExceeded       DEADLINE_EXCEEDED       the caller's deadline passed
+InvalidArgument        INVALID_ARGUMENT (400)  malformed request: empty prompt, bad knob...
+UnknownBackend         INVALID_ARGUMENT (400)  a knob names a backend that is not configured
+NotFound               NOT_FOUND (404)         unknown decision id or backend in a lookup
+NoEligibleBackend      FAILED_PRECOND. (409)  constraints exclude every backend
+FailedPrecondition     FAILED_PRECOND. (409)  request valid but not servable in this state
+Unavailable            UNAVAILABLE (503)       not ready yet, or every backend failed
+BackendError           UNAVAILABLE (503)       a backend failed while generating
+DeadlineExceeded       DEADLINE_EXCEEDED (504) the caller's deadline passed
 ConfigError            (not on the wire)       invalid configuration at start-up
 ArtifactError          (not on the wire)       a stored artifact is missing or inconsistent
 =====================  ======================  ===========================================
@@ -93,4 +94,27 @@ GRPC_STATUS: dict[ErrorCode, str] = {
     ErrorCode.UNAVAILABLE: "UNAVAILABLE",
     ErrorCode.DEADLINE_EXCEEDED: "DEADLINE_EXCEEDED",
     ErrorCode.INTERNAL: "INTERNAL",
+}
+
+
+# HTTP status of each code (the OpenAI-compatible endpoint). FAILED_PRECONDITION is 409: the
+# request is valid but cannot be served as things stand (constraints exclude every backend, or
+# every backend is route-only).
+HTTP_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.INVALID_ARGUMENT: 400,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.FAILED_PRECONDITION: 409,
+    ErrorCode.UNAVAILABLE: 503,
+    ErrorCode.DEADLINE_EXCEEDED: 504,
+    ErrorCode.INTERNAL: 500,
+}
+
+# The ``error.type`` of OpenAI's error body.
+OPENAI_ERROR_TYPE: dict[ErrorCode, str] = {
+    ErrorCode.INVALID_ARGUMENT: "invalid_request_error",
+    ErrorCode.NOT_FOUND: "invalid_request_error",
+    ErrorCode.FAILED_PRECONDITION: "invalid_request_error",
+    ErrorCode.UNAVAILABLE: "server_error",
+    ErrorCode.DEADLINE_EXCEEDED: "timeout_error",
+    ErrorCode.INTERNAL: "server_error",
 }

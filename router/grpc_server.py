@@ -152,6 +152,7 @@ async def serve(app: App, *, ready_file: str | None = None, progress: bool = Tru
     cfg = app.config.server
     srv = GrpcServer(app, cfg.host, cfg.port)
     await srv.start()
+    http = await start_http(app)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -160,7 +161,21 @@ async def serve(app: App, *, ready_file: str | None = None, progress: bool = Tru
     if ready_file:
         with open(ready_file, "w") as f:
             f.write(srv.address)
-    print(f"caprouter serving on {srv.address}", flush=True)
+    print(f"caprouter serving on {srv.address}" + (f", OpenAI-compatible HTTP on http://{http.address}/v1" if http else ""),
+          flush=True)
     await stop.wait()
     log.info("shutting down")
+    if http is not None:
+        await http.stop()
     await srv.stop(cfg.grace_s)
+
+
+async def start_http(app: App):
+    """The OpenAI-compatible HTTP endpoint on ``server.http_port``, if configured."""
+    if app.config.server.http_port is None:
+        return None
+    from router.http_server import HttpServer
+
+    http = HttpServer(app, app.config.server.host, app.config.server.http_port, metrics=app.telemetry)
+    await http.start()
+    return http

@@ -29,6 +29,7 @@ from router.errors import (BackendError, CaprouterError, FailedPrecondition, Inv
                            NotFound, Unavailable, UnknownBackend)
 from router.budget import BudgetWindows, assign
 from router.policy import Knobs, KnobsInput, Selection, promote, select
+from router.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,8 @@ class Capability:
 
 class RouterService:
     def __init__(self, config: AppConfig, encoder: PromptEncoder, datastore: Any,
-                 backends: Mapping[str, Backend], *, capability: Capability | None = None) -> None:
+                 backends: Mapping[str, Backend], *, capability: Capability | None = None,
+                 telemetry: Telemetry | None = None) -> None:
         self.config = config
         self.encoder = encoder
         self.datastore = datastore
@@ -183,6 +185,8 @@ class RouterService:
         self._registry_log: Any = None
         self._olock = threading.Lock()
         self._budgets = BudgetWindows(r.budget_window)
+        self.telemetry = telemetry or Telemetry()
+        self.telemetry.watch_datastore(lambda: len(self.datastore))
 
     @property
     def names(self) -> list[str]:
@@ -254,6 +258,18 @@ class RouterService:
     def route(self, query: Query, *, dispatch: bool = False) -> Decision:
         """Decide for one prompt. dispatch: the decision is for Generate, so route-only backends
         (which caprouter cannot call) are not eligible."""
+        rpc = "Generate" if dispatch else "Route"
+        try:
+            d = self._route(query, dispatch)
+        except CaprouterError as e:
+            self.telemetry.request(rpc, "", e.code.value.lower())
+            raise
+        self.telemetry.routing(d.timings.total_ms / 1e3)
+        if not dispatch:
+            self.telemetry.request(rpc, d.backend, "ok")
+        return d
+
+    def _route(self, query: Query, dispatch: bool) -> Decision:
         t0 = time.perf_counter()
         msgs = self._messages(query.prompt, query.messages)
         backends = self.backends      # one consistent set for this request, whatever Onboard does meanwhile
@@ -391,7 +407,11 @@ class RouterService:
                         ttft = (time.perf_counter() - t0) * 1e3
                         yield GenStart(decision, cand.backend, tuple(fallbacks))
                     if isinstance(ev, Finished):
-                        yield GenEnd(cand.backend, ev, (time.perf_counter() - t0) * 1e3, ttft)
+                        total = (time.perf_counter() - t0) * 1e3
+                        tps = (ev.completion_tokens - 1) / ev.decode_s if ev.decode_s > 0 and ev.completion_tokens > 1 else 0.0
+                        self.telemetry.generation(cand.backend, total / 1e3, ttft / 1e3, ev.completion_tokens, tps)
+                        self.telemetry.request("Generate", cand.backend, "ok")
+                        yield GenEnd(cand.backend, ev, total, ttft)
                         return
                     yield ev
                 if not started:
@@ -399,14 +419,17 @@ class RouterService:
                 raise BackendError(cand.backend, "stream ended without a finish event", tokens_streamed=1)
             except BackendError as e:
                 if started:
+                    self.telemetry.request("Generate", cand.backend, "unavailable")
                     raise BackendError(cand.backend, f"{e} (after streaming began; no fallback possible)",
                                        tokens_streamed=1) from e
                 log.warning("backend %s failed before streaming, falling back: %s", cand.backend, e)
+                self.telemetry.fallback(cand.backend)
                 fallbacks.append((cand.backend, str(e)))
             finally:
                 req.cancel.set()
                 await stream.aclose()
         tried = "; ".join(f"{b}: {err}" for b, err in fallbacks)
+        self.telemetry.request("Generate", "", "unavailable")
         raise Unavailable(f"every eligible backend failed before answering ({tried})")
 
     # ---- Feedback ------------------------------------------------------------------------------
@@ -440,6 +463,7 @@ class RouterService:
         if cost is not None:
             rec["cost"] = {backend: float(cost)}
         rid = self.datastore.add(emb[None, :], [rec])[0]
+        self.telemetry.request("Feedback", backend, "ok")
         return FeedbackResult(rid, backend)
 
     # ---- Onboard -------------------------------------------------------------------------------
