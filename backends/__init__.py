@@ -4,7 +4,7 @@ from backends.base import BACKENDS, Backend, Finished, FinishReason, GenerationR
 
 def register_builtin_backends() -> None:
     """Import the built-in backend kinds so they register themselves (kept out of import time)."""
-    from backends import moe, route_only, transformers_backend  # noqa: F401
+    from backends import moe, openai_remote, route_only, transformers_backend  # noqa: F401
 
 
 __all__ = ["BACKENDS", "Backend", "Finished", "FinishReason", "GenerationRequest", "Status", "TextChunk",
