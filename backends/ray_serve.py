@@ -45,7 +45,8 @@ def _request_dict(req: GenerationRequest) -> dict[str, Any]:
 class BackendReplica:
     """One replica of one backend: the in-process Backend, built from the same config."""
 
-    async def __init__(self, backend: dict, cost_unit: str, models_dir: str, encoder: dict | None = None) -> None:
+    async def __init__(self, backend: dict, cost_unit: str, models_dir: str, encoder: dict | None = None,
+                       torch_threads: int | None = None) -> None:
         from pathlib import Path
 
         from backends import BACKENDS, register_builtin_backends
@@ -56,6 +57,7 @@ class BackendReplica:
         register_builtin_backends()
         cfg = BackendConfig.model_validate(backend)
         self.compute = ComputeThread()
+        _set_threads(self.compute, torch_threads)
         enc = None
         if encoder is not None:   # kinds that gate on the prompt embedding build theirs at load
             from router.app import build_encoder
@@ -97,6 +99,14 @@ class BackendReplica:
             yield ("error", str(e))
         finally:
             req.cancel.set()
+
+
+def _set_threads(compute: Any, n: int | None) -> None:
+    """torch's thread count, set on the compute thread (where every torch call runs)."""
+    if n:
+        import torch
+
+        compute.run(torch.set_num_threads, n)
 
 
 class RayBackend(Backend):
@@ -247,6 +257,7 @@ class RouterIngress:
 
         try:
             self.app = App(cfg, backend_factory=factory)
+            _set_threads(self.app.compute, cfg.ray.torch_threads)
             self.server = GrpcServer(self.app, cfg.server.host, cfg.server.port)
             self.address = self.server.address
             self._loop.run_until_complete(self.server.start())
@@ -296,7 +307,7 @@ def build_application(cfg: AppConfig) -> Any:
         opts = cfg.ray.deployments.get(b.name, cfg.ray.default)
         dep = serve.deployment(BackendReplica).options(name=deployment_name(b.name), **_options(opts))
         bound[b.name] = dep.bind(b.model_dump(), cfg.routing.cost_unit, str(cfg.models_dir()),
-                                 cfg.encoder.model_dump() if b.kind in needs_encoder else None)
+                                 cfg.encoder.model_dump() if b.kind in needs_encoder else None, cfg.ray.torch_threads)
     ingress = serve.deployment(RouterIngress).options(name="router", **_options(cfg.ray.ingress))
     return ingress.bind(cfg.model_dump_json(), bound)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 import time
 
@@ -158,14 +159,19 @@ def aptitude_figures(paths, names: dict[str, str], static_equal: str, tailored: 
     emb = MiniLMEncoder().encode([r.prompt for r in rows])
     fold = np.random.default_rng(seed).permutation(len(rows)) % 10
     Q = np.zeros((len(rows), len(cols)))
+    Chat = np.zeros((len(rows), len(cols)))
+    Cm = np.stack([C[t] for t in tailored], 1)
     for f in range(10):
         tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
         store = FaissKnnDatastore.from_records(emb[tr], [rows[i] for i in tr], k=32, prior_strength=2.0, temperature=0.05)
         est = store.estimate(emb[te])
-        Q[te] = est.quality[:, [est.column(c) for c in cols]]
-    Cm = np.stack([C[t] for t in tailored], 1)
+        idx = [est.column(c) for c in cols]
+        Q[te] = est.quality[:, idx]
+        # predicted cost (neighbours' recorded costs), never the item's own: that would leak
+        # how long the code's answer to it was
+        Chat[te] = np.where(np.isnan(est.cost[:, idx]), Cm[tr].mean(0), est.cost[:, idx])
     budget = float(C[static_equal].mean())
-    pick = assign(Q, Cm, budget)
+    pick, _ = assign(Q, Chat, budget)
     n = np.arange(len(rows))
     Ym = np.stack([Y[t] for t in tailored], 1)
     out["routed"] = {"budget": budget, "accuracy": float(Ym[n, pick].mean()), "cost": float(Cm[n, pick].mean()),
@@ -174,49 +180,14 @@ def aptitude_figures(paths, names: dict[str, str], static_equal: str, tailored: 
     return out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=48)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--codes", default=None, help="tailored codes folder (default: $CAPROUTER_HOME/codes; built if missing)")
-    ap.add_argument("--aptitude", nargs="+", help="aptitude outcomes of docs/examples/architecture-codes.yaml's "
-                    "backends (several files are merged by item id; the bundled one has the dense and mlp75 rows)")
-    ap.add_argument("--plot", default="docs/img/architecture_codes.png")
-    ap.add_argument("--recover-steps", type=int, default=0,
-                    help="also measure the layer-pruned codes after this many distillation steps (built once, cached)")
-    args = ap.parse_args()
-    codes: dict[str, dict] = {n: {"prune": p} if p else {} for n, p in CODES.items()}
-    if args.recover_steps:
-        for name in ("layers67-mlp75", "layers50"):
-            codes[f"{name}-kd{args.recover_steps}"] = {"prune": {**CODES[name], "recover_steps": args.recover_steps}}
-
-    from pathlib import Path
-
+def measure(codes: dict, args, compute, encoder, models) -> dict:
+    """Load every row's backend and measure it (see the module docstring)."""
     from backends.calibration import calibration_pool, split_pool
-    from backends.codes import CodeSpec, build_codes, load_manifest, prompt_lengths
+    from backends.codes import prompt_lengths
     from backends.moe import MoEBackend
     from backends.pruning import teacher_sequences
     from backends.transformers_backend import TransformersBackend
-    from backends.weights import resolve_weights
-    from encoders.minilm import MiniLMEncoder
-    from router.compute import ComputeThread
-    from router.config import BackendConfig, caprouter_home
-
-    compute = ComputeThread()
-    encoder = MiniLMEncoder(compute=compute)
-    models = caprouter_home() / "models"
-    codes_dir = Path(args.codes).expanduser() if args.codes else caprouter_home() / "codes"
-    if not (codes_dir / "codes.json").exists():
-        print(f"building the tailored codes in {codes_dir} (caprouter codes, defaults)")
-        build_codes(resolve_weights("smollm2-135m-instruct", models), codes_dir,
-                    [CodeSpec("mlp90-a", 0.9, 1 / 3), CodeSpec("mlp75-b", 0.75, 1 / 3), CodeSpec("mlp60-c", 0.6, 1 / 3)],
-                    encoder=encoder)
-    manifest = load_manifest(codes_dir)
-    tailored = [f"code-{c['name']}" for c in manifest["codes"]]
-    for c in manifest["codes"]:
-        codes[f"code-{c['name']}"] = {"model": str(codes_dir / c["name"])}
-    codes["moe-4of8"] = {"kind": "moe", "experts": 8, "top_k": 4, "shared": 0.5}
+    from router.config import BackendConfig
 
     text = (ROOT.parent / "shared" / "docs" / "background.md").read_text()
     backends = {}
@@ -261,6 +232,58 @@ def main() -> int:
             r["ppl"] = compute.run(perplexity, model, tok, text)
             r["nll"] = compute.run(heldout_nll, model, tok, h)
         rows[name] = r
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--codes", default=None, help="tailored codes folder (default: $CAPROUTER_HOME/codes; built if missing)")
+    ap.add_argument("--aptitude", nargs="+", help="aptitude outcomes of docs/examples/architecture-codes.yaml's "
+                    "backends (several files are merged by item id; the bundled one has the dense and mlp75 rows)")
+    ap.add_argument("--plot", default="docs/img/architecture_codes.png")
+    ap.add_argument("--from-json", action="store_true",
+                    help="reuse the measurements of the last run (benchmarks/out/architecture_codes.json)")
+    ap.add_argument("--recover-steps", type=int, default=0,
+                    help="also measure the layer-pruned codes after this many distillation steps (built once, cached)")
+    args = ap.parse_args()
+    codes: dict[str, dict] = {n: {"prune": p} if p else {} for n, p in CODES.items()}
+    if args.recover_steps:
+        for name in ("layers67-mlp75", "layers50"):
+            codes[f"{name}-kd{args.recover_steps}"] = {"prune": {**CODES[name], "recover_steps": args.recover_steps}}
+
+    from pathlib import Path
+
+    from backends.codes import CodeSpec, build_codes, load_manifest
+    from backends.weights import resolve_weights
+    from encoders.minilm import MiniLMEncoder
+    from router.compute import ComputeThread
+    from router.config import caprouter_home
+
+    compute = ComputeThread()
+    encoder = MiniLMEncoder(compute=compute)
+    models = caprouter_home() / "models"
+    codes_dir = Path(args.codes).expanduser() if args.codes else caprouter_home() / "codes"
+    if not (codes_dir / "codes.json").exists():
+        print(f"building the tailored codes in {codes_dir} (caprouter codes, defaults)")
+        build_codes(resolve_weights("smollm2-135m-instruct", models), codes_dir,
+                    [CodeSpec("mlp90-a", 0.9, 1 / 3), CodeSpec("mlp75-b", 0.75, 1 / 3), CodeSpec("mlp60-c", 0.6, 1 / 3)],
+                    encoder=encoder)
+    manifest = load_manifest(codes_dir)
+    tailored = [f"code-{c['name']}" for c in manifest["codes"]]
+    for c in manifest["codes"]:
+        codes[f"code-{c['name']}"] = {"model": str(codes_dir / c["name"])}
+    codes["moe-4of8"] = {"kind": "moe", "experts": 8, "top_k": 4, "shared": 0.5}
+
+    out_json = ROOT / "benchmarks" / "out" / "architecture_codes.json"
+    if args.from_json:
+        rows = json.loads(out_json.read_text())["rows"]
+    else:
+        rows = measure(codes, args, compute, encoder, models)
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+        out_json.write_text(json.dumps({"rows": rows}, indent=1))
     compute.shutdown()
     d = rows["dense"]
     print(f"{'code':<22}{'layers':>7}{'MLP':>6}{'held':>8}{'active':>8}{'tok/s b1':>10}{'x':>6}"

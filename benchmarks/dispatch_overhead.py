@@ -6,8 +6,9 @@ Both servers run the embedded default (same config, fresh state) and are called 
 from this process. Per-request overhead: Generate with max_tokens=1 forced to the dense backend
 (routing, dispatch, prefill, one token), requests alternating between the two servers; the
 overhead is the difference of the latency percentiles. Throughput: --clients concurrent clients
-streaming --tokens tokens each from the dense backend, in-process, then Ray with 1 and with 2
-replicas of the dense deployment. The last line is key=value figures.
+streaming --tokens tokens each from the dense backend, in-process, then Ray with 1 replica (torch on
+as many threads as in-process) and with 2 replicas (one thread each, Ray's default). The last
+line is key=value figures.
 """
 from __future__ import annotations
 
@@ -70,6 +71,7 @@ def main() -> int:
     from pathlib import Path
 
     import grpc
+    import torch
 
     from backends.ray_serve import RayServing
     from caprouter.v1 import router_pb2 as pb
@@ -79,16 +81,18 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="caprouter-dispatch-"))
 
-    def config(name: str, replicas: int | None = None):
+    def config(name: str, replicas: int | None = None, threads: int | None = None):
         cfg = load_config(None, {"server.port": 0, "cache_dir": str(caprouter_home() / "models"),
                                  "datastore.state_dir": str(tmp / name), "log_level": "WARNING"})
+        cfg.ray.torch_threads = threads
         if replicas:
             cfg.ray.deployments["smollm2-135m"] = cfg.ray.default.model_copy(update={"num_replicas": replicas})
         return cfg
 
     local = LiveServer(config("local"))
     local.call(local.server.load_and_serve())
-    ray1 = RayServing(config("ray1"))
+    # Latency: replicas with the in-process thread count, so that the difference is dispatch.
+    ray1 = RayServing(config("ray1", threads=torch.get_num_threads()))
     prompts = ["What is the capital of France?", "Name a colour.", "What is 2 + 2?", "Say hello."]
     stubs = {"in-process": router_pb2_grpc.RouterStub(grpc.insecure_channel(local.address)),
              "ray": router_pb2_grpc.RouterStub(grpc.insecure_channel(ray1.address))}
@@ -111,6 +115,7 @@ def main() -> int:
             "ray-1-replica": throughput(ray1.address, pb, grpc, args.clients, args.per_client, args.tokens)}
     ray1.close()
     local.stop()
+    # Throughput with two replicas: Ray's default of one thread each (they share the cores).
     ray2 = RayServing(config("ray2", replicas=2))
     tput["ray-2-replicas"] = throughput(ray2.address, pb, grpc, args.clients, args.per_client, args.tokens)
     ray2.close()

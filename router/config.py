@@ -156,6 +156,10 @@ class RayConfig(_Model):
     chunk_timeout_s: float = Field(30.0, gt=0)
     # How often the ingress asks Serve for replica health (backend status).
     status_poll_s: float = Field(2.0, gt=0)
+    # Threads each replica's torch work uses. None: what Ray sets (OMP_NUM_THREADS = the
+    # replica's CPUs, 1 when it asks for 0), which lets replicas share a machine without stealing
+    # each other's cores, at the price of slower prefill for each.
+    torch_threads: int | None = Field(None, ge=1)
 
 
 class AppConfig(_Model):

@@ -267,6 +267,9 @@ class RouterService:
         self.telemetry.routing(d.timings.total_ms / 1e3)
         if not dispatch:
             self.telemetry.request(rpc, d.backend, "ok")
+        c = d.selection.chosen
+        log.info("routed to %s (quality %.3f, cost %.3g, %.1f ms)", d.backend, c.quality, c.cost, d.timings.total_ms,
+                 extra={"decision_id": d.decision_id, "backend": d.backend, "rpc": rpc})
         return d
 
     def _route(self, query: Query, dispatch: bool) -> Decision:
@@ -411,6 +414,8 @@ class RouterService:
                         tps = (ev.completion_tokens - 1) / ev.decode_s if ev.decode_s > 0 and ev.completion_tokens > 1 else 0.0
                         self.telemetry.generation(cand.backend, total / 1e3, ttft / 1e3, ev.completion_tokens, tps)
                         self.telemetry.request("Generate", cand.backend, "ok")
+                        log.info("generated %d tokens in %.0f ms", ev.completion_tokens, total,
+                                 extra={"decision_id": decision.decision_id, "backend": cand.backend, "rpc": "Generate"})
                         yield GenEnd(cand.backend, ev, total, ttft)
                         return
                     yield ev
@@ -422,7 +427,8 @@ class RouterService:
                     self.telemetry.request("Generate", cand.backend, "unavailable")
                     raise BackendError(cand.backend, f"{e} (after streaming began; no fallback possible)",
                                        tokens_streamed=1) from e
-                log.warning("backend %s failed before streaming, falling back: %s", cand.backend, e)
+                log.warning("backend %s failed before streaming, falling back: %s", cand.backend, e,
+                            extra={"decision_id": decision.decision_id, "backend": cand.backend, "rpc": "Generate"})
                 self.telemetry.fallback(cand.backend)
                 fallbacks.append((cand.backend, str(e)))
             finally:

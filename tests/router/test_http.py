@@ -125,3 +125,17 @@ def test_bad_json_and_metrics(http):
     assert ds and float(ds[0].split()[1]) > 0
     with urllib.request.urlopen(f"http://{http.address}/healthz", timeout=10) as r:
         assert json.loads(r.read())["status"] == "ok"
+
+
+def test_json_logs_carry_the_decision_id(live_server, caplog):
+    import logging
+
+    from router.logs import JsonFormatter
+    from router.service import Query
+
+    with caplog.at_level(logging.INFO, logger="router.service"):
+        d = live_server.app.service.route(Query(prompt="Name a fruit."))
+    recs = [r for r in caplog.records if getattr(r, "decision_id", None) == d.decision_id]
+    assert recs
+    line = json.loads(JsonFormatter().format(recs[0]))
+    assert line["decision_id"] == d.decision_id and line["backend"] == d.backend and line["rpc"] == "Route"
