@@ -245,7 +245,7 @@ class RouterIngress:
     def _serve(self, cfg: AppConfig, handles: dict[str, Any]) -> None:
         # Our own loop in our own thread: the gRPC server and the App never share Serve's loop.
         from router.app import App
-        from router.grpc_server import GrpcServer
+        from router.grpc_server import GrpcServer, start_http
         from router.logs import setup_logging
 
         asyncio.set_event_loop(self._loop)
@@ -262,6 +262,8 @@ class RouterIngress:
             self.address = self.server.address
             self._loop.run_until_complete(self.server.start())
             self._loop.run_until_complete(self.server.load_and_serve())
+            self.http = self._loop.run_until_complete(start_http(self.app))
+            self.http_address = self.http.address if self.http else ""
         except BaseException as e:
             log.exception("ingress failed to start")
             self._error = e
@@ -273,11 +275,16 @@ class RouterIngress:
     def get_address(self) -> str:
         return self.address
 
+    def get_http_address(self) -> str:
+        return getattr(self, "http_address", "")
+
     def check_health(self) -> None:
         if not self._thread.is_alive():
             raise RuntimeError("the gRPC server thread has stopped")
 
     async def __del__(self) -> None:
+        if getattr(self, "http", None) is not None:
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.http.stop(), self._loop))
         if hasattr(self, "server"):
             fut = asyncio.run_coroutine_threadsafe(self.server.stop(1.0), self._loop)
             await asyncio.wrap_future(fut)
@@ -338,6 +345,7 @@ class RayServing:
         serve.start(proxy_location="Disabled")
         self.handle = serve.run(build_application(cfg), name=cfg.ray.app_name, route_prefix=None)
         self.address = self.handle.get_address.remote().result(timeout_s=120)
+        self.http_address = self.handle.get_http_address.remote().result(timeout_s=30)
 
     def close(self) -> None:
         import ray

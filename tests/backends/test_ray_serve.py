@@ -2,6 +2,7 @@
 deployments, the router as the ingress, called over real gRPC; compared with in-process mode."""
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -20,11 +21,13 @@ def ray_serving(tmp_path_factory, models_dir):
     from tests.conftest import default_config
 
     cfg = default_config(tmp_path_factory.mktemp("ray"), models_dir)
+    cfg.server.http_port = 0
     cfg.ray.num_cpus = 2
     # A replica that is gone must fail over quickly here; a fresh one needs longer than this to load.
     cfg.ray.first_chunk_timeout_s = 6.0
-    # Slower than the failover below takes to dispatch, so that it meets the dead replica itself.
-    cfg.ray.status_poll_s = 3.0
+    # Slower than the failover below takes to dispatch (milliseconds after the kill), so that it
+    # usually meets the dead replica itself; fast enough to see an outage of a few seconds.
+    cfg.ray.status_poll_s = 1.0
     srv = RayServing(cfg)
     yield srv
     srv.close()
@@ -70,6 +73,21 @@ def test_health_and_reflection_in_ray_mode(ray_stub):
     assert "caprouter.v1.Router" in {s.name for s in resp.list_services_response.service}
 
 
+def test_the_openai_endpoint_and_metrics_are_served_in_ray_mode(ray_serving, ray_stub):
+    import json
+    import urllib.request
+
+    assert ray_serving.http_address
+    req = urllib.request.Request(f"http://{ray_serving.http_address}/v1/chat/completions", data=json.dumps(
+        {"model": "caprouter", "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 4}).encode(),
+        headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        body = json.loads(r.read())
+        assert r.headers["x-caprouter-backend"] == body["model"] and body["choices"][0]["message"]["content"]
+    with urllib.request.urlopen(f"http://{ray_serving.http_address}/metrics", timeout=10) as r:
+        assert 'rpc="Generate"' in r.read().decode()
+
+
 def test_decisions_and_streams_match_in_process_mode(ray_stub, local_stub):
     from caprouter.v1 import router_pb2 as pb
 
@@ -110,8 +128,22 @@ def test_a_dead_replica_fails_over_then_the_deployment_recovers(ray_serving, ray
     knobs = pb.RoutingKnobs(allowed_backends=[DENSE, PRUNED], cost_weight=0.0)
     prompt = "What is the capital of France?"
     assert stub.Route(pb.RouteRequest(prompt=prompt, knobs=knobs), timeout=30).backend == DENSE
+    # Watch the backend's status from the moment of the kill until it is back.
+    seen: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        t0 = time.time()
+        while time.time() - t0 < 180 and not done.is_set():
+            seen.append(_backend_status(stub, DENSE).status)
+            if pb.BACKEND_STATUS_UNAVAILABLE in seen and seen[-1] == pb.BACKEND_STATUS_READY:
+                return
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
     for actor in replica_actors(ray_serving.cfg.ray.app_name, DENSE):
         ray.kill(actor, no_restart=True)
+    watcher.start()
     chunks = list(stub.Generate(pb.GenerateRequest(prompt=prompt, knobs=knobs, params=pb.GenerationParams(max_tokens=8)),
                                 timeout=120))
     start = chunks[0].start
@@ -120,15 +152,10 @@ def test_a_dead_replica_fails_over_then_the_deployment_recovers(ray_serving, ray
     assert start.backend == PRUNED
     assert [f.backend for f in start.fallbacks] == [DENSE] or DENSE not in [c.backend for c in start.candidates]
     assert "".join(c.text for c in chunks).strip()
-    # the outage shows as backend status, then Serve brings a replica back
-    seen_down, t0 = False, time.time()
-    while time.time() - t0 < 180:
-        st = _backend_status(stub, DENSE)
-        seen_down |= st.status == pb.BACKEND_STATUS_UNAVAILABLE
-        if seen_down and st.status == pb.BACKEND_STATUS_READY:
-            break
-        time.sleep(0.25)
-    assert seen_down and _backend_status(stub, DENSE).status == pb.BACKEND_STATUS_READY
+    # the outage showed as backend status, then Serve brought a replica back
+    watcher.join(200)
+    done.set()
+    assert pb.BACKEND_STATUS_UNAVAILABLE in seen and seen[-1] == pb.BACKEND_STATUS_READY
     again = list(stub.Generate(pb.GenerateRequest(prompt=prompt, knobs=knobs, params=pb.GenerationParams(max_tokens=8)),
                                timeout=120))
     assert again[0].start.backend == DENSE and not again[0].start.fallbacks
