@@ -127,6 +127,20 @@ def _chunk(c: pb.GenerateChunk) -> Chunk:
     return Chunk(text=c.text)
 
 
+def _gen_request(prompt: str | None, messages: Messages | None, max_tokens: int | None, temperature: float | None,
+                 stop: Sequence[str], seed: int | None, knobs: dict) -> pb.GenerateRequest:
+    params = pb.GenerationParams(stop=list(stop))
+    for name, v in (("max_tokens", max_tokens), ("temperature", temperature), ("seed", seed)):
+        if v is not None:
+            setattr(params, name, v)
+    return pb.GenerateRequest(knobs=_knobs(**knobs), params=params, **_input(prompt, messages))
+
+
+def _backends(r: pb.ListBackendsResponse) -> list[BackendInfo]:
+    return [BackendInfo(b.name, b.kind, pb.BackendStatus.Name(b.status).removeprefix("BACKEND_STATUS_").lower(),
+                        b.status_detail, b.description) for b in r.backends]
+
+
 def _unavailable(e: grpc.RpcError) -> bool:
     return isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.UNAVAILABLE
 
@@ -169,11 +183,7 @@ class Client:
     def generate(self, prompt: str | None = None, *, messages: Messages | None = None, max_tokens: int | None = None,
                  temperature: float | None = None, stop: Sequence[str] = (), seed: int | None = None,
                  timeout: float | None = None, **knobs) -> Iterator[Chunk]:
-        params = pb.GenerationParams(stop=list(stop))
-        for name, v in (("max_tokens", max_tokens), ("temperature", temperature), ("seed", seed)):
-            if v is not None:
-                setattr(params, name, v)
-        req = pb.GenerateRequest(knobs=_knobs(**knobs), params=params, **_input(prompt, messages))
+        req = _gen_request(prompt, messages, max_tokens, temperature, stop, seed, knobs)
         delays = self.retry.delays()
         while True:
             started = False
@@ -193,9 +203,8 @@ class Client:
         self._call(lambda: self._stub.Feedback(req, timeout=timeout or self.timeout))
 
     def list_backends(self, *, timeout: float | None = None) -> list[BackendInfo]:
-        r = self._call(lambda: self._stub.ListBackends(pb.ListBackendsRequest(), timeout=timeout or self.timeout))
-        return [BackendInfo(b.name, b.kind, pb.BackendStatus.Name(b.status).removeprefix("BACKEND_STATUS_").lower(),
-                            b.status_detail, b.description) for b in r.backends]
+        return _backends(self._call(lambda: self._stub.ListBackends(pb.ListBackendsRequest(),
+                                                                    timeout=timeout or self.timeout)))
 
 
 class AsyncClient:
@@ -235,11 +244,7 @@ class AsyncClient:
     async def generate(self, prompt: str | None = None, *, messages: Messages | None = None,
                        max_tokens: int | None = None, temperature: float | None = None, stop: Sequence[str] = (),
                        seed: int | None = None, timeout: float | None = None, **knobs) -> AsyncIterator[Chunk]:
-        params = pb.GenerationParams(stop=list(stop))
-        for name, v in (("max_tokens", max_tokens), ("temperature", temperature), ("seed", seed)):
-            if v is not None:
-                setattr(params, name, v)
-        req = pb.GenerateRequest(knobs=_knobs(**knobs), params=params, **_input(prompt, messages))
+        req = _gen_request(prompt, messages, max_tokens, temperature, stop, seed, knobs)
         delays = self.retry.delays()
         while True:
             started = False
@@ -259,6 +264,5 @@ class AsyncClient:
         await self._call(lambda: self._stub.Feedback(req, timeout=timeout or self.timeout))
 
     async def list_backends(self, *, timeout: float | None = None) -> list[BackendInfo]:
-        r = await self._call(lambda: self._stub.ListBackends(pb.ListBackendsRequest(), timeout=timeout or self.timeout))
-        return [BackendInfo(b.name, b.kind, pb.BackendStatus.Name(b.status).removeprefix("BACKEND_STATUS_").lower(),
-                            b.status_detail, b.description) for b in r.backends]
+        return _backends(await self._call(lambda: self._stub.ListBackends(pb.ListBackendsRequest(),
+                                                                          timeout=timeout or self.timeout)))

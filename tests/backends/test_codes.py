@@ -8,16 +8,6 @@ import torch
 from backends import codes as C
 
 
-@pytest.fixture
-def tiny():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval()
-
-
 @pytest.mark.parametrize("shares", [[0.5, 0.3, 0.2], [0.1, 0.1, 0.8], [1 / 3] * 3])
 def test_ot_assignment_respects_the_marginals(shares):
     q = np.random.default_rng(0).random((200, 3))

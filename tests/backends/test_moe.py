@@ -12,16 +12,6 @@ import torch
 from backends import moe as M
 
 
-@pytest.fixture
-def tiny():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval()
-
-
 def _labels(seed: int, n: int = 64, experts: int = 4, shared: int = 16) -> np.ndarray:
     rng = np.random.default_rng(seed)
     lab = np.full(n, -1)
