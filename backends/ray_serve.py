@@ -148,6 +148,7 @@ class RayBackend(Backend):
         gen = self._stream.generate.remote(_request_dict(request))
         it = gen.__aiter__()
         streamed = 0
+        finished = False
         try:
             while True:
                 timeout = self._ray.chunk_timeout_s if streamed else self._ray.first_chunk_timeout_s
@@ -168,12 +169,16 @@ class RayBackend(Backend):
                     streamed += 1
                     yield TextChunk(ev[1])
                 elif ev[0] == "end":
+                    finished = True
                     yield Finished(FinishReason(ev[1]), ev[2], ev[3], ev[4])
                     return
                 else:
                     raise BackendError(self.name, ev[1], tokens_streamed=streamed)
         finally:
-            gen.cancel()
+            # Only a stream the caller abandons is cancelled: cancelling a finished one costs a
+            # round trip to the replica on the request's critical path.
+            if not finished:
+                gen.cancel()
 
 
 def _short(e: BaseException) -> str:
@@ -190,32 +195,42 @@ class ServeHealth:
         self._poll = poll_s
         self._state: dict[str, tuple[Status, str] | None] = {}
         self._failures: dict[str, tuple[float, str]] = {}
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="serve-health", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        while not self._stop.wait(self._poll):
+            self.poll_once()
+
+    def poll_once(self) -> None:
+        """Read every backend deployment's replica states from Serve once. Polls are serialized, so
+        a snapshot taken earlier never overwrites a later one."""
         from ray import serve
 
-        while not self._stop.wait(self._poll):
-            try:
-                app = serve.status().applications.get(self._app)
-                if app is None:
+        with self._lock:
+            self._poll_locked(serve)
+
+    def _poll_locked(self, serve: Any) -> None:
+        try:
+            app = serve.status().applications.get(self._app)
+            if app is None:
+                return
+            for backend, dep in self._deployments.items():
+                d = app.deployments.get(dep)
+                if d is None:
                     continue
-                for backend, dep in self._deployments.items():
-                    d = app.deployments.get(dep)
-                    if d is None:
-                        continue
-                    running = d.replica_states.get("RUNNING", 0)
-                    if d.status.value == "HEALTHY" and running:
-                        self._state[backend] = None
-                    elif running:
-                        self._state[backend] = (Status.READY, f"deployment {d.status.value}, {running} replica(s) running")
-                    else:
-                        states = ", ".join(f"{k.lower()} {v}" for k, v in d.replica_states.items()) or "none"
-                        self._state[backend] = (Status.UNAVAILABLE, f"no running replica ({states}); {d.message}".strip())
-            except Exception:  # the controller may be busy or restarting; keep the last state
-                log.debug("serve.status() failed", exc_info=True)
+                running = d.replica_states.get("RUNNING", 0)
+                if d.status.value == "HEALTHY" and running:
+                    self._state[backend] = None
+                elif running:
+                    self._state[backend] = (Status.READY, f"deployment {d.status.value}, {running} replica(s) running")
+                else:
+                    states = ", ".join(f"{k.lower()} {v}" for k, v in d.replica_states.items()) or "none"
+                    self._state[backend] = (Status.UNAVAILABLE, f"no running replica ({states}); {d.message}".strip())
+        except Exception:  # the controller may be busy or restarting; keep the last state
+            log.debug("serve.status() failed", exc_info=True)
 
     def report_failure(self, backend: str, what: str) -> None:
         self._failures[backend] = (time.time(), what)
@@ -264,6 +279,9 @@ class RouterIngress:
             self._loop.run_until_complete(self.server.load_and_serve())
             self.http = self._loop.run_until_complete(start_http(self.app))
             self.http_address = self.http.address if self.http else ""
+            # Replace what the poller saw while the backends were still starting, before the
+            # first request can be routed on it.
+            self.health.poll_once()
         except BaseException as e:
             log.exception("ingress failed to start")
             self._error = e
@@ -339,9 +357,18 @@ class RayServing:
         self.cfg = cfg
         self._local = cfg.ray.address is None
         if not ray.is_initialized():
-            ray.init(address=cfg.ray.address, namespace=cfg.ray.namespace, num_cpus=cfg.ray.num_cpus if self._local else None,
-                     include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+            kw = dict(address=cfg.ray.address, namespace=cfg.ray.namespace,
+                      num_cpus=cfg.ray.num_cpus if self._local else None, include_dashboard=False,
+                      log_to_driver=False,
+                      runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+            try:
+                ray.init(**kw)
+            except Exception as e:  # a local node can time out starting on a busy machine: once more
+                if not self._local:
+                    raise
+                log.warning("starting Ray failed (%s); retrying once", e)
+                ray.shutdown()
+                ray.init(**kw)
         serve.start(proxy_location="Disabled")
         self.handle = serve.run(build_application(cfg), name=cfg.ray.app_name, route_prefix=None)
         self.address = self.handle.get_address.remote().result(timeout_s=120)
