@@ -295,6 +295,9 @@ class HttpServer:
                 # After the first chunk the status is sent: the stream carries the error and ends.
                 err = {"error": {"message": str(e), "type": OPENAI_ERROR_TYPE[e.code], "code": e.code.value.lower()}}
                 await resp.write(f"data: {json.dumps(err)}\n\n".encode())
+            except ConnectionResetError:
+                # The client went away; closing the events (finally) stops the generation.
+                return resp
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
             return resp
