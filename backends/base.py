@@ -52,6 +52,11 @@ class Finished:
     completion_tokens: int
     decode_s: float  # time spent producing the completion tokens after the first
 
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode speed: the tokens after the first over the time they took (0 when unknown)."""
+        return (self.completion_tokens - 1) / self.decode_s if self.decode_s > 0 and self.completion_tokens > 1 else 0.0
+
 
 class Backend(abc.ABC):
     """One dispatch target. ``generate`` yields TextChunk* then exactly one Finished.

@@ -113,9 +113,9 @@ def answer_nll(model: torch.nn.Module, seqs: Sequence[torch.Tensor], prompt_lens
 
 
 def prompt_lengths(tokenizer, texts: Sequence[str]) -> list[int]:
-    return [int(tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                              return_tensors="pt", return_dict=True)["input_ids"].shape[1])
-            for t in texts]
+    from backends.pruning import chat_ids
+
+    return [int(chat_ids(tokenizer, t).shape[1]) for t in texts]
 
 
 @dataclass
@@ -201,7 +201,7 @@ def build_codes(base_dir: Path, out: Path, specs: Sequence[CodeSpec], *, encoder
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from backends.calibration import calibration_pool, split_pool, subsample
-    from backends.moe import prompt_neuron_activity
+    from backends.moe import down_proj_norms, prompt_neuron_activity
     if len({s.name for s in specs}) != len(specs) or not specs:
         raise ConfigError("codes need distinct names")
     fit, held = split_pool(subsample(calibration_pool(), max_prompts))
@@ -212,7 +212,7 @@ def build_codes(base_dir: Path, out: Path, specs: Sequence[CodeSpec], *, encoder
     seqs = _teacher_answers(model, tok, texts, answer_tokens, base_dir, cache)
     plens = prompt_lengths(tok, texts)
     activity = prompt_neuron_activity(model, tok, texts)
-    wnorm = np.stack([layer.mlp.down_proj.weight.detach().norm(dim=0).numpy() for layer in model.model.layers])
+    wnorm = down_proj_norms(model)
     emb = encoder.encode(texts)
     nf = len(fit)
     masks = MaskedMLPs(model)

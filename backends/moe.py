@@ -39,6 +39,7 @@ from pydantic import Field, model_validator
 
 from backends.base import BACKENDS
 from backends.calibration import calibration_pool, split_pool
+from backends.pruning import run_calibration
 from backends.transformers_backend import TransformersBackend, TransformersOptions
 from router.errors import BackendError, ConfigError
 
@@ -61,18 +62,18 @@ def prompt_neuron_activity(model: torch.nn.Module, tokenizer, texts: Sequence[st
             h = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
             cur[i] = (h * h).mean(0).sqrt()
         hooks.append(layer.mlp.down_proj.register_forward_pre_hook(hook))
-    try:
-        with torch.inference_mode():
-            for p, t in enumerate(texts):
-                ids = tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                                    return_tensors="pt", return_dict=True)["input_ids"]
-                model(input_ids=ids.to(model.device))
-                for i in range(len(layers)):
-                    out[p, i] = cur[i].float().cpu().numpy()
-    finally:
-        for h in hooks:
-            h.remove()
+
+    def keep(p: int) -> None:
+        for i in range(len(layers)):
+            out[p, i] = cur[i].float().cpu().numpy()
+
+    run_calibration(model, tokenizer, texts, hooks, keep)
     return out
+
+
+def down_proj_norms(model: torch.nn.Module) -> npt.NDArray[np.float32]:
+    """(L, N): ||W_down[:, j]|| of every MLP neuron of every layer (the weight side of importance)."""
+    return np.stack([layer.mlp.down_proj.weight.detach().norm(dim=0).cpu().numpy() for layer in model.model.layers])
 
 
 def balanced_kmeans(x: npt.NDArray[np.float32], k: int, *, iters: int = 25, seed: int = 0) -> npt.NDArray[np.int64]:
@@ -199,7 +200,7 @@ def moe_folder(base_dir: Path, cache: Path, *, experts: int, shared: float, alph
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
     act_fit = prompt_neuron_activity(model, tok, [p.text for p in fit])
     act_held = prompt_neuron_activity(model, tok, [p.text for p in held])
-    wnorm = np.stack([layer.mlp.down_proj.weight.detach().norm(dim=0).numpy() for layer in model.model.layers])
+    wnorm = down_proj_norms(model)
     labels = np.stack([split_layer(act_fit[:, layer, :], wnorm[layer], experts, shared, seed=layer)
                        for layer in range(act_fit.shape[1])])
     sh_fit = expert_shares(act_fit, wnorm, labels, experts)

@@ -27,7 +27,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -40,14 +40,22 @@ def calibration_texts() -> list[str]:
     return [line.strip() for line in p.read_text().splitlines() if line.strip()]
 
 
-def _run_calibration(model: torch.nn.Module, tokenizer, texts: Sequence[str], hooks: list) -> None:
-    """Forward every calibration text (as a chat turn) through the model, then remove ``hooks``."""
+def chat_ids(tokenizer, text: str) -> torch.Tensor:
+    """(1, T) token ids of ``text`` as one user turn, with the assistant prompt after it."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                         return_tensors="pt", return_dict=True)["input_ids"]
+
+
+def run_calibration(model: torch.nn.Module, tokenizer, texts: Sequence[str], hooks: list,
+                    after_each: Callable[[int], None] | None = None) -> None:
+    """Forward every calibration text (as a chat turn) through the model, calling ``after_each(i)``
+    after text i, then remove ``hooks``."""
     try:
         with torch.inference_mode():
-            for t in texts:
-                ids = tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                                    return_tensors="pt", return_dict=True)["input_ids"]
-                model(input_ids=ids)
+            for i, t in enumerate(texts):
+                model(input_ids=chat_ids(tokenizer, t).to(model.device))
+                if after_each is not None:
+                    after_each(i)
     finally:
         for h in hooks:
             h.remove()
@@ -63,7 +71,7 @@ def mlp_neuron_importance(model: torch.nn.Module, tokenizer, texts: Sequence[str
             h = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
             sq[i] += (h * h).sum(0)
         hooks.append(layer.mlp.down_proj.register_forward_pre_hook(hook))
-    _run_calibration(model, tokenizer, texts, hooks)
+    run_calibration(model, tokenizer, texts, hooks)
     out = []
     for layer, s in zip(layers, sq):
         wnorm = layer.mlp.down_proj.weight.detach().to(torch.float64).norm(dim=0)
@@ -86,7 +94,7 @@ def layer_importance(model: torch.nn.Module, tokenizer, texts: Sequence[str]) ->
             tot[i] += (1 - cos).sum()
             count[i] += cos.numel()
         hooks.append(layer.register_forward_hook(hook, with_kwargs=True))
-    _run_calibration(model, tokenizer, texts, hooks)
+    run_calibration(model, tokenizer, texts, hooks)
     return (tot / count.clamp(min=1)).to(torch.float32)
 
 

@@ -23,7 +23,6 @@ import asyncio
 import logging
 import os
 import threading
-import time
 from typing import Any, AsyncIterator
 
 from backends.base import Backend, Finished, FinishReason, GenerationRequest, Status, TextChunk
@@ -162,7 +161,6 @@ class RayBackend(Backend):
                 except BackendError:
                     raise
                 except Exception as e:   # the replica died or was unreachable (RayActorError, ...)
-                    self._health.report_failure(self.name, f"{type(e).__name__}")
                     raise BackendError(self.name, f"replica failed: {type(e).__name__}: {_short(e)}",
                                        tokens_streamed=streamed) from None
                 if ev[0] == "text":
@@ -194,7 +192,6 @@ class ServeHealth:
         self._deployments = deployments   # backend name -> deployment name
         self._poll = poll_s
         self._state: dict[str, tuple[Status, str] | None] = {}
-        self._failures: dict[str, tuple[float, str]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="serve-health", daemon=True)
@@ -231,9 +228,6 @@ class ServeHealth:
                     self._state[backend] = (Status.UNAVAILABLE, f"no running replica ({states}); {d.message}".strip())
         except Exception:  # the controller may be busy or restarting; keep the last state
             log.debug("serve.status() failed", exc_info=True)
-
-    def report_failure(self, backend: str, what: str) -> None:
-        self._failures[backend] = (time.time(), what)
 
     def status(self, backend: str) -> tuple[Status, str] | None:
         return self._state.get(backend)

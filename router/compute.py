@@ -35,6 +35,14 @@ class ComputeThread:
         self._ex.shutdown(wait=False, cancel_futures=True)
 
 
+async def off_loop(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run blocking core work (embedding, search, fsync) off the event loop, for the adapters."""
+    import asyncio
+    import functools
+
+    return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args, **kwargs))
+
+
 class Inline:
     """Runs work on the calling thread: for components used alone (tests, scripts)."""
 

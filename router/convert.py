@@ -119,10 +119,9 @@ def generate_chunk(svc: RouterService, ev: GenStart | TextChunk | GenEnd) -> pb.
     if isinstance(ev, TextChunk):
         return pb.GenerateChunk(text=ev.text)
     f = ev.finished
-    tps = (f.completion_tokens - 1) / f.decode_s if f.decode_s > 0 and f.completion_tokens > 1 else 0.0
     return pb.GenerateChunk(end=pb.GenerateEnd(
         finish_reason=FINISH[f.reason], usage=pb.Usage(prompt_tokens=f.prompt_tokens, completion_tokens=f.completion_tokens),
-        latency_ms=ev.latency_ms, time_to_first_token_ms=ev.ttft_ms, tokens_per_second=tps, backend=ev.backend))
+        latency_ms=ev.latency_ms, time_to_first_token_ms=ev.ttft_ms, tokens_per_second=f.tokens_per_second, backend=ev.backend))
 
 
 def backend_info(v: BackendView) -> pb.BackendInfo:

@@ -20,6 +20,7 @@ from caprouter.v1 import router_pb2 as pb
 from caprouter.v1 import router_pb2_grpc as pb_grpc
 from router import convert
 from router.app import App
+from router.compute import off_loop
 from router.errors import GRPC_STATUS, CaprouterError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -55,15 +56,10 @@ class RouterServicer(pb_grpc.RouterServicer):
             raise Unavailable(f"caprouter is starting ({self.app.loading_detail}); retry shortly")
         return self.app.service
 
-    @staticmethod
-    async def _off_loop(fn: Callable, *args: Any, **kwargs: Any) -> Any:
-        """Run blocking core work (embedding, search, fsync) off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args, **kwargs))
-
     @_guard_unary
     async def Route(self, request: pb.RouteRequest, context: grpc.aio.ServicerContext) -> pb.RouteResponse:
         svc = self._svc()
-        return convert.route_response(svc, await self._off_loop(svc.route, convert.query(request)))
+        return convert.route_response(svc, await off_loop(svc.route, convert.query(request)))
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
         try:
@@ -87,7 +83,7 @@ class RouterServicer(pb_grpc.RouterServicer):
     @_guard_unary
     async def Feedback(self, request: pb.FeedbackRequest, context: grpc.aio.ServicerContext) -> pb.FeedbackResponse:
         svc = self._svc()
-        res = await self._off_loop(
+        res = await off_loop(
             svc.feedback, request.decision_id, request.score, backend=request.backend, prompt=request.prompt,
             messages=convert.messages(request), cost=request.cost if request.HasField("cost") else None)
         return pb.FeedbackResponse(metadata=convert.metadata(svc), record_id=res.record_id, backend=res.backend)
@@ -101,12 +97,12 @@ class RouterServicer(pb_grpc.RouterServicer):
     @_guard_unary
     async def Onboard(self, request: pb.OnboardRequest, context: grpc.aio.ServicerContext) -> pb.OnboardResponse:
         svc = self._svc()
-        return convert.onboard_response(svc, await self._off_loop(svc.onboard, convert.onboard_spec(request)))
+        return convert.onboard_response(svc, await off_loop(svc.onboard, convert.onboard_spec(request)))
 
     @_guard_unary
     async def RouteBatch(self, request: pb.RouteBatchRequest, context: grpc.aio.ServicerContext) -> pb.RouteBatchResponse:
         svc = self._svc()
-        res = await self._off_loop(svc.route_batch, convert.batch_items(request), convert.knobs(request.knobs))
+        res = await off_loop(svc.route_batch, convert.batch_items(request), convert.knobs(request.knobs))
         return convert.batch_response(svc, res)
 
 

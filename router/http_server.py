@@ -25,6 +25,7 @@ from aiohttp import web
 
 from backends.base import FinishReason, TextChunk
 from router.app import App
+from router.compute import off_loop
 from router.errors import HTTP_STATUS, OPENAI_ERROR_TYPE, CaprouterError, InvalidArgument, NotFound, Unavailable
 from router.policy import KnobsInput
 from router.service import Decision, GenEnd, GenParams, GenStart, Query
@@ -327,8 +328,7 @@ class HttpServer:
         if not isinstance(did, str) or not did:
             raise InvalidArgument("decision_id is required (from a response's caprouter.decision_id)")
         did = did.removeprefix("chatcmpl-").removeprefix("cmpl-")
-        res = await asyncio.get_running_loop().run_in_executor(
-            None, functools.partial(svc.feedback, did, float(score), backend=body.get("backend") or ""))
+        res = await off_loop(svc.feedback, did, float(score), backend=body.get("backend") or "")
         return web.json_response({"object": "feedback", "record_id": res.record_id, "backend": res.backend})
 
     async def healthz(self, request: web.Request) -> web.Response:

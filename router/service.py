@@ -411,8 +411,8 @@ class RouterService:
                         yield GenStart(decision, cand.backend, tuple(fallbacks))
                     if isinstance(ev, Finished):
                         total = (time.perf_counter() - t0) * 1e3
-                        tps = (ev.completion_tokens - 1) / ev.decode_s if ev.decode_s > 0 and ev.completion_tokens > 1 else 0.0
-                        self.telemetry.generation(cand.backend, total / 1e3, ttft / 1e3, ev.completion_tokens, tps)
+                        self.telemetry.generation(cand.backend, total / 1e3, ttft / 1e3, ev.completion_tokens,
+                                                  ev.tokens_per_second)
                         self.telemetry.request("Generate", cand.backend, "ok")
                         log.info("generated %d tokens in %.0f ms", ev.completion_tokens, total,
                                  extra={"decision_id": decision.decision_id, "backend": cand.backend, "rpc": "Generate"})
