@@ -46,6 +46,10 @@ class Datastore(Protocol):
         """embeddings: float32 (n, d), unit rows."""
         ...
 
+    def recorded(self, embeddings: npt.NDArray[np.float32]) -> Estimate:
+        """The scores stored for these very prompts (duplicates of stored ones), NaN elsewhere."""
+        ...
+
     def add(self, embeddings: npt.NDArray[np.float32], records: Sequence[dict]) -> list[str]:
         """Durably append outcomes (one record per row: prompt, scores, optional cost); returns ids."""
         ...

@@ -246,6 +246,32 @@ class FaissKnnDatastore:
             out.append(Estimate(backends, np.clip(quality, 0, 1, dtype=np.float32), den, cost.astype(np.float32)))
         return out
 
+    def recorded(self, embeddings: npt.NDArray[np.float32], *, min_similarity: float = 0.9999,
+                 max_duplicates: int = 8) -> Estimate:
+        """The outcomes stored for these very prompts: for each row of embeddings (n, d), each
+        backend's mean score over the stored copies of that prompt (cosine >= min_similarity; up
+        to max_duplicates of them), NaN where none is stored or none has a score for that
+        backend. quality (n, B), support (n, B) the number of copies scored, cost (n, B)."""
+        q = np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1, self.dim)
+        with self._lock:
+            backends = tuple(self.backends)
+            B = len(backends)
+            if len(self._ids) == 0 or not B:
+                z = np.full((q.shape[0], B), np.nan, dtype=np.float32)
+                return Estimate(backends, z, np.zeros_like(z), z.copy())
+            faiss.omp_set_num_threads(1 if q.shape[0] <= 64 else self._omp_threads)
+            sims, idx = self.index.search(q, min(max_duplicates, len(self._ids)))
+            hit = ((idx >= 0) & (sims >= min_similarity)).astype(np.float32)[:, :, None]   # (n, k, 1)
+            idx = np.maximum(idx, 0)
+            seen, val = self._scores.seen[idx][..., :B] * hit, self._scores.val[idx][..., :B]
+            cseen, cval = self._cost.seen[idx][..., :B] * hit, self._cost.val[idx][..., :B]
+        n = seen.sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            quality = np.where(n > 0, (seen * val).sum(1) / n, np.nan).astype(np.float32)
+            cn = cseen.sum(1)
+            cost = np.where(cn > 0, (cseen * cval).sum(1) / cn, np.nan).astype(np.float32)
+        return Estimate(backends, quality, n.astype(np.float32), cost)
+
     def stats(self) -> dict[str, BackendStats]:
         with self._lock:
             return {b: BackendStats(int(self._cnt[i]), float(self._sum[i] / self._cnt[i]) if self._cnt[i] else float("nan"))

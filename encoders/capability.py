@@ -301,7 +301,7 @@ def code_assignment(model, X: npt.NDArray[np.float32]) -> npt.NDArray[np.float32
 
 def onboard(model, X: npt.NDArray[np.float32], y: npt.NDArray[np.float32], *, l2: float = 0.1,
             steps: int = 300, knn: npt.NDArray[np.float32] | None = None, prior: str = "span",
-            fit_w: bool = True
+            fit_w: bool = True, peer_residuals: npt.NDArray[np.float32] | None = None
             ) -> tuple[npt.NDArray[np.float32], float, npt.NDArray[np.float32], npt.NDArray[np.float32]]:
     """Fit a new backend's (g, beta, H column) from its aptitude results, the prompt side frozen.
 
@@ -317,6 +317,13 @@ def onboard(model, X: npt.NDArray[np.float32], y: npt.NDArray[np.float32], *, l2
     with a (B,) free and the residual delta shrunk by l2: a few dozen results place the new
     backend among the known ones (B + 1 numbers), and only what they cannot express costs the
     l2 penalty. prior "mean": the parameters are shrunk towards the trained backends' mean.
+
+    peer_residuals: (m, B) the trained backends' observed scores on the aptitude prompts minus
+    the model's predictions for them (NaN: not observed), or None. A sample of a few dozen
+    prompts is luckier or harder than the traffic by chance, and the trained backends show by how
+    much: their residuals enter the fit as covariates (coefficients fitted, l2-shrunk) and are
+    dropped afterwards (their expectation on new prompts is zero), so the new backend's level is
+    not biased by the sample's luck (a control variate).
     """
     import torch
 
@@ -333,12 +340,15 @@ def onboard(model, X: npt.NDArray[np.float32], y: npt.NDArray[np.float32], *, l2
             kl = knn_logit(knn)
             kl = kl if kl.ndim == 2 else kl[:, None]                            # (m, S)
     yt = torch.as_tensor(y, dtype=torch.float32)
+    R = None if peer_residuals is None else torch.as_tensor(np.nan_to_num(peer_residuals, nan=0.0), dtype=torch.float32)
+    gamma = torch.zeros(0 if R is None else R.shape[1], requires_grad=R is not None)
     wv = w0.clone().requires_grad_(fit_w and kl is not None)
     mix = torch.full((nb,), 1.0 / nb, requires_grad=prior == "span")
     dg = torch.zeros(G.shape[1], requires_grad=True)
     dh = torch.zeros(Hm.shape[0], requires_grad=True)
     c = torch.zeros((), requires_grad=True)
-    params = [dg, dh, c] + ([mix] if prior == "span" else []) + ([wv] if wv.requires_grad else [])
+    params = ([dg, dh, c] + ([mix] if prior == "span" else []) + ([wv] if wv.requires_grad else [])
+              + ([gamma] if R is not None else []))
     opt = torch.optim.LBFGS(params, max_iter=steps, line_search_fn="strong_wolfe")
 
     def parts():
@@ -347,8 +357,10 @@ def onboard(model, X: npt.NDArray[np.float32], y: npt.NDArray[np.float32], *, l2
     def closure():
         opt.zero_grad()
         g, b, h = parts()
-        logits = z @ g + b + s @ h + (kl @ wv if kl is not None else 0.0)
+        logits = z @ g + b + s @ h + (kl @ wv if kl is not None else 0.0) + (R @ gamma if R is not None else 0.0)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, yt)
+        if R is not None:
+            loss = loss + l2 * gamma.pow(2).sum() / len(y)
         loss = loss + l2 * (dg.pow(2).sum() + dh.pow(2).sum() + (wv - w0).pow(2).sum()) / len(y)
         if prior == "span":
             # Mixing weights stay moderate: an extrapolation far outside the known models needs

@@ -132,14 +132,23 @@ class Capability:
         self._frozen = self._compute.run(FrozenCapability, model)
 
     def with_backend(self, name: str, X: npt.NDArray[np.float32], y: npt.NDArray[np.float32],
-                     ds_cfg: Any) -> "Capability":
+                     ds_cfg: Any, datastore: Any) -> "Capability":
         """A copy that also predicts ``name`` (or predicts it anew), its vector fitted to the
-        aptitude results X (m, d), y (m,) with the prompt side frozen."""
+        aptitude results X (m, d), y (m,) with the prompt side frozen. Where the datastore holds
+        the trained backends' own outcomes on those prompts, their residuals correct the fit for
+        the luck of the sample (``encoders.capability.onboard``)."""
         from encoders.capability import add_backend, replace_backend
-        from router.training import fit_backend
+        from router.training import fit_backend, peer_residuals
+
+        rec = datastore.recorded(X)
+        # The backend being fitted is nobody's peer (re-onboarded, its old vector is in the model).
+        cols = [rec.column(b) if b != name else None for b in self.backends]
+        recorded = np.stack([rec.quality[:, c] if c is not None else np.full(len(X), np.nan, np.float32)
+                             for c in cols], 1)
+        R = peer_residuals(recorded, self.predict_many(X, datastore.estimate_many(X, self.scales)))
 
         def fit() -> Any:
-            g, b, h, w = fit_backend(self.model, X, y, ds_cfg)
+            g, b, h, w = fit_backend(self.model, X, y, ds_cfg, peer_residuals=R)
             if name in self.backends:
                 return replace_backend(self.model, self.backends.index(name), g, b, h, self.config, w)
             return add_backend(self.model, g, b, h, self.config, w)
@@ -156,13 +165,18 @@ class Capability:
     def predict(self, embedding: npt.NDArray[np.float32], estimates: Sequence[Any]) -> dict[str, float]:
         """embedding: (d,); estimates: the datastore's Estimate for it at each of ``scales`` ->
         quality per backend."""
+        q = self.predict_many(embedding[None, :], estimates)[0]
+        return dict(zip(self.backends, map(float, q)))
+
+    def predict_many(self, X: npt.NDArray[np.float32], estimates: Sequence[Any]) -> npt.NDArray[np.float32]:
+        """X: (n, d); estimates: the datastore's Estimate for X at each of ``scales`` -> (n, B)
+        quality in ``backends`` order (a backend the datastore has not seen: the mean of the others)."""
         cols = []
         for est in estimates:
-            mean = float(est.quality[0].mean()) if est.quality.size else 0.5
-            cols.append([est.quality[0, c] if (c := est.column(b)) is not None else mean for b in self.backends])
-        k = np.asarray(cols, dtype=np.float32).T[None]                               # (1, B, S)
-        q = self._frozen.predict(embedding[None, :], k)[0]
-        return dict(zip(self.backends, map(float, q)))
+            mean = est.quality.mean(1) if est.quality.shape[1] else np.full(len(X), 0.5, np.float32)
+            cols.append([est.quality[:, c] if (c := est.column(b)) is not None else mean for b in self.backends])
+        k = np.asarray(cols, dtype=np.float32).transpose(2, 1, 0)                    # (n, B, S)
+        return self._frozen.predict(X, k)
 
 
 class RouterService:
@@ -514,6 +528,10 @@ class RouterService:
         from backends.route_only import RouteOnlyBackend
         from router.config import BackendConfig
 
+        # Fitted first, while the datastore holds only the trained backends' outcomes on these
+        # prompts (their residuals correct the fit; see Capability.with_backend).
+        capability = None if self.capability is None else self.capability.with_backend(
+            reg.backend, emb, np.asarray(reg.scores, dtype=np.float32), self.config.datastore, self.datastore)
         prev = self._registered.get(reg.backend)
         if prev is not None:
             self.datastore.retract(prev.record_ids(), reg.backend)
@@ -523,10 +541,9 @@ class RouterService:
         # Copy-on-write: a Route running concurrently sees the old set or the new one, never half.
         self.backends = {**self.backends, reg.backend: backend}
         self._registered[reg.backend] = reg
-        if self.capability is None:
+        if capability is None:
             return False
-        y = np.asarray(reg.scores, dtype=np.float32)
-        self.capability = self.capability.with_backend(reg.backend, emb, y, self.config.datastore)
+        self.capability = capability
         return True
 
     @functools.cached_property

@@ -117,13 +117,25 @@ def _kmeans_pp(X: npt.NDArray[np.float32], m: int, rng: np.random.Generator) -> 
     return np.array(cent, dtype=np.float32)
 
 
-def fit_backend(model: Any, X: npt.NDArray[np.float32], y: npt.NDArray[np.float32], ds_cfg: Any
+def fit_backend(model: Any, X: npt.NDArray[np.float32], y: npt.NDArray[np.float32], ds_cfg: Any, *,
+                peer_residuals: npt.NDArray[np.float32] | None = None
                 ) -> tuple[npt.NDArray[np.float32], float, npt.NDArray[np.float32], npt.NDArray[np.float32]]:
     """A new backend's capability vector and datastore weights (g, beta, h, w) from its aptitude
-    results X (m, d), y (m,), the prompt side of ``model`` frozen (Model-SAT onboarding)."""
+    results X (m, d), y (m,), the prompt side of ``model`` frozen (Model-SAT onboarding).
+    peer_residuals (m, B): the trained backends' recorded scores on the same prompts minus the
+    model's predictions (``peer_residuals``), NaN where not recorded; None: not known."""
     from encoders.capability import onboard
 
-    return onboard(model, X, y, knn=aptitude_knn(X, y, ds_cfg, scales=_scales(model)))
+    return onboard(model, X, y, knn=aptitude_knn(X, y, ds_cfg, scales=_scales(model)), peer_residuals=peer_residuals)
+
+
+def peer_residuals(recorded: npt.NDArray[np.float32], predicted: npt.NDArray[np.float32]
+                   ) -> npt.NDArray[np.float32] | None:
+    """(m, B) recorded scores of the trained backends on the aptitude prompts (NaN: none) minus
+    the model's predictions for them; None when no backend has a recorded score there (the
+    aptitude prompts are new to the datastore), so onboarding fits without the control variate."""
+    R = np.asarray(recorded, dtype=np.float32) - np.asarray(predicted, dtype=np.float32)
+    return None if np.isnan(R).all() else R
 
 
 def _scales(model: Any) -> list[list[float]] | None:

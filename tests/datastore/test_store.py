@@ -33,6 +33,21 @@ def test_knn_estimate_matches_hand_computation():
     assert math.isclose(est.support[0, n], w[1], rel_tol=1e-5)
 
 
+def test_recorded_returns_the_scores_stored_for_the_very_prompt():
+    ds = FaissKnnDatastore(2, "toy", k=2)
+    emb = _unit([[1, 0], [0.8, 0.6], [1, 0]])
+    # "a" and "c" are the same prompt, stored twice (say by two backends' feedback).
+    ds._insert(emb, ["a", "b", "c"], [{"m": 1.0}, {"m": 0.0, "n": 1.0}, {"m": 0.0, "n": 0.5}],
+               [{"m": 2.0}, {}, {}])
+    rec = ds.recorded(_unit([[1, 0], [0.8, 0.6], [0, 1]]))
+    m, n = rec.column("m"), rec.column("n")
+    assert rec.quality[0, m] == 0.5 and rec.quality[0, n] == 0.5       # the mean over both copies
+    assert rec.support[0, m] == 2 and rec.support[0, n] == 1 and rec.cost[0, m] == 2.0
+    assert rec.quality[1, m] == 0.0 and rec.quality[1, n] == 1.0
+    assert np.isnan(rec.quality[2]).all() and (rec.support[2] == 0).all()   # a new prompt: nothing recorded
+    assert np.isnan(FaissKnnDatastore(2, "toy").recorded(_unit([[1, 0]])).quality).all()
+
+
 def test_backend_without_neighbours_gets_its_prior():
     ds = FaissKnnDatastore(2, "toy", k=1, prior_strength=2.0)
     ds._insert(_unit([[1, 0], [0, 1]]), ["a", "b"], [{"m": 1.0}, {"n": 0.25}], [{}, {}])

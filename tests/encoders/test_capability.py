@@ -142,3 +142,45 @@ def test_the_numpy_serving_copy_computes_what_the_torch_model_computes():
     frozen = FrozenCapability(m)
     np.testing.assert_allclose(frozen.predict(X, K), predict(m, X, K), atol=1e-5)
     np.testing.assert_allclose(frozen.predict(X), predict(m, X), atol=1e-5)
+
+
+def test_peers_residuals_correct_the_level_fitted_on_a_lucky_aptitude_sample():
+    """Every backend's outcome also depends on a per-prompt factor u the embedding does not carry.
+    An aptitude sample drawn where u is high makes a new backend look better than it is; the
+    trained backends were lucky on the same prompts, and their residuals as control variates take
+    a good part of that bias out of the fitted level (not all: each peer's residual on one prompt
+    is a noisy reading of u, which attenuates its coefficient)."""
+    import torch
+
+    from scipy.special import expit
+
+    rng = np.random.default_rng(3)
+    n, d, B = 1600, 16, 3
+    centers = rng.normal(size=(B, d)) * 3
+    c = rng.integers(0, B, n)
+    X = centers[c] + rng.normal(size=(n, d))
+    X = (X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float32)
+    u = rng.normal(size=n)
+    base = np.full((n, B + 1), -1.0)
+    base[np.arange(n), c] = 1.5
+    base[:, B] = np.where(c == 1, 1.0, -0.5)             # the new backend: like backend 1, a bit weaker
+    P = expit(base + 1.5 * u[:, None])
+    Y = (rng.random(P.shape) < P).astype(np.float32)
+    cfg = CapabilityConfig(dim=16, hidden=32, codes=3, max_epochs=60, patience=60, seed=0)
+    m = train(X[:800], Y[:800, :B], X[800:1000], Y[800:1000, :B], cfg).model
+    pool = np.arange(1000, 1300)
+    apt = pool[u[pool] > 0.3][:80]                        # a lucky sample
+    R = Y[apt, :B] - predict(m, X[apt])
+    assert R.mean() > 0.05                                 # the trained backends were lucky too
+    test = np.arange(1300, n)
+
+    def level(peer_residuals):
+        g, b, h, _ = onboard(m, X[apt], Y[apt, B], peer_residuals=peer_residuals)
+        with torch.no_grad():
+            _, z, a = m(torch.as_tensor(X[test]))
+            return float(torch.sigmoid(z @ torch.as_tensor(g) + b + torch.softmax(a, -1) @ torch.as_tensor(h)).mean())
+
+    truth = float(P[test, B].mean())
+    plain, corrected = level(None), level(R)
+    assert plain - truth > 0.05                            # the sample's luck, fitted as skill
+    assert abs(corrected - truth) < 0.75 * abs(plain - truth), (truth, plain, corrected)

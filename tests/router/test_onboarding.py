@@ -105,6 +105,45 @@ def test_aptitude_items_by_id_and_capability_vector_fitted(open_service):
     np.testing.assert_array_equal(svc.capability.model.f[0].weight.detach().numpy(), model.f[0].weight.detach().numpy())
 
 
+def test_onboarding_reads_the_trained_backends_residuals_on_stored_prompts(open_service, monkeypatch):
+    """Aptitude prompts the datastore already holds carry the trained backends' own outcomes:
+    their residuals reach the fit (the control variate); new prompts give none."""
+    import torch
+
+    from encoders.capability import CapabilityConfig, build_model
+    from router import training
+    from router.service import Capability
+
+    cfg = CapabilityConfig(dim=8, hidden=16, codes=2)
+    model = build_model(384, 2, cfg).eval()
+    with torch.no_grad():
+        model.w.fill_(1.0)
+    seen = []
+    real = training.fit_backend
+
+    def spy(model, X, y, ds_cfg, *, peer_residuals=None):
+        seen.append(peer_residuals)
+        return real(model, X, y, ds_cfg, peer_residuals=peer_residuals)
+
+    monkeypatch.setattr(training, "fit_backend", spy)
+    svc = open_service(Capability(model, ["mathy", "wordy"], config=cfg))
+    stored = [(r["prompt"], r["scores"]) for r in OUTCOMES]
+    X = svc.encoder.encode([p for p, _ in stored])
+    predicted = svc.capability.predict_many(X, svc.datastore.estimate_many(X, svc.capability.scales))
+    svc.onboard(OnboardSpec("known-prompts", [AptitudeResult(score=1.0, prompt=p) for p, _ in stored],
+                            {"kind": "per_request", "per_request": 0.1}))
+    R = seen[-1]
+    assert R is not None and R.shape == (len(stored), 2)
+    for i, (_, scores) in enumerate(stored):
+        for j, b in enumerate(("mathy", "wordy")):
+            if b in scores:
+                assert abs(R[i, j] - (scores[b] - predicted[i, j])) < 1e-5   # recorded minus predicted
+            else:
+                assert np.isnan(R[i, j])
+    svc.onboard(OnboardSpec("new-prompts", results(1.0, 0.0), {"kind": "per_request", "per_request": 0.1}))
+    assert seen[-1] is None
+
+
 @pytest.mark.parametrize("spec,err,part", [
     (OnboardSpec("x", results(1, 0)[:5], {"kind": "per_request"}), InvalidArgument, "between 10 and"),
     (OnboardSpec("bad name!", results(1, 0), {"kind": "per_request"}), InvalidArgument, "not valid"),
