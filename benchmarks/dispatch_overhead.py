@@ -106,7 +106,7 @@ def main() -> int:
     ap.add_argument("--per-client", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=0,
-                    help="torch threads of the model in both modes for the latency test (0: torch's default)")
+                    help="torch threads of the model in-process and in the 1-replica Ray server (0: torch's default)")
     ap.add_argument("--latency-only", action="store_true")
     args = ap.parse_args()
 
@@ -171,7 +171,6 @@ def main() -> int:
         local.stop()
         print(" ".join(f"{k}={v:.1f}" for k, v in figs.items()))
         return 0
-    local.app.compute.run(torch.set_num_threads, torch.get_num_threads())
     tput = {"in-process": throughput(local.address, pb, grpc, args.clients, args.per_client, args.tokens),
             "ray-1-replica": throughput(ray1.address, pb, grpc, args.clients, args.per_client, args.tokens)}
     ray1.close()

@@ -145,6 +145,15 @@ def _unavailable(e: grpc.RpcError) -> bool:
     return isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.UNAVAILABLE
 
 
+def _backoff(e: grpc.RpcError, delays: Iterator[float], *, started: bool = False) -> float:
+    """How long to wait before trying again after ``e``, or ``e`` re-raised: only UNAVAILABLE is
+    retried, only before a stream has yielded anything, and only while the policy has delays."""
+    delay = next(delays, None)
+    if started or not _unavailable(e) or delay is None:
+        raise e
+    return delay
+
+
 class Client:
     """Synchronous client. ``timeout``: default deadline of every call, in seconds."""
 
@@ -165,14 +174,12 @@ class Client:
         self._channel.close()
 
     def _call(self, fn: Callable[[], T]) -> T:
-        for delay in self.retry.delays():
+        delays = self.retry.delays()
+        while True:
             try:
                 return fn()
             except grpc.RpcError as e:
-                if not _unavailable(e):
-                    raise
-                time.sleep(delay)
-        return fn()
+                time.sleep(_backoff(e, delays))
 
     def route(self, prompt: str | None = None, *, messages: Messages | None = None, timeout: float | None = None,
               **knobs) -> Decision:
@@ -193,10 +200,7 @@ class Client:
                     yield _chunk(c)
                 return
             except grpc.RpcError as e:
-                delay = next(delays, None)
-                if started or not _unavailable(e) or delay is None:
-                    raise
-                time.sleep(delay)
+                time.sleep(_backoff(e, delays, started=started))
 
     def feedback(self, decision_id: str, score: float, *, backend: str = "", timeout: float | None = None) -> None:
         req = pb.FeedbackRequest(decision_id=decision_id, score=score, backend=backend)
@@ -226,14 +230,12 @@ class AsyncClient:
         await self._channel.close()
 
     async def _call(self, fn):
-        for delay in self.retry.delays():
+        delays = self.retry.delays()
+        while True:
             try:
                 return await fn()
             except grpc.RpcError as e:
-                if not _unavailable(e):
-                    raise
-                await asyncio.sleep(delay)
-        return await fn()
+                await asyncio.sleep(_backoff(e, delays))
 
     async def route(self, prompt: str | None = None, *, messages: Messages | None = None,
                     timeout: float | None = None, **knobs) -> Decision:
@@ -254,10 +256,7 @@ class AsyncClient:
                     yield _chunk(c)
                 return
             except grpc.RpcError as e:
-                delay = next(delays, None)
-                if started or not _unavailable(e) or delay is None:
-                    raise
-                await asyncio.sleep(delay)
+                await asyncio.sleep(_backoff(e, delays, started=started))
 
     async def feedback(self, decision_id: str, score: float, *, backend: str = "", timeout: float | None = None) -> None:
         req = pb.FeedbackRequest(decision_id=decision_id, score=score, backend=backend)
