@@ -1,4 +1,9 @@
-"""Backends: local models, pruned variants, and the registry that finds them by kind."""
+"""Backends: dispatch targets behind one interface (``base.Backend``), found in a registry by
+kind: local transformers models and their pruned variants, the MoE backend, remote
+OpenAI-compatible endpoints, route-only backends, and backends on Ray Serve deployments.
+
+May import: the kernel (``router.core``) only.
+"""
 from backends.base import BACKENDS, Backend, Finished, FinishReason, GenerationRequest, Status, TextChunk
 
 

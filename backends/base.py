@@ -4,11 +4,12 @@ from __future__ import annotations
 import abc
 import enum
 import threading
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Sequence
+from typing import Any
 
-from router.costs import CostModel
-from router.registry import Registry
+from router.core.costs import CostModel
+from router.core.registry import Registry
 
 
 class Status(str, enum.Enum):
@@ -61,7 +62,7 @@ class Finished:
 class Backend(abc.ABC):
     """One dispatch target. ``generate`` yields TextChunk* then exactly one Finished.
 
-    Implementations raise router.errors.BackendError on failure; the caller decides on fallback
+    Implementations raise router.core.errors.BackendError on failure; the caller decides on fallback
     (only possible before the first chunk was forwarded).
     """
 
@@ -81,7 +82,7 @@ class Backend(abc.ABC):
     def cost_model(self) -> CostModel: ...
 
     @abc.abstractmethod
-    def generate(self, request: GenerationRequest) -> AsyncIterator[TextChunk | Finished]: ...
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[TextChunk | Finished]: ...
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         pass

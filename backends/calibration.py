@@ -92,8 +92,14 @@ def calibration_pool() -> list[CalibrationPrompt]:
     pool += [CalibrationPrompt("advice", f"What is a good way to {g}?") for g in _GOALS]
     pool += [CalibrationPrompt("rewrite", f"Rewrite this message in a polite, formal tone: \"{s}\"") for s in _SENTENCES]
     pool += [CalibrationPrompt("rewrite", f"Fix the spelling and grammar: \"{s}\"") for s in _SENTENCES]
+    # The templates repeat a few texts; the first of each is kept, in order.
     seen: set[str] = set()
-    return [p for p in pool if not (p.text in seen or seen.add(p.text))]
+    out = []
+    for p in pool:
+        if p.text not in seen:
+            seen.add(p.text)
+            out.append(p)
+    return out
 
 
 def split_pool(pool: list[CalibrationPrompt], held_out: float = 0.25, seed: int = SEED

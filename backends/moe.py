@@ -28,9 +28,10 @@ import os
 import shutil
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -41,7 +42,9 @@ from backends.base import BACKENDS
 from backends.calibration import calibration_pool, split_pool
 from backends.pruning import run_calibration
 from backends.transformers_backend import TransformersBackend, TransformersOptions
-from router.errors import BackendError, ConfigError
+from backends.weights import CausalLM
+from router.core.errors import BackendError, ConfigError
+from router.core.messages import prompt_text
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,7 @@ ExpertSet = tuple[tuple[int, ...], ...]  # per layer, the sorted expert ids that
 
 
 # ---- building: activations, clusters, gate -------------------------------------------------------
-def prompt_neuron_activity(model: torch.nn.Module, tokenizer, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+def prompt_neuron_activity(model: CausalLM, tokenizer, texts: Sequence[str]) -> npt.NDArray[np.float32]:
     """(P, L, N): per prompt (as a chat turn), layer and MLP neuron, the RMS of the neuron's
     activation over the prompt's tokens."""
     layers = model.model.layers
@@ -71,7 +74,7 @@ def prompt_neuron_activity(model: torch.nn.Module, tokenizer, texts: Sequence[st
     return out
 
 
-def down_proj_norms(model: torch.nn.Module) -> npt.NDArray[np.float32]:
+def down_proj_norms(model: CausalLM) -> npt.NDArray[np.float32]:
     """(L, N): ||W_down[:, j]|| of every MLP neuron of every layer (the weight side of importance)."""
     return np.stack([layer.mlp.down_proj.weight.detach().norm(dim=0).cpu().numpy() for layer in model.model.layers])
 
@@ -130,7 +133,7 @@ class PreGate:
     layers: int
 
     @classmethod
-    def fit(cls, emb: npt.NDArray[np.float32], shares: npt.NDArray[np.float32], alpha: float = 1.0) -> "PreGate":
+    def fit(cls, emb: npt.NDArray[np.float32], shares: npt.NDArray[np.float32], alpha: float = 1.0) -> PreGate:
         """emb (P, d) unit-norm; shares (P, L, E)."""
         x = np.hstack([emb.astype(np.float64), np.ones((len(emb), 1))])
         y = shares.reshape(len(shares), -1).astype(np.float64)
@@ -233,7 +236,7 @@ class ExpertMLP(torch.nn.Module):
     routed expert e is the contiguous block after them; ``active`` holds the compact weights of
     the current expert subset (the full weights when every expert is on)."""
 
-    def __init__(self, mlp: torch.nn.Module, labels: npt.NDArray[np.int64], experts: int) -> None:
+    def __init__(self, mlp: Any, labels: npt.NDArray[np.int64], experts: int) -> None:
         super().__init__()
         if any(getattr(m, "bias", None) is not None for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
             raise ConfigError("the MoE split supports bias-free MLPs (Llama-style) only")
@@ -268,7 +271,7 @@ class ExpertMLP(torch.nn.Module):
         return f(self.act_fn(f(x, g)) * f(x, u), d)
 
 
-def to_experts(model: torch.nn.Module, labels: npt.NDArray[np.int64], experts: int) -> list[ExpertMLP]:
+def to_experts(model: CausalLM, labels: npt.NDArray[np.int64], experts: int) -> list[ExpertMLP]:
     """Swap every decoder layer's MLP for an ExpertMLP, in place."""
     out = []
     for layer, lab in zip(model.model.layers, labels):
@@ -292,7 +295,7 @@ def plan_batches(sets: Sequence[ExpertSet], max_batch: int, max_experts: float) 
         batch = [waiting.pop(0)]
         cur = [set(layer) for layer in sets[batch[0]]]
         while len(batch) < max_batch and waiting:
-            def grown(i: int) -> float:
+            def grown(i: int, cur: list[set[int]] = cur) -> float:
                 return float(np.mean([len(c | set(s)) for c, s in zip(cur, sets[i])]))
             best = min(waiting, key=grown)
             if grown(best) > max_experts:
@@ -315,7 +318,7 @@ class MoEOptions(TransformersOptions):
     gate_alpha: float = Field(1.0, gt=0)
 
     @model_validator(mode="after")
-    def _check(self) -> "MoEOptions":
+    def _check(self) -> MoEOptions:
         if self.top_k > self.experts:
             raise ValueError(f"top_k ({self.top_k}) exceeds experts ({self.experts})")
         if self.prune is not None:
@@ -332,6 +335,7 @@ class MoEBackend(TransformersBackend):
 
     kind = "moe"
     options_model = MoEOptions
+    opts: MoEOptions
 
     def __init__(self, *args: Any, encoder: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -380,8 +384,6 @@ class MoEBackend(TransformersBackend):
             m.active = triple
 
     def _request_setup(self, req) -> Any:
-        from encoders.base import prompt_text
-
         emb = req.embedding
         if emb is None:
             emb = self.encoder.encode([prompt_text(None, req.messages)])[0]

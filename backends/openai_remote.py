@@ -19,14 +19,15 @@ import json
 import logging
 import os
 import random
-from typing import Any, AsyncIterator
+from collections.abc import AsyncGenerator
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from backends.base import BACKENDS, Backend, Finished, FinishReason, GenerationRequest, Status, TextChunk
-from router.config import BackendConfig
-from router.costs import CostModel
-from router.errors import BackendError, ConfigError
+from router.core.config import BackendConfig
+from router.core.costs import CostModel
+from router.core.errors import BackendError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class OpenAIBackend(Backend):
         if self._session is not None:
             await self._session.close()
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TextChunk | Finished]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[TextChunk | Finished]:
         body: dict[str, Any] = {"model": self.opts.model, "stream": True, "max_tokens": request.max_tokens,
                                 "temperature": request.temperature,
                                 "messages": [{"role": r, "content": c} for r, c in request.messages],
@@ -136,7 +137,7 @@ class OpenAIBackend(Backend):
                 await asyncio.sleep(delay * (0.5 + random.random() / 2))
                 delay *= 2
 
-    async def _stream(self, body: dict[str, Any]) -> AsyncIterator[TextChunk | Finished]:
+    async def _stream(self, body: dict[str, Any]) -> AsyncGenerator[TextChunk | Finished]:
         import aiohttp
 
         url = self.opts.base_url.rstrip("/") + "/chat/completions"
@@ -175,7 +176,7 @@ class OpenAIBackend(Backend):
                 usage = usage or {}
                 yield Finished(finish, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", n_chunks)),
                                0.0)
-        except (aiohttp.ClientConnectionError, asyncio.TimeoutError, aiohttp.ClientPayloadError) as e:
+        except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
             raise _Retryable(f"{type(e).__name__}: {e}") from None
 
 

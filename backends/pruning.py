@@ -26,11 +26,13 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
+
+from backends.weights import CausalLM
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ def chat_ids(tokenizer, text: str) -> torch.Tensor:
                                          return_tensors="pt", return_dict=True)["input_ids"]
 
 
-def run_calibration(model: torch.nn.Module, tokenizer, texts: Sequence[str], hooks: list,
+def run_calibration(model: CausalLM, tokenizer, texts: Sequence[str], hooks: list,
                     after_each: Callable[[int], None] | None = None) -> None:
     """Forward every calibration text (as a chat turn) through the model, calling ``after_each(i)``
     after text i, then remove ``hooks``."""
@@ -61,7 +63,7 @@ def run_calibration(model: torch.nn.Module, tokenizer, texts: Sequence[str], hoo
             h.remove()
 
 
-def mlp_neuron_importance(model: torch.nn.Module, tokenizer, texts: Sequence[str]) -> list[torch.Tensor]:
+def mlp_neuron_importance(model: CausalLM, tokenizer, texts: Sequence[str]) -> list[torch.Tensor]:
     """One float32 tensor (intermediate_size,) of importances per decoder layer."""
     layers = model.model.layers
     sq = [torch.zeros(layer.mlp.down_proj.in_features, dtype=torch.float64) for layer in layers]
@@ -79,7 +81,7 @@ def mlp_neuron_importance(model: torch.nn.Module, tokenizer, texts: Sequence[str
     return out
 
 
-def layer_importance(model: torch.nn.Module, tokenizer, texts: Sequence[str]) -> torch.Tensor:
+def layer_importance(model: CausalLM, tokenizer, texts: Sequence[str]) -> torch.Tensor:
     """float32 (num_layers,): Block Influence of every decoder layer on the calibration texts."""
     layers = model.model.layers
     tot = torch.zeros(len(layers), dtype=torch.float64)
@@ -98,7 +100,7 @@ def layer_importance(model: torch.nn.Module, tokenizer, texts: Sequence[str]) ->
     return (tot / count.clamp(min=1)).to(torch.float32)
 
 
-def drop_layers(model: torch.nn.Module, importance: torch.Tensor, keep: float) -> torch.Tensor:
+def drop_layers(model: CausalLM, importance: torch.Tensor, keep: float) -> torch.Tensor:
     """Keep the ``keep`` share of decoder layers with the highest importance, in their order, in
     place; returns the kept layer indices. Attention layers are renumbered so the KV cache
     indexes them densely."""
@@ -126,7 +128,7 @@ def _slice_linear(lin: torch.nn.Linear, idx: torch.Tensor, dim: int) -> torch.nn
     return new
 
 
-def prune_mlp(model: torch.nn.Module, importances: Sequence[torch.Tensor], keep: float) -> list[torch.Tensor]:
+def prune_mlp(model: CausalLM, importances: Sequence[torch.Tensor], keep: float) -> list[torch.Tensor]:
     """Keep the top ``keep`` share of MLP neurons in every layer, in place; returns kept indices."""
     kept_n = max(1, int(round(keep * model.config.intermediate_size)))
     kept = [torch.topk(imp, kept_n).indices.sort().values for imp in importances]
@@ -134,7 +136,7 @@ def prune_mlp(model: torch.nn.Module, importances: Sequence[torch.Tensor], keep:
     return kept
 
 
-def prune_mlp_rows(model: torch.nn.Module, kept: Sequence[torch.Tensor]) -> None:
+def prune_mlp_rows(model: CausalLM, kept: Sequence[torch.Tensor]) -> None:
     """Keep the MLP neurons ``kept[l]`` (the same count in every layer) of each layer l, in place."""
     sizes = {len(k) for k in kept}
     if len(sizes) != 1 or len(kept) != len(model.model.layers):
@@ -149,7 +151,7 @@ def prune_mlp_rows(model: torch.nn.Module, kept: Sequence[torch.Tensor]) -> None
     model.config.intermediate_size = sizes.pop()
 
 
-def teacher_sequences(teacher: torch.nn.Module, tokenizer, texts: Sequence[str], *, max_new_tokens: int = 48,
+def teacher_sequences(teacher: CausalLM, tokenizer, texts: Sequence[str], *, max_new_tokens: int = 48,
                       batch: int = 8) -> list[torch.Tensor]:
     """Each calibration prompt (as a chat turn) followed by the teacher's greedy answer: the
     sequences a pruned code is distilled on, so it learns to answer as the dense model does."""
@@ -167,7 +169,7 @@ def teacher_sequences(teacher: torch.nn.Module, tokenizer, texts: Sequence[str],
     return out
 
 
-def distill(student: torch.nn.Module, teacher: torch.nn.Module, sequences: Sequence[torch.Tensor], *, steps: int,
+def distill(student: CausalLM, teacher: CausalLM, sequences: Sequence[torch.Tensor], *, steps: int,
             lr: float = 5e-5, seed: int = 0) -> list[float]:
     """Recovery step: train ``student`` in place to match the teacher's next-token distributions
     (KL(teacher || student), mean over tokens) on ``sequences``, one sequence a step. Returns the

@@ -1,21 +1,12 @@
-"""Ray Serve dispatch: every backend a Serve deployment, the router the ingress deployment.
+"""Backends on Ray Serve: the replica side and the dispatch side of one backend deployment.
 
-Layout of one Serve application (``build_application``):
+- ``BackendReplica``: the Serve deployment class, one replica of one backend: the in-process
+  Backend built from the same config, streaming events ("text" / "end" / "error" tuples);
+- ``RayBackend``: the Backend the router dispatches to, streaming through the deployment's handle
+  with a deadline on every chunk; ``ServeHealth`` reports replica health as backend status.
 
-- one ``BackendReplica`` deployment per configured backend (same config as in-process mode; its
-  replicas, autoscaling, ``max_ongoing_requests`` and Ray resources from ``ray.deployments``);
-- one ``RouterIngress`` deployment, a single replica, built with a handle to every backend
-  deployment. It runs caprouter's own gRPC server (the same servicer, health and reflection as
-  in-process mode) on an event loop of its own, with the same App, whose backends are
-  ``RayBackend`` adapters that stream through the handles (``handle.options(stream=True)``).
-
-Why our gRPC server rather than Serve's gRPC proxy: the wire contract stays the very same code
-(a client cannot tell the modes apart, deadlines and status codes included), standard health and
-reflection keep working, and the router's durable logs (feedback, onboarded backends) keep a
-single writer. The cost is that the router does not scale out by replicas; it is light (one
-embedding and a kNN search per request) next to generation, which does scale out.
-
-Only this module (and the CLI that calls it) imports ray; the core stays pure.
+The router's side of Ray mode (the ingress deployment, the Serve application, ``caprouter serve
+--ray``) is ``router.adapters.ray``. Only these two modules (and the CLI) import ray.
 """
 from __future__ import annotations
 
@@ -23,12 +14,16 @@ import asyncio
 import logging
 import os
 import threading
-from typing import Any, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
 
+from backends import BACKENDS, register_builtin_backends
 from backends.base import Backend, Finished, FinishReason, GenerationRequest, Status, TextChunk
-from router.config import AppConfig, BackendConfig, DeploymentOptions
-from router.costs import CostModel
-from router.errors import BackendError
+from router.core.compute import Compute, ComputeThread
+from router.core.config import BackendConfig, RayConfig
+from router.core.costs import CostModel
+from router.core.errors import BackendError
 
 log = logging.getLogger(__name__)
 
@@ -44,24 +39,16 @@ def _request_dict(req: GenerationRequest) -> dict[str, Any]:
 class BackendReplica:
     """One replica of one backend: the in-process Backend, built from the same config."""
 
-    async def __init__(self, backend: dict, cost_unit: str, models_dir: str, encoder: dict | None = None,
-                       torch_threads: int | None = None) -> None:
-        from pathlib import Path
-
-        from backends import BACKENDS, register_builtin_backends
-        from router.compute import ComputeThread
-        from router.config import EncoderConfig
-
+    async def __init__(self, backend: dict[str, Any], cost_unit: str, models_dir: str,  # type: ignore[misc]
+                       encoder_factory: Callable[[Compute], Any] | None = None, torch_threads: int | None = None) -> None:
+        """encoder_factory: builds the router's prompt encoder, for kinds that gate on the prompt
+        embedding (moe); called once, on the replica's compute thread."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         register_builtin_backends()
         cfg = BackendConfig.model_validate(backend)
         self.compute = ComputeThread()
-        _set_threads(self.compute, torch_threads)
-        enc = None
-        if encoder is not None:   # kinds that gate on the prompt embedding build theirs at load
-            from router.app import build_encoder
-
-            enc = self.compute.run(build_encoder, AppConfig(encoder=EncoderConfig.model_validate(encoder)), self.compute)
+        set_threads(self.compute, torch_threads)
+        enc = None if encoder_factory is None else self.compute.run(encoder_factory, self.compute)
         self.backend: Backend = BACKENDS.get(cfg.kind)(cfg, cost_unit=cost_unit, models_dir=Path(models_dir),
                                                       compute=self.compute, encoder=enc)
         await self.backend.load()
@@ -80,7 +67,7 @@ class BackendReplica:
         if self.backend.status()[0] != Status.READY:
             raise RuntimeError(self.backend.status()[1])
 
-    async def generate(self, request: dict) -> AsyncIterator[tuple]:
+    async def generate(self, request: dict[str, Any]) -> AsyncIterator[tuple[Any, ...]]:
         """("text", str)* then ("end", reason, prompt_tokens, completion_tokens, decode_s), or
         ("error", message) (errors travel as events: exceptions would arrive wrapped by Ray)."""
         import numpy as np
@@ -100,7 +87,7 @@ class BackendReplica:
             req.cancel.set()
 
 
-def _set_threads(compute: Any, n: int | None) -> None:
+def set_threads(compute: Compute, n: int | None) -> None:
     """torch's thread count, set on the compute thread (where every torch call runs)."""
     if n:
         import torch
@@ -111,7 +98,7 @@ def _set_threads(compute: Any, n: int | None) -> None:
 class RayBackend(Backend):
     """A backend whose replicas run as a Serve deployment, called through its handle."""
 
-    def __init__(self, cfg: BackendConfig, handle: Any, ray_cfg: Any, cost_unit: str, health: "ServeHealth") -> None:
+    def __init__(self, cfg: BackendConfig, handle: Any, ray_cfg: RayConfig, cost_unit: str, health: ServeHealth) -> None:
         self.name = cfg.name
         self.kind = cfg.kind
         self.description = cfg.description
@@ -143,7 +130,7 @@ class RayBackend(Backend):
     def cost_model(self) -> CostModel:
         return self._cost
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TextChunk | Finished]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[TextChunk | Finished]:
         gen = self._stream.generate.remote(_request_dict(request))
         it = gen.__aiter__()
         streamed = 0
@@ -154,8 +141,9 @@ class RayBackend(Backend):
                 try:
                     ev = await asyncio.wait_for(it.__anext__(), timeout)
                 except StopAsyncIteration:
-                    raise BackendError(self.name, "replica stream ended without a result", tokens_streamed=streamed)
-                except asyncio.TimeoutError:
+                    raise BackendError(self.name, "replica stream ended without a result",
+                                       tokens_streamed=streamed) from None
+                except TimeoutError:
                     raise BackendError(self.name, f"no output from the replica within {timeout:g} s",
                                        tokens_streamed=streamed) from None
                 except BackendError:
@@ -236,157 +224,6 @@ class ServeHealth:
         self._stop.set()
 
 
-class RouterIngress:
-    """The ingress deployment: caprouter's App and gRPC server, dispatching through handles."""
-
-    async def __init__(self, config: str, handles: dict[str, Any]) -> None:
-        cfg = AppConfig.model_validate_json(config)
-        self._started = threading.Event()
-        self._error: BaseException | None = None
-        self.address = ""
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._serve, args=(cfg, handles), name="caprouter-grpc", daemon=True)
-        self._thread.start()
-        await asyncio.get_running_loop().run_in_executor(None, self._started.wait)
-        if self._error is not None:
-            raise RuntimeError(f"caprouter ingress failed to start: {self._error}")
-
-    def _serve(self, cfg: AppConfig, handles: dict[str, Any]) -> None:
-        # Our own loop in our own thread: the gRPC server and the App never share Serve's loop.
-        from router.app import App
-        from router.grpc_server import GrpcServer, start_http
-        from router.logs import setup_logging
-
-        asyncio.set_event_loop(self._loop)
-        setup_logging(cfg.log_level, "json")
-        self.health = ServeHealth(cfg.ray.app_name, {n: deployment_name(n) for n in handles}, cfg.ray.status_poll_s)
-
-        def factory(c: AppConfig, _compute: Any, _encoder: Any) -> dict:
-            return {b.name: RayBackend(b, handles[b.name], c.ray, c.routing.cost_unit, self.health) for b in c.backends}
-
-        try:
-            self.app = App(cfg, backend_factory=factory)
-            _set_threads(self.app.compute, cfg.ray.torch_threads)
-            self.server = GrpcServer(self.app, cfg.server.host, cfg.server.port)
-            self.address = self.server.address
-            self._loop.run_until_complete(self.server.start())
-            self._loop.run_until_complete(self.server.load_and_serve())
-            self.http = self._loop.run_until_complete(start_http(self.app))
-            self.http_address = self.http.address if self.http else ""
-            # Replace what the poller saw while the backends were still starting, before the
-            # first request can be routed on it.
-            self.health.poll_once()
-        except BaseException as e:
-            log.exception("ingress failed to start")
-            self._error = e
-            self._started.set()
-            return
-        self._started.set()
-        self._loop.run_forever()
-
-    def get_address(self) -> str:
-        return self.address
-
-    def get_http_address(self) -> str:
-        return getattr(self, "http_address", "")
-
-    def check_health(self) -> None:
-        if not self._thread.is_alive():
-            raise RuntimeError("the gRPC server thread has stopped")
-
-    async def __del__(self) -> None:
-        if getattr(self, "http", None) is not None:
-            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.http.stop(), self._loop))
-        if hasattr(self, "server"):
-            fut = asyncio.run_coroutine_threadsafe(self.server.stop(1.0), self._loop)
-            await asyncio.wrap_future(fut)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if hasattr(self, "health"):
-            self.health.close()
-
-
 def deployment_name(backend: str) -> str:
     """Serve deployment names may not hold '/' or ':', which backend names may."""
     return "backend-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in backend)
-
-
-def _options(opts: DeploymentOptions) -> dict[str, Any]:
-    return opts.model_dump(exclude_none=True)
-
-
-def build_application(cfg: AppConfig) -> Any:
-    """The Serve application for ``cfg``: backend deployments and the router ingress bound to them."""
-    from ray import serve
-
-    if cfg.ray.ingress.num_replicas not in (None, 1) or cfg.ray.ingress.autoscaling_config:
-        raise ValueError("the router ingress runs one replica: it is the single writer of the durable logs")
-    needs_encoder = {"moe"}
-    bound = {}
-    for b in cfg.backends:
-        opts = cfg.ray.deployments.get(b.name, cfg.ray.default)
-        dep = serve.deployment(BackendReplica).options(name=deployment_name(b.name), **_options(opts))
-        bound[b.name] = dep.bind(b.model_dump(), cfg.routing.cost_unit, str(cfg.models_dir()),
-                                 cfg.encoder.model_dump() if b.kind in needs_encoder else None, cfg.ray.torch_threads)
-    ingress = serve.deployment(RouterIngress).options(name="router", **_options(cfg.ray.ingress))
-    return ingress.bind(cfg.model_dump_json(), bound)
-
-
-def app_builder(args: dict[str, Any]) -> Any:
-    """For ``serve run`` / ``serve deploy``: ``import_path: backends.ray_serve:app_builder`` with
-    ``args: {config: caprouter.yaml}`` (a caprouter config; its ``ray`` section sizes the
-    deployments, which a Serve config file may override per deployment)."""
-    from router.config import load_config
-
-    return build_application(load_config(args.get("config")))
-
-
-class RayServing:
-    """``caprouter serve --ray``: connect to (or start) Ray, run the application, report the
-    gRPC address; ``close`` deletes the application and, for a local instance, stops Ray."""
-
-    def __init__(self, cfg: AppConfig) -> None:
-        import ray
-        from ray import serve
-
-        self.cfg = cfg
-        self._local = cfg.ray.address is None
-        if not ray.is_initialized():
-            kw = dict(address=cfg.ray.address, namespace=cfg.ray.namespace,
-                      num_cpus=cfg.ray.num_cpus if self._local else None, include_dashboard=False,
-                      log_to_driver=False,
-                      runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
-            try:
-                ray.init(**kw)
-            except Exception as e:  # a local node can time out starting on a busy machine: once more
-                if not self._local:
-                    raise
-                log.warning("starting Ray failed (%s); retrying once", e)
-                ray.shutdown()
-                ray.init(**kw)
-        serve.start(proxy_location="Disabled")
-        self.handle = serve.run(build_application(cfg), name=cfg.ray.app_name, route_prefix=None)
-        self.address = self.handle.get_address.remote().result(timeout_s=120)
-        self.http_address = self.handle.get_http_address.remote().result(timeout_s=30)
-
-    def close(self) -> None:
-        import ray
-        from ray import serve
-
-        try:
-            serve.delete(self.cfg.ray.app_name)
-        finally:
-            if self._local:
-                serve.shutdown()
-                ray.shutdown()
-
-
-def replica_actors(app_name: str, backend: str) -> list[Any]:
-    """The live replica actors of a backend's deployment (for operators and tests)."""
-    import ray
-    from ray.util import list_named_actors
-
-    prefix = f"SERVE_REPLICA::{app_name}#{deployment_name(backend)}#"
-    return [ray.get_actor(a["name"], namespace=a["namespace"]) for a in list_named_actors(all_namespaces=True)
-            if a["name"].startswith(prefix)]
-
-

@@ -1,13 +1,14 @@
 """Route-only backends: models caprouter decides for but does not call (the app calls them)."""
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from backends.base import BACKENDS, Backend, Finished, GenerationRequest, Status, TextChunk
-from router.config import BackendConfig
-from router.costs import CostModel
-from router.errors import FailedPrecondition
+from router.core.config import BackendConfig
+from router.core.costs import CostModel
+from router.core.errors import FailedPrecondition
 
 
 @BACKENDS.register("route-only")
@@ -29,7 +30,7 @@ class RouteOnlyBackend(Backend):
     def cost_model(self) -> CostModel:
         return self._cost
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TextChunk | Finished]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[TextChunk | Finished]:
         raise FailedPrecondition(
             f"backend {self.name!r} is route-only: caprouter can choose it but cannot call it. Use Route and call "
             f"the model yourself, or exclude it from Generate with denied_backends=[{self.name!r}]")

@@ -13,17 +13,19 @@ import logging
 import os
 import threading
 import time
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from backends.base import BACKENDS, Backend, Finished, FinishReason, GenerationRequest, Status, TextChunk
-from router.compute import Inline
-from router.config import BackendConfig
-from router.costs import CostModel
-from router.errors import BackendError, ConfigError
+from backends.weights import CausalLM, resolve_weights
+from router.core.compute import Inline
+from router.core.config import BackendConfig
+from router.core.costs import CostModel
+from router.core.errors import BackendError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -96,18 +98,17 @@ class TransformersBackend(Backend):
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
-        from backends.pruning import pruned_weights
+        from backends.pruning import pruned_weights  # imports torch: kept out of import time
 
         hf_logging.disable_progress_bar()  # per-tensor bars would interleave with structured logs
-        from backends.weights import resolve_weights
-
         base = resolve_weights(self.opts.model, self._models_dir)
         p = self.opts.prune
         path = pruned_weights(base, p.mlp_keep, self._models_dir, layers_keep=p.layers_keep,
                               recover_steps=p.recover_steps) if p else base
         dtype = getattr(torch, self.opts.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(self.opts.device).eval()
+        model: CausalLM = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        self.model = model.to(self.opts.device).eval()
         self.weights_dir = path
         self._prepare_model(base)
         eos = {self.tokenizer.eos_token_id}
@@ -258,7 +259,7 @@ class TransformersBackend(Backend):
         decode_s = time.perf_counter() - t_first if t_first else 0.0
         return Finished(reason, int(ids.shape[1]), len(out_ids), decode_s)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TextChunk | Finished]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[TextChunk | Finished]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 

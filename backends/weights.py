@@ -11,12 +11,18 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
-from router.errors import ConfigError
-from router.files import sha256_file
-from router.registry import Registry
+from router.core.errors import ConfigError
+from router.core.files import sha256_file
+from router.core.registry import Registry
+
+CausalLM = Any
+"""A Hugging Face causal LM of the Llama layout (``model.model.layers[i].mlp.gate_proj``...). torch
+types every Module attribute as ``Tensor | Module``, so the layout cannot be spelled out; what
+the code relies on is checked at run time (``ConfigError`` for another layout)."""
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +53,7 @@ def smollm2_135m_instruct(cache: Path) -> Path:
 
     log.info("converting %s to float32 safetensors in %s (once)", gguf.name, out)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model: CausalLM = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # The GGUF loader marks the config as quantized, which blocks save_pretrained; the tensors are
     # already dequantized, so the mark is dropped.
     model.config.quantization_config = None

@@ -35,7 +35,7 @@ def main() -> int:
     from datastore.records import read_outcomes
     from datastore.store import FaissKnnDatastore
     from encoders.minilm import MiniLMEncoder
-    from router.config import builtin_data, load_config
+    from router.core.config import builtin_data, load_config
 
     cfg = load_config()
     data = Path(args.data) if args.data else builtin_data("aptitude_outcomes.jsonl")
@@ -55,7 +55,8 @@ def main() -> int:
     from tqdm import tqdm
 
     from encoders.capability import CapabilityConfig, train_selected
-    from router.training import BlendPredictor, knn_estimates, out_of_fold_knn
+    from router.offline.training import out_of_fold_knn
+    from router.prediction.predictor import Capability, Predictor, knn_estimates
 
     for f in tqdm(range(args.folds), desc="folds", disable=not sys.stderr.isatty()):
         tr, te = np.where(fold != f)[0], np.where(fold == f)[0]
@@ -75,10 +76,10 @@ def main() -> int:
         K = out_of_fold_knn(emb[trn], recs, backends, ds_cfg, seed=args.seed)
         Kv = knn_estimates(sub, emb[va], backends, C[trn].mean(0))[0]
         res, _, _ = train_selected(emb[trn], Y[trn], emb[va], Y[va], CapabilityConfig(seed=args.seed), K=K, Kv=Kv)
-        Qhat[te] = BlendPredictor(res.model, store, backends, C[tr].mean(0)).predict(emb[te])[0]
+        Qhat[te] = Predictor(store, Capability(res.model, backends)).predict(emb[te], backends, C[tr].mean(0)).quality
 
     lams = np.concatenate([[0.0], np.geomspace(1e-4, 1.0, 60)])
-    from router.evaluate import evaluate
+    from router.offline.evaluation import evaluate
 
     n = np.arange(len(rows))
 

@@ -85,14 +85,14 @@ async def decode_tps(backends: dict, tokens: int, rounds: int) -> dict[str, floa
 
 
 def heldout_nll(model, tok, seqs_plens) -> float:
-    from backends.codes import answer_nll
+    from router.offline.codes import answer_nll
 
     seqs, plens = seqs_plens
     return float(answer_nll(model, seqs, plens).mean())
 
 
 def moe_heldout_nll(b, seqs_plens, texts) -> float:
-    from backends.codes import answer_nll
+    from router.offline.codes import answer_nll
 
     seqs, plens = seqs_plens
     sets = b.expert_sets(b.encoder.encode(texts))
@@ -136,13 +136,13 @@ def moe_batch_tps(b, batch: int, tokens: int, cap: float) -> tuple[float, float,
 def aptitude_figures(paths, names: dict[str, str], static_equal: str, tailored: list[str], seed: int = 0) -> dict:
     """From aptitude outcomes (files merged by item id): accuracy and mean cost of every backend,
     and routing across the tailored codes with the budget = the static code's mean cost: 10-fold
-    cross-validated kNN predictions, the batch assignment of router.budget (the RouteBatch solver)."""
+    cross-validated kNN predictions, the batch assignment of router.policy.budget (the RouteBatch solver)."""
     import dataclasses
 
     from datastore.records import read_outcomes
     from datastore.store import FaissKnnDatastore
     from encoders.minilm import MiniLMEncoder
-    from router.budget import assign
+    from router.policy.budget import assign
 
     merged: dict = {}
     for path in paths:
@@ -183,11 +183,11 @@ def aptitude_figures(paths, names: dict[str, str], static_equal: str, tailored: 
 def measure(codes: dict, args, compute, encoder, models) -> dict:
     """Load every row's backend and measure it (see the module docstring)."""
     from backends.calibration import calibration_pool, split_pool
-    from backends.codes import prompt_lengths
     from backends.moe import MoEBackend
     from backends.pruning import teacher_sequences
     from backends.transformers_backend import TransformersBackend
-    from router.config import BackendConfig
+    from router.core.config import BackendConfig
+    from router.offline.codes import prompt_lengths
 
     text = (ROOT.parent / "shared" / "docs" / "background.md").read_text()
     backends = {}
@@ -256,11 +256,11 @@ def main() -> int:
 
     from pathlib import Path
 
-    from backends.codes import CodeSpec, build_codes, load_manifest
     from backends.weights import resolve_weights
     from encoders.minilm import MiniLMEncoder
-    from router.compute import ComputeThread
-    from router.config import caprouter_home
+    from router.core.compute import ComputeThread
+    from router.core.config import caprouter_home
+    from router.offline.codes import CodeSpec, build_codes, load_manifest
 
     compute = ComputeThread()
     encoder = MiniLMEncoder(compute=compute)
@@ -330,8 +330,9 @@ def main() -> int:
 def plot(path: str, rows: dict, apt: dict | None, tailored: list[str]) -> None:
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from pathlib import Path
+
+    import matplotlib.pyplot as plt
 
     d = rows["dense"]
     fig, axes = plt.subplots(1, 2 if apt else 1, figsize=(12 if apt else 6.4, 4.4), dpi=120, squeeze=False)

@@ -18,9 +18,9 @@ import json
 import numpy as np
 from common import OUT, embeddings, load  # noqa: I001
 
-from router import baselines
-from router.evaluate import evaluate, zero_router
-from router.routing_data import split_indices
+from router.offline import baselines
+from router.offline.evaluation import evaluate, zero_router
+from router.offline.routing_data import split_indices
 
 
 def category_router(cats_train: np.ndarray, Ytr: np.ndarray, cats_test: np.ndarray, prior: float = 5.0) -> np.ndarray:

@@ -30,7 +30,7 @@ def dataset_costs(name: str) -> dict[str, float] | None:
 
 def load(name: str):
     """RoutingData of ../shared/data/routing/<name>.jsonl.gz, restricted to backends with costs."""
-    from router.routing_data import load_routing_data
+    from router.offline.routing_data import load_routing_data
 
     path = SHARED / f"{name}.jsonl.gz"
     costs = dataset_costs(name)

@@ -116,10 +116,10 @@ def main() -> int:
     import grpc
     import torch
 
-    from backends.ray_serve import RayServing
     from caprouter.v1 import router_pb2 as pb
     from caprouter.v1 import router_pb2_grpc
-    from router.config import caprouter_home, load_config
+    from router.adapters.ray import RayServing
+    from router.core.config import caprouter_home, load_config
     from tests.conftest import LiveServer
 
     tmp = Path(tempfile.mkdtemp(prefix="caprouter-dispatch-"))

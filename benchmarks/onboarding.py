@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/onboarding.py [--set llmrouter] [--aptitude 100] [--holdout NAME]
 
 For each held-out backend (default: every backend in turn): train the router without it; pick a
-fixed aptitude set of --aptitude training prompts (k-means coverage, router.training.select_aptitude,
+fixed aptitude set of --aptitude training prompts (k-means coverage, router.offline.training.select_aptitude,
 and a random draw for comparison); put the held-out backend's outcomes on those prompts (only)
 into the datastore; fit its vector with the prompt side frozen (encoders.capability.onboard, with
 the "span" prior and the older "mean" prior); evaluate test AIQ over all backends. Reference: the router
@@ -19,10 +19,12 @@ from common import embeddings, load  # noqa: I001
 
 from datastore.records import OutcomeRecord
 from encoders.capability import CapabilityConfig, add_backend, onboard, predict, train
-from router.config import AppConfig
-from router.evaluate import evaluate
-from router.routing_data import split_indices
-from router.training import aptitude_knn, knn_estimates, knn_store, out_of_fold_knn, peer_residuals, select_aptitude
+from router.core.config import AppConfig
+from router.offline.evaluation import evaluate
+from router.offline.routing_data import split_indices
+from router.offline.training import knn_store, out_of_fold_knn, select_aptitude
+from router.prediction.onboarding import aptitude_knn, peer_residuals
+from router.prediction.predictor import knn_estimates
 
 
 def main() -> int:

@@ -42,11 +42,11 @@ def main() -> int:
     from backends.base import Finished, GenerationRequest
     from caprouter.v1 import router_pb2 as pb
     from caprouter.v1 import router_pb2_grpc
-    from router.aptitude.runner import load_suite, suite_path
-    from router.app import build_app
-    from router.config import load_config
-    from router.grpc_server import GrpcServer
-    from router.service import Query
+    from router.adapters.grpc_server import GrpcServer
+    from router.core.config import load_config
+    from router.serving.app import build_app
+    from router.serving.registrations import load_suite, suite_path
+    from router.serving.service import Query
 
     cfg = load_config(args.config, {"server.port": 0})
     prompts = [it["prompt"] for it in load_suite(suite_path(cfg.aptitude.suite))][: args.prompts]

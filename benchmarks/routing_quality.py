@@ -18,12 +18,13 @@ import numpy as np
 from common import OUT, ROOT, embeddings, load  # noqa: I001
 
 from encoders.capability import CapabilityConfig, predict, train, train_selected
-from router import baselines
-from router.config import AppConfig
-from router.evaluate import evaluate, two_backend, zero_router
-from router.routing_data import split_indices
-from router.training import knn_estimates, out_of_fold_knn
-from router.training import knn_store as training_knn_store
+from router.core.config import AppConfig
+from router.offline import baselines
+from router.offline.evaluation import evaluate, two_backend, zero_router
+from router.offline.routing_data import split_indices
+from router.offline.training import knn_store as training_knn_store
+from router.offline.training import out_of_fold_knn
+from router.prediction.predictor import knn_estimates
 
 
 def knn_store(X, data, idx, cfg):

@@ -7,8 +7,8 @@ order, the budget checked over consecutive windows of --window requests. For bud
 cheapest and the dearest single model's cost:
   (a) lambda tuned on the validation split so that its average cost there meets the budget;
   (b) lambda tuned on the validation split so that every validation window meets it;
-  (c) RouteBatch: router.budget.assign on each window of test prompts;
-  (d) Route with budget_per_request: one request at a time, router.budget.BudgetWindows;
+  (c) RouteBatch: router.policy.budget.assign on each window of test prompts;
+  (d) Route with budget_per_request: one request at a time, router.policy.budget.BudgetWindows;
   (e) (c) again at exactly the cost (a) realized, to compare the two at the same average cost.
 Reported: realized average cost, share of windows over budget, accuracy. The last line is
 key=value figures.
@@ -21,11 +21,10 @@ import numpy as np
 from common import embeddings, load  # noqa: I001
 from routing_quality import knn_store
 
-from router.training import knn_estimates as store_predict
-
-from router.budget import BudgetWindows, assign
-from router.config import AppConfig
-from router.routing_data import split_indices
+from router.core.config import AppConfig
+from router.offline.routing_data import split_indices
+from router.policy.budget import BudgetWindows, assign
+from router.prediction.predictor import knn_estimates as store_predict
 
 
 def tuned_lambda(Q, C, budget):

@@ -1,4 +1,8 @@
-"""Retrieval datastore: a FAISS index over prompt embeddings and the outcomes seen for them."""
+"""Retrieval datastore: a FAISS index over prompt embeddings and the outcomes seen for them
+(``Datastore`` protocol, the FAISS kNN store, outcome records, the durable append log).
+
+May import: the kernel (``router.core``) only.
+"""
 from datastore.base import DATASTORES, Datastore, Estimate
 from datastore.records import OutcomeRecord, read_outcomes
 

@@ -1,13 +1,16 @@
-"""The Datastore interface: kNN estimates of each backend's quality and cost for new prompts."""
+"""The Datastore interface: kNN estimates of each backend's quality and cost for new prompts, and
+the outcomes (aptitude results, Feedback) they are drawn from."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from router.registry import Registry
+from datastore.records import OutcomeRecord
+from router.core.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -38,20 +41,37 @@ class BackendStats:
 
 
 class Datastore(Protocol):
-    """Prompt embeddings (unit-norm, dim d) with per-backend outcomes."""
+    """Prompt embeddings (unit-norm, dim d) with per-backend outcomes: everything its callers use
+    (the service, prediction, onboarding's fit, training)."""
 
     def __len__(self) -> int: ...
 
-    def estimate(self, embeddings: npt.NDArray[np.float32]) -> Estimate:
-        """embeddings: float32 (n, d), unit rows."""
+    def estimate(self, embeddings: npt.NDArray[np.float32], *, k: int | None = None,
+                 temperature: float | None = None) -> Estimate:
+        """embeddings: float32 (n, d), unit rows; k and temperature override the store's own."""
+        ...
+
+    def estimate_many(self, embeddings: npt.NDArray[np.float32],
+                      scales: Sequence[tuple[float, float]]) -> list[Estimate]:
+        """One Estimate per neighbourhood (k, temperature) (0: the store's own), one search."""
         ...
 
     def recorded(self, embeddings: npt.NDArray[np.float32]) -> Estimate:
         """The scores stored for these very prompts (duplicates of stored ones), NaN elsewhere."""
         ...
 
-    def add(self, embeddings: npt.NDArray[np.float32], records: Sequence[dict]) -> list[str]:
-        """Durably append outcomes (one record per row: prompt, scores, optional cost); returns ids."""
+    def add(self, embeddings: npt.NDArray[np.float32], records: Sequence[dict[str, Any]]) -> list[str]:
+        """Durably append outcomes (one record per row: prompt, scores, optional cost); returns
+        their ids once they are durable."""
+        ...
+
+    def insert(self, embeddings: npt.NDArray[np.float32], records: Sequence[OutcomeRecord]) -> None:
+        """Make outcomes visible to estimates without logging them (another log owns their
+        durability: onboarded backends' aptitude results)."""
+        ...
+
+    def retract(self, ids: Sequence[str], backend: str) -> int:
+        """Withdraw ``backend``'s scores on the records ``ids``; returns how many were withdrawn."""
         ...
 
     def stats(self) -> dict[str, BackendStats]: ...
@@ -59,4 +79,4 @@ class Datastore(Protocol):
     def close(self) -> None: ...
 
 
-DATASTORES: Registry = Registry("datastore")
+DATASTORES: Registry[Any] = Registry("datastore")

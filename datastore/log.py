@@ -9,6 +9,7 @@ being silently dropped.
 """
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -17,7 +18,10 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from router.errors import ArtifactError
+import numpy as np
+import numpy.typing as npt
+
+from router.core.errors import ArtifactError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +45,20 @@ def _unframe(line: bytes) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
-def _fsync_dir(path: Path) -> None:
+def encode_vector(v: npt.NDArray[np.float32]) -> str:
+    """A float32 vector as base64 of its little-endian bytes: how embeddings travel in log records."""
+    return base64.b64encode(np.ascontiguousarray(v, dtype="<f4").tobytes()).decode("ascii")
+
+
+def decode_vector(s: str, dim: int) -> npt.NDArray[np.float32]:
+    """The inverse of ``encode_vector``; refuses a vector of another dimension."""
+    v = np.frombuffer(base64.b64decode(s), dtype="<f4")
+    if v.shape != (dim,):
+        raise ArtifactError(f"stored embedding has {v.size} values, expected {dim}")
+    return v.astype(np.float32)
+
+
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -61,12 +78,12 @@ class AppendLog:
         self._f = open(path, "ab")
 
     @classmethod
-    def open(cls, path: str | Path) -> "AppendLog":
+    def open(cls, path: str | Path) -> AppendLog:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
         if not p.exists():
             p.touch()
-            _fsync_dir(p.parent)
+            fsync_dir(p.parent)
         records, good_end, recovered = cls._scan(p)
         if recovered:
             log.warning("log %s: dropped a torn record of %d bytes at the tail", p, recovered)

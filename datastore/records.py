@@ -14,11 +14,12 @@ import gzip
 import io
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from router.errors import InvalidArgument
+from router.core.errors import InvalidArgument
 
 
 @dataclass(frozen=True)

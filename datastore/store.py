@@ -13,7 +13,6 @@ feedback log is the user's data and is never rewritten, only replayed on top of 
 """
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
@@ -22,32 +21,22 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import faiss
 import numpy as np
 import numpy.typing as npt
 
 from datastore.base import DATASTORES, BackendStats, Estimate
-from datastore.log import AppendLog, _fsync_dir
+from datastore.log import AppendLog, decode_vector, encode_vector, fsync_dir
 from datastore.records import OutcomeRecord, read_outcomes
-from router.errors import ArtifactError, InvalidArgument
+from router.core.errors import ArtifactError, InvalidArgument
 
 log = logging.getLogger(__name__)
 
 SNAPSHOT_FORMAT = 1
-
-
-def _b64(v: npt.NDArray[np.float32]) -> str:
-    return base64.b64encode(np.ascontiguousarray(v, dtype="<f4").tobytes()).decode("ascii")
-
-
-def _unb64(s: str, dim: int) -> npt.NDArray[np.float32]:
-    v = np.frombuffer(base64.b64decode(s), dtype="<f4")
-    if v.shape != (dim,):
-        raise ArtifactError(f"stored embedding has {v.size} values, expected {dim}")
-    return v.astype(np.float32)
 
 
 def source_hash(paths: Sequence[Path], embedder_id: str, encoder_settings: str) -> str:
@@ -293,7 +282,7 @@ class FaissKnnDatastore:
             entry.setdefault("id", uuid.uuid4().hex)
             entry["ts"] = time.time()
             entry["embedder"] = self.embedder_id
-            entry["embedding"] = _b64(e)
+            entry["embedding"] = encode_vector(e)
             entries.append(entry)
         self._log.append(entries)  # durable from here on
         self._insert(emb, [e["id"] for e in entries], [e["scores"] for e in entries],
@@ -304,7 +293,7 @@ class FaissKnnDatastore:
     @classmethod
     def from_records(cls, embeddings: npt.NDArray[np.float32], records: Sequence[OutcomeRecord], *,
                      embedder_id: str = "", k: int = 32, prior_strength: float = 2.0,
-                     temperature: float = 0.05) -> "FaissKnnDatastore":
+                     temperature: float = 0.05) -> FaissKnnDatastore:
         """An in-memory store (no state folder, ``add`` refused): for evaluation and tests.
 
         embeddings: float32 (len(records), d), unit rows.
@@ -317,7 +306,7 @@ class FaissKnnDatastore:
     def open(cls, state_dir: str | Path, encoder: Any, outcome_files: Sequence[str | Path], *,
              k: int = 32, prior_strength: float = 2.0, temperature: float = 0.05,
              encoder_settings: str = "", progress: bool = True,
-             base: tuple[npt.NDArray[np.float32], Sequence[OutcomeRecord], str] | None = None) -> "FaissKnnDatastore":
+             base: tuple[npt.NDArray[np.float32], Sequence[OutcomeRecord], str] | None = None) -> FaissKnnDatastore:
         """Load (or build) the snapshot of ``outcome_files`` and replay the feedback log.
 
         encoder: a PromptEncoder, used for building and for re-embedding logged prompts whose
@@ -375,7 +364,7 @@ class FaissKnnDatastore:
         if snap.exists():
             snap.rename(old)
         tmp.rename(snap)
-        _fsync_dir(snap.parent)
+        fsync_dir(snap.parent)
         shutil.rmtree(old, ignore_errors=True)
 
     def _load_snapshot(self, snap: Path, manifest: dict[str, Any]) -> None:
@@ -392,7 +381,7 @@ class FaissKnnDatastore:
         same = [e for e in entries if e.get("embedder") == self.embedder_id and "embedding" in e]
         other = [e for e in entries if not (e.get("embedder") == self.embedder_id and "embedding" in e)]
         if same:
-            emb = np.stack([_unb64(e["embedding"], self.dim) for e in same])
+            emb = np.stack([decode_vector(e["embedding"], self.dim) for e in same])
             self._insert(emb, [e["id"] for e in same], [e["scores"] for e in same], [e.get("cost") or {} for e in same])
         if other:
             log.info("datastore: re-embedding %d logged outcomes for embedder %s", len(other), self.embedder_id)
@@ -408,9 +397,10 @@ class FaissKnnDatastore:
 
 def _read_manifest(snap: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((snap / "manifest.json").read_text())
+        manifest = json.loads((snap / "manifest.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+    return manifest if isinstance(manifest, dict) else None
 
 
 def _encode_all(encoder: Any, texts: Iterable[str], *, progress: bool, what: str) -> npt.NDArray[np.float32]:

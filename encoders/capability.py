@@ -22,9 +22,14 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+
+def _default_scales() -> list[list[float]]:
+    return [[0, 0], [128, 1.0]]
 
 
 @dataclass
@@ -51,7 +56,7 @@ class CapabilityConfig:
     # The datastore neighbourhoods whose estimates are inputs, as [k, temperature] (0: the
     # datastore's own setting). None: the datastore's neighbourhood only. Default: its own (sharp:
     # the closest few dominate) and a broad one (128 neighbours, nearly a plain average).
-    knn_scales: list[list[float]] | None = field(default_factory=lambda: [[0, 0], [128, 1.0]])
+    knn_scales: list[list[float]] | None = field(default_factory=lambda: _default_scales())
 
     @property
     def n_scales(self) -> int:
@@ -63,6 +68,9 @@ def build_model(in_dim: int, n_backends: int, cfg: CapabilityConfig):
     from torch import nn
 
     class CapabilityModel(nn.Module):
+        knn_scales: list[list[float]] | None     # how to compute the knn input it expects
+        tau_p: float
+
         def __init__(self) -> None:
             super().__init__()
             self.f = nn.Sequential(nn.Linear(in_dim, cfg.hidden), nn.GELU(), nn.Dropout(cfg.dropout),
@@ -163,7 +171,7 @@ def ot_loss(a, marginal: npt.NDArray[np.float64], reg: float):
 
 @dataclass
 class TrainResult:
-    model: object
+    model: Any
     history: list[dict] = field(default_factory=list)
     best_epoch: int = 0
     best_val: float = math.inf

@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from encoders.base import ENCODERS
-from router.compute import Inline
-from router.errors import ConfigError
+from router.core.compute import Inline
+from router.core.errors import ConfigError
 
 
 def default_model_path() -> Path:

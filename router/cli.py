@@ -1,10 +1,11 @@
-"""`caprouter`: serve, call (route / generate / feedback / backends), and build data.
+"""`caprouter`: serve, call a running server (through ``router.client``), and build data offline.
 
     caprouter serve [--config FILE] [--host H] [--port P]
     caprouter route    --address HOST:PORT "prompt" [--cost-weight L] [--min-quality Q] [--max-cost C]
                        [--allow NAME ...] [--deny NAME ...] [--json]
+    caprouter route-batch --address HOST:PORT FILE [knobs] [--budget B] [--json]
     caprouter generate --address HOST:PORT "prompt" [knobs] [--max-tokens N] [--temperature T] [--stop S ...]
-    caprouter feedback --address HOST:PORT --decision-id ID --score S [--backend NAME]
+    caprouter feedback --address HOST:PORT (--decision-id ID | --prompt P --backend NAME) --score S [--cost C]
     caprouter backends --address HOST:PORT
     caprouter onboard  --address HOST:PORT NAME --results FILE [--cost-per-request X | --price-in X --price-out Y
                        | --active-parameters N] [--description TEXT]
@@ -16,16 +17,27 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gzip
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+
+import grpc
+
+from router.client import AptitudeResult, Client, CostModel, Decision
+from router.core.config import AppConfig, builtin_data, load_config
+from router.core.errors import CaprouterError, ConfigError, InvalidArgument
+from router.core.logs import setup_logging
+
+# The commands' own machinery (servers, models, training) is imported inside each command, so
+# that `caprouter route` does not pay for loading torch and the servers it never uses.
 
 
-def _config(args: argparse.Namespace):
-    from router.config import load_config
-
+def _config(args: argparse.Namespace) -> AppConfig:
     overrides = {"server.host": getattr(args, "host", None), "server.port": getattr(args, "port", None),
                  "server.http_port": getattr(args, "http_port", None),
                  "routing.cost_weight": getattr(args, "default_cost_weight", None),
@@ -40,9 +52,10 @@ def _config(args: argparse.Namespace):
     return load_config(args.config, overrides)
 
 
-def _add_knobs(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", nargs="?", default="", help="the prompt (or use --messages)")
-    p.add_argument("--messages", help="JSON file ('-' for stdin) with a list of {role, content}")
+def _add_knobs(p: argparse.ArgumentParser, *, prompt: bool = True) -> None:
+    if prompt:
+        p.add_argument("prompt", nargs="?", default="", help="the prompt (or use --messages)")
+        p.add_argument("--messages", help="JSON file ('-' for stdin) with a list of {role, content}")
     p.add_argument("--address", default="127.0.0.1:50051", help="HOST:PORT of a running caprouter")
     p.add_argument("--cost-weight", type=float, help="lambda: quality given up per unit of cost")
     p.add_argument("--min-quality", type=float)
@@ -56,160 +69,175 @@ def _add_knobs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the response as JSON")
 
 
-def _request_fields(args: argparse.Namespace) -> dict[str, Any]:
-    from caprouter.v1 import router_pb2 as pb
-
-    msgs = []
-    if args.messages:
-        raw = sys.stdin.read() if args.messages == "-" else Path(args.messages).read_text()
-        msgs = [pb.Message(role=m["role"], content=m["content"]) for m in json.loads(raw)]
-    knobs = pb.RoutingKnobs(allowed_backends=args.allow, denied_backends=args.deny, budget_key=args.budget_key)
-    for f, v in (("cost_weight", args.cost_weight), ("min_quality", args.min_quality), ("max_cost", args.max_cost),
-                 ("budget_per_request", args.budget)):
-        if v is not None:
-            setattr(knobs, f, v)
-    return {"prompt": args.prompt, "messages": msgs, "knobs": knobs}
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.address, timeout=args.timeout)
 
 
-def _stub(address: str):
-    import grpc
+def _read_messages(path: str | None) -> list[tuple[str, str]] | None:
+    if not path:
+        return None
+    raw = sys.stdin.read() if path == "-" else Path(path).read_text()
+    return [(m["role"], m["content"]) for m in json.loads(raw)]
 
-    from caprouter.v1 import router_pb2_grpc as pb_grpc
 
-    return pb_grpc.RouterStub(grpc.insecure_channel(address))
+def _knob_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {"cost_weight": args.cost_weight, "min_quality": args.min_quality, "max_cost": args.max_cost,
+            "allowed": args.allow, "denied": args.deny, "budget_per_request": args.budget,
+            "budget_key": args.budget_key}
 
 
-def _print_decision(backend: str, decision_id: str, candidates, excluded, timings, unit: str) -> None:
-    print(f"backend: {backend}   decision: {decision_id}")
-    print(f"{'rank':>4}  {'backend':<28} {'quality':>8} {'cost (' + unit + ')':>14} {'utility':>9} {'support':>8}")
-    for c in candidates:
+def _query(args: argparse.Namespace) -> dict[str, Any]:
+    msgs = _read_messages(args.messages)
+    return {"messages": msgs} if msgs is not None else {"prompt": args.prompt}
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(dataclasses.asdict(obj), indent=2))
+
+
+def _print_decision(d: Decision) -> None:
+    print(f"backend: {d.backend}   decision: {d.decision_id}")
+    print(f"{'rank':>4}  {'backend':<28} {'quality':>8} {'cost (' + d.cost_unit + ')':>14} {'utility':>9} {'support':>8}")
+    for c in d.candidates:
         print(f"{c.rank:>4}  {c.backend:<28} {c.predicted_quality:>8.3f} {c.predicted_cost:>14.4g} "
               f"{c.utility:>9.4f} {c.support:>8.2f}")
-    for e in excluded:
-        print(f"   -  {e.backend:<28} excluded: {e.reason}")
-    print(f"timings: embedding {timings.embedding_ms:.2f} ms, prediction {timings.prediction_ms:.2f} ms, "
-          f"total {timings.total_ms:.2f} ms")
+    for b, reason in d.excluded.items():
+        print(f"   -  {b:<28} excluded: {reason}")
+    t = d.timings
+    print(f"timings: embedding {t.embedding_ms:.2f} ms, prediction {t.prediction_ms:.2f} ms, "
+          f"total {t.total_ms:.2f} ms")
 
 
-def _rpc_error(e) -> int:
+def _rpc_error(e: grpc.RpcError) -> int:
     print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
     return 2
 
 
 def cmd_route(args: argparse.Namespace) -> int:
-    import grpc
-    from google.protobuf.json_format import MessageToJson
-
-    from caprouter.v1 import router_pb2 as pb
-
-    try:
-        resp = _stub(args.address).Route(pb.RouteRequest(**_request_fields(args)), timeout=args.timeout)
-    except grpc.RpcError as e:
-        return _rpc_error(e)
+    with _client(args) as c:
+        try:
+            d = c.route(**_query(args), **_knob_args(args))
+        except grpc.RpcError as e:
+            return _rpc_error(e)
     if args.json:
-        print(MessageToJson(resp))
+        _print_json(d)
     else:
-        _print_decision(resp.backend, resp.decision_id, resp.candidates, resp.excluded, resp.timings, resp.cost_unit)
-        print(f"cost_weight (lambda): {resp.cost_weight:g}")
+        _print_decision(d)
+        print(f"cost_weight (lambda): {d.cost_weight:g}")
+    return 0
+
+
+def _batch_items(path: str) -> list[str | list[tuple[str, str]]]:
+    """One prompt a line, or JSONL of {"prompt": ...} / {"messages": [{role, content}, ...]}."""
+    raw = sys.stdin.read() if path == "-" else Path(path).read_text()
+    items: list[str | list[tuple[str, str]]] = []
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        if not line.lstrip().startswith("{"):
+            items.append(line)
+            continue
+        try:
+            row = json.loads(line)
+            items.append([(m["role"], m["content"]) for m in row["messages"]] if "messages" in row else row["prompt"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise InvalidArgument(f"{path}: line {n}: not a prompt or a messages list ({type(e).__name__}: {e})") from None
+    return items
+
+
+def cmd_route_batch(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        try:
+            b = c.route_batch(_batch_items(args.file), **_knob_args(args))
+        except grpc.RpcError as e:
+            return _rpc_error(e)
+    if args.json:
+        _print_json(b)
+        return 0
+    for i, d in enumerate(b.decisions):
+        top = d.candidates[0]
+        print(f"{i:>5}  {d.backend:<28} quality {top.predicted_quality:.3f}  cost {top.predicted_cost:.4g}  "
+              f"decision {d.decision_id}")
+    print(f"batch: {len(b.decisions)} prompts, lambda {b.cost_weight:g}, predicted mean cost "
+          f"{b.predicted_mean_cost:.4g} {b.cost_unit}, predicted mean quality {b.predicted_mean_quality:.3f}")
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import grpc
-
-    from caprouter.v1 import router_pb2 as pb
-
-    params = pb.GenerationParams(stop=args.stop)
-    if args.max_tokens is not None:
-        params.max_tokens = args.max_tokens
-    if args.temperature is not None:
-        params.temperature = args.temperature
-    req = pb.GenerateRequest(params=params, **_request_fields(args))
-    try:
-        for chunk in _stub(args.address).Generate(req, timeout=args.timeout):
-            if chunk.HasField("start"):
-                s = chunk.start
-                for fb in s.fallbacks:
-                    print(f"[fallback] {fb.backend}: {fb.error}", file=sys.stderr)
-                _print_decision(s.backend, s.decision_id, s.candidates, s.excluded, s.timings, s.cost_unit)
-                print("---")
-            if chunk.text:
-                print(chunk.text, end="", flush=True)
-            if chunk.HasField("end"):
-                e = chunk.end
-                print("\n---")
-                print(f"finish: {pb.FinishReason.Name(e.finish_reason)}  backend: {e.backend}  "
-                      f"tokens: {e.usage.prompt_tokens} prompt + {e.usage.completion_tokens} completion  "
-                      f"latency: {e.latency_ms:.0f} ms  first token: {e.time_to_first_token_ms:.0f} ms  "
-                      f"{e.tokens_per_second:.1f} tokens/s")
-    except grpc.RpcError as e:
-        print()
-        return _rpc_error(e)
+    with _client(args) as c:
+        try:
+            for chunk in c.generate(**_query(args), max_tokens=args.max_tokens, temperature=args.temperature,
+                                    stop=args.stop, **_knob_args(args)):
+                if chunk.decision is not None:
+                    for backend, error in chunk.fallbacks:
+                        print(f"[fallback] {backend}: {error}", file=sys.stderr)
+                    _print_decision(chunk.decision)
+                    print("---")
+                if chunk.text:
+                    print(chunk.text, end="", flush=True)
+                if chunk.finish_reason:
+                    print("\n---")
+                    print(f"finish: {chunk.finish_reason}  backend: {chunk.backend}  tokens: {chunk.prompt_tokens} "
+                          f"prompt + {chunk.completion_tokens} completion  latency: {chunk.latency_ms:.0f} ms  "
+                          f"first token: {chunk.time_to_first_token_ms:.0f} ms  {chunk.tokens_per_second:.1f} tokens/s")
+        except grpc.RpcError as e:
+            print()
+            return _rpc_error(e)
     return 0
 
 
 def cmd_feedback(args: argparse.Namespace) -> int:
-    import grpc
-
-    from caprouter.v1 import router_pb2 as pb
-
-    req = pb.FeedbackRequest(decision_id=args.decision_id or "", prompt=args.prompt or "", backend=args.backend or "",
-                             score=args.score)
-    try:
-        resp = _stub(args.address).Feedback(req, timeout=args.timeout)
-    except grpc.RpcError as e:
-        return _rpc_error(e)
-    print(f"recorded {resp.record_id} for backend {resp.backend}")
+    with _client(args) as c:
+        try:
+            r = c.feedback(args.decision_id or "", args.score, backend=args.backend or "",
+                           prompt=args.prompt, cost=args.cost)
+        except grpc.RpcError as e:
+            return _rpc_error(e)
+    print(f"recorded {r.record_id} for backend {r.backend}")
     return 0
 
 
 def cmd_backends(args: argparse.Namespace) -> int:
-    import grpc
-
-    from caprouter.v1 import router_pb2 as pb
-
-    try:
-        resp = _stub(args.address).ListBackends(pb.ListBackendsRequest(), timeout=args.timeout)
-    except grpc.RpcError as e:
-        return _rpc_error(e)
-    for b in resp.backends:
-        print(f"{b.name:<28} {b.kind:<14} {pb.BackendStatus.Name(b.status):<28} prior {b.prior_quality:.3f} "
-              f"({b.outcomes} outcomes)  cost: {b.cost_model.summary}")
+    with _client(args) as c:
+        try:
+            backends = c.list_backends()
+        except grpc.RpcError as e:
+            return _rpc_error(e)
+    for b in backends:
+        status = "BACKEND_STATUS_" + b.status.upper()
+        print(f"{b.name:<28} {b.kind:<14} {status:<28} prior {b.prior_quality:.3f} "
+              f"({b.outcomes} outcomes)  cost: {b.cost}")
         if b.description:
             print(f"{'':<28} {b.description}")
     return 0
 
 
-def read_aptitude_results(path: str, backend: str) -> list[Any]:
+def read_aptitude_results(path: str, backend: str) -> list[AptitudeResult]:
     """Aptitude results from JSONL (.gz): rows {"item_id" | "prompt", "score", "cost"?}, or outcome
     rows in the datastore schema ({"prompt", "scores": {backend: score}, "cost"?: {...}}), of which
     the named backend's scores are taken (what `caprouter aptitude --out` writes)."""
-    import gzip
-
-    from caprouter.v1 import router_pb2 as pb
-    from router.errors import InvalidArgument
-
     opener = gzip.open if path.endswith(".gz") else open
     out = []
+    n = 0                                     # the line being read, for the error message
     try:
         with opener(path, "rt") as f:
-            for n, line in enumerate(f, 1):
+            for line in f:
+                n += 1
                 if not line.strip():
                     continue
                 row = json.loads(line)
                 if "scores" in row:
                     if backend not in row["scores"]:
                         continue
-                    r = pb.AptitudeResult(prompt=row["prompt"], score=float(row["scores"][backend]))
                     c = (row.get("cost") or {}).get(backend)
+                    out.append(AptitudeResult(score=float(row["scores"][backend]), prompt=row["prompt"],
+                                              cost=None if c is None else float(c)))
                 else:
-                    r = pb.AptitudeResult(item_id=str(row.get("item_id") or row.get("id") or ""),
-                                          prompt=row.get("prompt", "") if not (row.get("item_id") or row.get("id")) else "",
-                                          score=float(row["score"]))
+                    item = str(row.get("item_id") or row.get("id") or "")
                     c = row.get("cost")
-                if c is not None:
-                    r.cost = float(c)
-                out.append(r)
+                    out.append(AptitudeResult(score=float(row["score"]), item_id=item,
+                                              prompt="" if item else row.get("prompt", ""),
+                                              cost=None if c is None else float(c)))
     except FileNotFoundError:
         raise InvalidArgument(f"results file not found: {path}") from None
     except (ValueError, KeyError, TypeError) as e:
@@ -218,42 +246,29 @@ def read_aptitude_results(path: str, backend: str) -> list[Any]:
 
 
 def cmd_onboard(args: argparse.Namespace) -> int:
-    import grpc
-    from google.protobuf.json_format import MessageToJson
-
-    from caprouter.v1 import router_pb2 as pb
-
     results = read_aptitude_results(args.results, args.name)
-    if args.active_parameters:
-        cm = pb.CostModel(kind="compute", active_parameters=args.active_parameters)
-    elif args.price_in is not None or args.price_out is not None:
-        cm = pb.CostModel(kind="per_token", input_per_million_tokens=args.price_in or 0.0,
-                          output_per_million_tokens=args.price_out or 0.0)
-    else:
-        cm = pb.CostModel(kind="per_request", per_request=args.cost_per_request or 0.0)
-    if args.expected_output_tokens:
-        cm.expected_output_tokens = args.expected_output_tokens
-    req = pb.OnboardRequest(backend=args.name, description=args.description or "", cost_model=cm, results=results)
-    try:
-        resp = _stub(args.address).Onboard(req, timeout=args.timeout)
-    except grpc.RpcError as e:
-        return _rpc_error(e)
+    cost = CostModel.of(per_request=args.cost_per_request, price_in=args.price_in, price_out=args.price_out,
+                        active_parameters=args.active_parameters, expected_output_tokens=args.expected_output_tokens)
+    with _client(args) as c:
+        try:
+            r = c.onboard(args.name, results, cost=cost, description=args.description or "")
+        except grpc.RpcError as e:
+            return _rpc_error(e)
     if args.json:
-        print(MessageToJson(resp))
+        _print_json(r)
         return 0
-    b = resp.backend
-    print(f"{'registered' if resp.created else 'updated'} {b.name} ({b.kind}) from {resp.results_used} aptitude "
-          f"results, mean score {resp.mean_score:.3f}; cost: {b.cost_model.summary}; capability vector "
-          f"{'fitted' if resp.capability_fitted else 'not used (datastore only)'}")
+    b = r.backend
+    print(f"{'registered' if r.created else 'updated'} {b.name} ({b.kind}) from {r.results_used} aptitude "
+          f"results, mean score {r.mean_score:.3f}; cost: {b.cost}; capability vector "
+          f"{'fitted' if r.capability_fitted else 'not used (datastore only)'}")
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from router.app import build_app
-    from router.grpc_server import serve
-    from router.logs import setup_logging
+    from router.adapters.grpc_server import serve
+    from router.serving.app import build_app
 
     cfg = _config(args)
     setup_logging(cfg.log_level, args.log_format)
@@ -263,12 +278,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_ray(cfg, args: argparse.Namespace) -> int:
+def _serve_ray(cfg: AppConfig, args: argparse.Namespace) -> int:
     """Ray mode: the same service, its backends as Ray Serve deployments (backends/ray_serve.py)."""
     import signal
     import threading
 
-    from backends.ray_serve import RayServing
+    from router.adapters.ray import RayServing
 
     if args.ray_address:
         cfg.ray.address = args.ray_address
@@ -288,9 +303,7 @@ def _serve_ray(cfg, args: argparse.Namespace) -> int:
 
 
 def cmd_aptitude(args: argparse.Namespace) -> int:
-    from router.aptitude.cli_run import run
-    from router.config import builtin_data
-    from router.logs import setup_logging
+    from router.offline.aptitude.cli_run import run
 
     cfg = _config(args)
     setup_logging(cfg.log_level, "text")
@@ -301,11 +314,9 @@ def cmd_aptitude(args: argparse.Namespace) -> int:
 
 
 def cmd_codes(args: argparse.Namespace) -> int:
-    from backends.codes import CodeSpec, build_codes
     from backends.weights import resolve_weights
-    from router.app import build_encoder
-    from router.errors import ConfigError
-    from router.logs import setup_logging
+    from router.offline.codes import CodeSpec, build_codes
+    from router.serving.app import build_encoder
 
     cfg = _config(args)
     setup_logging(cfg.log_level, "text")
@@ -331,16 +342,14 @@ def cmd_codes(args: argparse.Namespace) -> int:
 
 
 def cmd_build_datastore(args: argparse.Namespace) -> int:
-    from router.app import build_encoder, open_datastore, state_dir
-    from router.logs import setup_logging
+    from router.prediction import artifact as art
+    from router.serving.app import build_encoder, open_datastore, state_dir
 
     cfg = _config(args)
     setup_logging(cfg.log_level, "text")
     encoder = build_encoder(cfg)
     artifact = None
     if cfg.artifact:
-        from router import artifact as art
-
         artifact = art.load(Path(cfg.artifact), embedder_id=encoder.model_id, dim=encoder.dim)
     store = open_datastore(cfg, encoder, progress=True, artifact=artifact)
     print(f"datastore at {state_dir(cfg)}: {len(store)} outcomes")
@@ -351,8 +360,7 @@ def cmd_build_datastore(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from router.logs import setup_logging
-    from router.training import train_command
+    from router.offline.training import train_command
 
     cfg = _config(args)
     setup_logging(cfg.log_level, "text")
@@ -371,8 +379,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from router.logs import setup_logging
-    from router.training import eval_command
+    from router.offline.training import eval_command
 
     cfg = _config(args)
     setup_logging(cfg.log_level, "text")
@@ -410,6 +417,11 @@ def parser() -> argparse.ArgumentParser:
     _add_knobs(r)
     r.set_defaults(fn=cmd_route)
 
+    rb = sub.add_parser("route-batch", help="route many prompts at once (RouteBatch; --budget binds their average)")
+    _add_knobs(rb, prompt=False)
+    rb.add_argument("file", help="one prompt a line, or JSONL of {prompt} / {messages}; '-' for stdin")
+    rb.set_defaults(fn=cmd_route_batch)
+
     g = sub.add_parser("generate", help="route and stream the answer")
     _add_knobs(g)
     g.add_argument("--max-tokens", type=int)
@@ -420,9 +432,10 @@ def parser() -> argparse.ArgumentParser:
     f = sub.add_parser("feedback", help="report an observed score")
     f.add_argument("--address", default="127.0.0.1:50051")
     f.add_argument("--decision-id")
-    f.add_argument("--prompt")
-    f.add_argument("--backend")
+    f.add_argument("--prompt", help="the prompt the score is for (with --backend), instead of --decision-id")
+    f.add_argument("--backend", help="the backend that answered (default: the decision's)")
     f.add_argument("--score", type=float, required=True)
+    f.add_argument("--cost", type=float, help="the observed cost of the answer (server's cost unit)")
     f.add_argument("--timeout", type=float, default=30.0)
     f.set_defaults(fn=cmd_feedback)
 
@@ -496,8 +509,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parser().parse_args(argv)
-    from router.errors import CaprouterError
-
     try:
         return int(args.fn(args) or 0)
     except CaprouterError as e:
@@ -505,6 +516,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`caprouter route ... | head`): stop quietly, as a shell tool does.
+        # Python would report the failed flush of stdout at exit; point stdout at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

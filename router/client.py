@@ -8,18 +8,22 @@
             print(chunk.text, end="")
         c.feedback(d.decision_id, 1.0)
 
-Typed results (dataclasses, not protobuf messages); every call has a deadline (``timeout``);
-calls that change nothing (Route, ListBackends) and Feedback (idempotent per decision for the
-router's purposes) are retried with exponential backoff on UNAVAILABLE (a server still loading,
-a restart); Generate is retried only until the first chunk arrived, never after.
+Every RPC of caprouter.v1.Router: route, route_batch, generate, feedback (by decision id, or by
+prompt and backend), list_backends, onboard. Typed results (dataclasses, not protobuf messages);
+every call has a deadline (``timeout``); calls that change nothing (Route, RouteBatch,
+ListBackends), Feedback (idempotent per decision for the router's purposes) and Onboard (a
+second registration under the same name replaces the first) are retried with exponential
+backoff on UNAVAILABLE (a server still loading, a restart); Generate is retried only until the
+first chunk arrived, never after.
 """
 from __future__ import annotations
 
 import asyncio
 import random
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Iterator, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
@@ -37,6 +41,14 @@ class Candidate:
     predicted_cost: float
     utility: float
     rank: int
+    support: float = 0.0
+
+
+@dataclass(frozen=True)
+class Timings:
+    embedding_ms: float = 0.0
+    prediction_ms: float = 0.0
+    total_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -48,12 +60,24 @@ class Decision:
     cost_unit: str
     cost_weight: float
     request_id: str
+    timings: Timings = field(default_factory=Timings)
+
+
+@dataclass(frozen=True)
+class BatchDecision:
+    """RouteBatch: one Decision per item, in order, and the batch's lambda and predicted means."""
+
+    decisions: list[Decision]
+    cost_weight: float
+    predicted_mean_cost: float
+    predicted_mean_quality: float
+    cost_unit: str
 
 
 @dataclass(frozen=True)
 class Chunk:
     """One piece of a generation: ``start`` (the decision) on the first, ``text`` on every one
-    that carries text, ``finish_reason``/``usage`` on the last."""
+    that carries text, ``finish_reason``/``usage`` and speed on the last."""
 
     text: str = ""
     backend: str = ""
@@ -63,6 +87,8 @@ class Chunk:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     latency_ms: float = 0.0
+    time_to_first_token_ms: float = 0.0
+    tokens_per_second: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -72,6 +98,59 @@ class BackendInfo:
     status: str
     detail: str
     description: str
+    cost: str = ""                 # the cost model in words
+    prior_quality: float = 0.0     # mean score over the datastore's outcomes
+    outcomes: int = 0
+
+
+@dataclass(frozen=True)
+class FeedbackResult:
+    record_id: str
+    backend: str
+
+
+@dataclass(frozen=True)
+class AptitudeResult:
+    """One answered aptitude item: ``item_id`` of the server's suite, or the ``prompt`` itself."""
+
+    score: float
+    item_id: str = ""
+    prompt: str = ""
+    cost: float | None = None
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """A backend's cost model for Onboard, in the server's cost unit: ``per_request`` (a flat
+    price), ``per_token`` (prices per million input / output tokens) or ``compute`` (2 x active
+    parameters x tokens). ``CostModel.of(...)`` picks the kind from what is given."""
+
+    kind: str = "per_request"
+    per_request: float = 0.0
+    input_per_million_tokens: float = 0.0
+    output_per_million_tokens: float = 0.0
+    active_parameters: int = 0
+    expected_output_tokens: int = 0      # 0: the server's default
+
+    @classmethod
+    def of(cls, *, per_request: float | None = None, price_in: float | None = None, price_out: float | None = None,
+           active_parameters: int | None = None, expected_output_tokens: int | None = None) -> CostModel:
+        n = expected_output_tokens or 0
+        if active_parameters:
+            return cls("compute", active_parameters=active_parameters, expected_output_tokens=n)
+        if price_in is not None or price_out is not None:
+            return cls("per_token", input_per_million_tokens=price_in or 0.0, output_per_million_tokens=price_out or 0.0,
+                       expected_output_tokens=n)
+        return cls("per_request", per_request=per_request or 0.0, expected_output_tokens=n)
+
+
+@dataclass(frozen=True)
+class OnboardResult:
+    backend: BackendInfo
+    created: bool                  # False: an earlier registration was replaced
+    results_used: int
+    mean_score: float
+    capability_fitted: bool
 
 
 @dataclass(frozen=True)
@@ -90,8 +169,9 @@ class Retry:
             d = min(d * self.factor, self.max_s)
 
 
-def _knobs(cost_weight=None, min_quality=None, max_cost=None, allowed=(), denied=(), budget_per_request=None,
-           budget_key="") -> pb.RoutingKnobs:
+def _knobs(cost_weight: float | None = None, min_quality: float | None = None, max_cost: float | None = None,
+           allowed: Sequence[str] = (), denied: Sequence[str] = (), budget_per_request: float | None = None,
+           budget_key: str = "") -> pb.RoutingKnobs:
     k = pb.RoutingKnobs(allowed_backends=list(allowed), denied_backends=list(denied), budget_key=budget_key)
     for name, v in (("cost_weight", cost_weight), ("min_quality", min_quality), ("max_cost", max_cost),
                     ("budget_per_request", budget_per_request)):
@@ -100,18 +180,35 @@ def _knobs(cost_weight=None, min_quality=None, max_cost=None, allowed=(), denied
     return k
 
 
-def _input(prompt: str | None, messages: Messages | None) -> dict:
+def _messages(messages: Messages) -> list[pb.Message]:
+    return [pb.Message(role=r, content=c) for r, c in messages]
+
+
+def _input(prompt: str | None, messages: Messages | None) -> dict[str, Any]:
     if (prompt is None) == (messages is None):
         raise ValueError("give exactly one of prompt or messages")
     if prompt is not None:
         return {"prompt": prompt}
-    return {"messages": [pb.Message(role=r, content=c) for r, c in messages]}
+    assert messages is not None
+    return {"messages": _messages(messages)}
 
 
-def _decision(m, decision_id: str, backend: str, request_id: str) -> Decision:
+def _decision(m: Any, decision_id: str, backend: str, request_id: str) -> Decision:
+    t = m.timings
     return Decision(decision_id, backend,
-                    [Candidate(c.backend, c.predicted_quality, c.predicted_cost, c.utility, c.rank) for c in m.candidates],
-                    {e.backend: e.reason for e in m.excluded}, m.cost_unit, m.cost_weight, request_id)
+                    [Candidate(c.backend, c.predicted_quality, c.predicted_cost, c.utility, c.rank, c.support)
+                     for c in m.candidates],
+                    {e.backend: e.reason for e in m.excluded}, m.cost_unit, m.cost_weight, request_id,
+                    Timings(t.embedding_ms, t.prediction_ms, t.total_ms))
+
+
+def _route_decision(r: pb.RouteResponse) -> Decision:
+    return _decision(r, r.decision_id, r.backend, r.metadata.request_id)
+
+
+def _batch(r: pb.RouteBatchResponse) -> BatchDecision:
+    return BatchDecision([_route_decision(d) for d in r.decisions], r.cost_weight, r.predicted_mean_cost,
+                         r.predicted_mean_quality, r.cost_unit)
 
 
 def _chunk(c: pb.GenerateChunk) -> Chunk:
@@ -123,12 +220,13 @@ def _chunk(c: pb.GenerateChunk) -> Chunk:
         e = c.end
         return Chunk(text=c.text, backend=e.backend, finish_reason=pb.FinishReason.Name(e.finish_reason)
                      .removeprefix("FINISH_REASON_").lower(), prompt_tokens=e.usage.prompt_tokens,
-                     completion_tokens=e.usage.completion_tokens, latency_ms=e.latency_ms)
+                     completion_tokens=e.usage.completion_tokens, latency_ms=e.latency_ms,
+                     time_to_first_token_ms=e.time_to_first_token_ms, tokens_per_second=e.tokens_per_second)
     return Chunk(text=c.text)
 
 
 def _gen_request(prompt: str | None, messages: Messages | None, max_tokens: int | None, temperature: float | None,
-                 stop: Sequence[str], seed: int | None, knobs: dict) -> pb.GenerateRequest:
+                 stop: Sequence[str], seed: int | None, knobs: dict[str, Any]) -> pb.GenerateRequest:
     params = pb.GenerationParams(stop=list(stop))
     for name, v in (("max_tokens", max_tokens), ("temperature", temperature), ("seed", seed)):
         if v is not None:
@@ -136,9 +234,47 @@ def _gen_request(prompt: str | None, messages: Messages | None, max_tokens: int 
     return pb.GenerateRequest(knobs=_knobs(**knobs), params=params, **_input(prompt, messages))
 
 
+def _batch_request(items: Sequence[str | Messages], knobs: dict[str, Any]) -> pb.RouteBatchRequest:
+    """items: prompts (str) or chats ((role, content) pairs)."""
+    return pb.RouteBatchRequest(knobs=_knobs(**knobs), items=[
+        pb.BatchItem(prompt=it) if isinstance(it, str) else pb.BatchItem(messages=_messages(it)) for it in items])
+
+
+def _feedback_request(decision_id: str, score: float, backend: str, prompt: str | None, messages: Messages | None,
+                      cost: float | None) -> pb.FeedbackRequest:
+    req = pb.FeedbackRequest(decision_id=decision_id, score=score, backend=backend, prompt=prompt or "",
+                             messages=_messages(messages or ()))
+    if cost is not None:
+        req.cost = cost
+    return req
+
+
+def _backend(b: pb.BackendInfo) -> BackendInfo:
+    return BackendInfo(b.name, b.kind, pb.BackendStatus.Name(b.status).removeprefix("BACKEND_STATUS_").lower(),
+                       b.status_detail, b.description, b.cost_model.summary, b.prior_quality, b.outcomes)
+
+
 def _backends(r: pb.ListBackendsResponse) -> list[BackendInfo]:
-    return [BackendInfo(b.name, b.kind, pb.BackendStatus.Name(b.status).removeprefix("BACKEND_STATUS_").lower(),
-                        b.status_detail, b.description) for b in r.backends]
+    return [_backend(b) for b in r.backends]
+
+
+def _onboard_request(name: str, results: Sequence[AptitudeResult], cost: CostModel,
+                     description: str) -> pb.OnboardRequest:
+    cm = pb.CostModel(kind=cost.kind, per_request=cost.per_request,
+                      input_per_million_tokens=cost.input_per_million_tokens,
+                      output_per_million_tokens=cost.output_per_million_tokens,
+                      active_parameters=cost.active_parameters, expected_output_tokens=cost.expected_output_tokens)
+    out = []
+    for r in results:
+        m = pb.AptitudeResult(item_id=r.item_id, prompt=r.prompt, score=r.score)
+        if r.cost is not None:
+            m.cost = r.cost
+        out.append(m)
+    return pb.OnboardRequest(backend=name, description=description, cost_model=cm, results=out)
+
+
+def _onboarded(r: pb.OnboardResponse) -> OnboardResult:
+    return OnboardResult(_backend(r.backend), r.created, r.results_used, r.mean_score, r.capability_fitted)
 
 
 def _unavailable(e: grpc.RpcError) -> bool:
@@ -164,10 +300,10 @@ class Client:
         self.timeout = timeout
         self.retry = retry
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
@@ -182,33 +318,55 @@ class Client:
                 time.sleep(_backoff(e, delays))
 
     def route(self, prompt: str | None = None, *, messages: Messages | None = None, timeout: float | None = None,
-              **knobs) -> Decision:
+              **knobs: Any) -> Decision:
         req = pb.RouteRequest(knobs=_knobs(**knobs), **_input(prompt, messages))
-        r = self._call(lambda: self._stub.Route(req, timeout=timeout or self.timeout))
-        return _decision(r, r.decision_id, r.backend, r.metadata.request_id)
+        return _route_decision(self._call(lambda: self._stub.Route(req, timeout=timeout or self.timeout)))
+
+    def route_batch(self, items: Sequence[str | Messages], *, timeout: float | None = None,
+                    **knobs: Any) -> BatchDecision:
+        """items: prompts, or chats as (role, content) pairs; knobs bind every item (with
+        ``budget_per_request``, the batch's average)."""
+        req = _batch_request(items, knobs)
+        return _batch(self._call(lambda: self._stub.RouteBatch(req, timeout=timeout or self.timeout)))
 
     def generate(self, prompt: str | None = None, *, messages: Messages | None = None, max_tokens: int | None = None,
                  temperature: float | None = None, stop: Sequence[str] = (), seed: int | None = None,
-                 timeout: float | None = None, **knobs) -> Iterator[Chunk]:
+                 timeout: float | None = None, **knobs: Any) -> Iterator[Chunk]:
         req = _gen_request(prompt, messages, max_tokens, temperature, stop, seed, knobs)
         delays = self.retry.delays()
         while True:
             started = False
+            call = self._stub.Generate(req, timeout=timeout or self.timeout)
             try:
-                for c in self._stub.Generate(req, timeout=timeout or self.timeout):
+                for c in call:
                     started = True
                     yield _chunk(c)
                 return
             except grpc.RpcError as e:
                 time.sleep(_backoff(e, delays, started=started))
+            finally:
+                # A caller that stops reading (a closed pipe, a break) stops the generation now.
+                call.cancel()
 
-    def feedback(self, decision_id: str, score: float, *, backend: str = "", timeout: float | None = None) -> None:
-        req = pb.FeedbackRequest(decision_id=decision_id, score=score, backend=backend)
-        self._call(lambda: self._stub.Feedback(req, timeout=timeout or self.timeout))
+    def feedback(self, decision_id: str, score: float, *, backend: str = "", prompt: str | None = None,
+                 messages: Messages | None = None, cost: float | None = None,
+                 timeout: float | None = None) -> FeedbackResult:
+        """A score in [0, 1] for a decision (``decision_id``; the backend defaults to the chosen
+        one), or for a ``prompt`` / ``messages`` answered by ``backend`` (decision_id "")."""
+        req = _feedback_request(decision_id, score, backend, prompt, messages, cost)
+        r = self._call(lambda: self._stub.Feedback(req, timeout=timeout or self.timeout))
+        return FeedbackResult(r.record_id, r.backend)
 
     def list_backends(self, *, timeout: float | None = None) -> list[BackendInfo]:
         return _backends(self._call(lambda: self._stub.ListBackends(pb.ListBackendsRequest(),
                                                                     timeout=timeout or self.timeout)))
+
+    def onboard(self, name: str, results: Sequence[AptitudeResult], *, cost: CostModel | None = None,
+                description: str = "", timeout: float | None = None) -> OnboardResult:
+        """Register (or update) a route-only backend from its aptitude results, with its cost model
+        (default: free per request)."""
+        req = _onboard_request(name, results, cost or CostModel(), description)
+        return _onboarded(self._call(lambda: self._stub.Onboard(req, timeout=timeout or self.timeout)))
 
 
 class AsyncClient:
@@ -220,16 +378,16 @@ class AsyncClient:
         self.timeout = timeout
         self.retry = retry
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     async def close(self) -> None:
         await self._channel.close()
 
-    async def _call(self, fn):
+    async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
         delays = self.retry.delays()
         while True:
             try:
@@ -238,30 +396,45 @@ class AsyncClient:
                 await asyncio.sleep(_backoff(e, delays))
 
     async def route(self, prompt: str | None = None, *, messages: Messages | None = None,
-                    timeout: float | None = None, **knobs) -> Decision:
+                    timeout: float | None = None, **knobs: Any) -> Decision:
         req = pb.RouteRequest(knobs=_knobs(**knobs), **_input(prompt, messages))
-        r = await self._call(lambda: self._stub.Route(req, timeout=timeout or self.timeout))
-        return _decision(r, r.decision_id, r.backend, r.metadata.request_id)
+        return _route_decision(await self._call(lambda: self._stub.Route(req, timeout=timeout or self.timeout)))
+
+    async def route_batch(self, items: Sequence[str | Messages], *, timeout: float | None = None,
+                          **knobs: Any) -> BatchDecision:
+        req = _batch_request(items, knobs)
+        return _batch(await self._call(lambda: self._stub.RouteBatch(req, timeout=timeout or self.timeout)))
 
     async def generate(self, prompt: str | None = None, *, messages: Messages | None = None,
                        max_tokens: int | None = None, temperature: float | None = None, stop: Sequence[str] = (),
-                       seed: int | None = None, timeout: float | None = None, **knobs) -> AsyncIterator[Chunk]:
+                       seed: int | None = None, timeout: float | None = None, **knobs: Any) -> AsyncIterator[Chunk]:
         req = _gen_request(prompt, messages, max_tokens, temperature, stop, seed, knobs)
         delays = self.retry.delays()
         while True:
             started = False
+            call = self._stub.Generate(req, timeout=timeout or self.timeout)
             try:
-                async for c in self._stub.Generate(req, timeout=timeout or self.timeout):
+                async for c in call:
                     started = True
                     yield _chunk(c)
                 return
             except grpc.RpcError as e:
                 await asyncio.sleep(_backoff(e, delays, started=started))
+            finally:
+                call.cancel()
 
-    async def feedback(self, decision_id: str, score: float, *, backend: str = "", timeout: float | None = None) -> None:
-        req = pb.FeedbackRequest(decision_id=decision_id, score=score, backend=backend)
-        await self._call(lambda: self._stub.Feedback(req, timeout=timeout or self.timeout))
+    async def feedback(self, decision_id: str, score: float, *, backend: str = "", prompt: str | None = None,
+                       messages: Messages | None = None, cost: float | None = None,
+                       timeout: float | None = None) -> FeedbackResult:
+        req = _feedback_request(decision_id, score, backend, prompt, messages, cost)
+        r = await self._call(lambda: self._stub.Feedback(req, timeout=timeout or self.timeout))
+        return FeedbackResult(r.record_id, r.backend)
 
     async def list_backends(self, *, timeout: float | None = None) -> list[BackendInfo]:
         return _backends(await self._call(lambda: self._stub.ListBackends(pb.ListBackendsRequest(),
                                                                           timeout=timeout or self.timeout)))
+
+    async def onboard(self, name: str, results: Sequence[AptitudeResult], *, cost: CostModel | None = None,
+                      description: str = "", timeout: float | None = None) -> OnboardResult:
+        req = _onboard_request(name, results, cost or CostModel(), description)
+        return _onboarded(await self._call(lambda: self._stub.Onboard(req, timeout=timeout or self.timeout)))

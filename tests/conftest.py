@@ -1,8 +1,14 @@
-"""Session-wide fixtures: real models are loaded once per test session."""
+"""Session-wide fixtures (real models are loaded once per test session) and the fast loop.
+
+``pytest --fast`` (``./scripts/test.sh --fast``) runs the tests that need no model and no server:
+it leaves out every test marked ``slow``, and makes the markers honest: in a fast run, loading a
+real model or starting a server refuses with a message that names the marker.
+"""
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,10 +19,60 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data" / "routing"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fast", action="store_true",
+                     help="only the tests that need no model and no server (leaves out @pytest.mark.slow)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.getoption("--fast"):
+        return
+    slow = [i for i in items if i.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [i for i in items if not i.get_closest_marker("slow")]
+
+
+# What a test must be marked slow for: each entry point of a real model, a server or a process.
+_HEAVY = [
+    ("encoders.minilm", "MiniLMEncoder", "__init__", "loads the MiniLM encoder"),
+    ("backends.weights", None, "resolve_weights", "resolves (and converts) real LLM weights"),
+    ("backends.transformers_backend", "TransformersBackend", "_load_sync", "loads a real LLM"),
+    ("router.adapters.grpc_server", "GrpcServer", "__init__", "starts the gRPC server"),
+    ("router.adapters.http_server", "HttpServer", "start", "starts the HTTP server"),
+    ("router.adapters.ray", "RayServing", "__init__", "starts Ray Serve"),
+]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _fast_loop_guard(request: pytest.FixtureRequest) -> Any:
+    """In a fast run, the entry points of real models and servers refuse to run."""
+    if not request.config.getoption("--fast"):
+        yield
+        return
+    import importlib
+
+    mp = pytest.MonkeyPatch()
+
+    def refuse(what: str) -> Any:
+        def refused(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError(f"this test {what}: mark it @pytest.mark.slow (the fast loop runs only tests "
+                               "that need no model and no server)")
+        return refused
+
+    for module, cls, attr, what in _HEAVY:
+        owner = importlib.import_module(module)
+        if cls is not None:
+            owner = getattr(owner, cls)
+        mp.setattr(owner, attr, refuse(what))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def models_dir() -> Path:
     """Converted/pruned weights are cached across sessions (conversion takes ~20 s)."""
-    from router.config import caprouter_home
+    from router.core.config import caprouter_home
 
     d = caprouter_home() / "models"
     d.mkdir(parents=True, exist_ok=True)
@@ -28,6 +84,29 @@ def encoder():
     from encoders.minilm import MiniLMEncoder
 
     return MiniLMEncoder()
+
+
+@pytest.fixture(scope="session", params=["words", pytest.param("minilm", marks=pytest.mark.slow)])
+def any_encoder(request):
+    """For tests of the layers around the encoder: the bag-of-words fake in the fast loop, MiniLM
+    (the same test again) in the full suite."""
+    if request.param == "words":
+        from tests.fakes import WordEncoder
+
+        return WordEncoder()
+    return request.getfixturevalue("encoder")
+
+
+@pytest.fixture
+def tiny():
+    """A small random Llama: fast, and enough to check the algebra of slicing, masks and experts."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
 
 
 @pytest.fixture(scope="session")
@@ -45,8 +124,8 @@ class LiveServer:
         import asyncio
         import threading
 
-        from router.app import build_app
-        from router.grpc_server import GrpcServer
+        from router.adapters.grpc_server import GrpcServer
+        from router.serving.app import build_app
 
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -72,7 +151,7 @@ class LiveServer:
 
 
 def default_config(tmp: Path, models: Path, **overrides):
-    from router.config import load_config
+    from router.core.config import load_config
 
     return load_config(None, {"server.port": 0, "cache_dir": str(models), "datastore.state_dir": str(tmp / "state"),
                               **overrides})

@@ -1,15 +1,22 @@
-"""Scripted backends for unit-testing the service layer in isolation (the real path is covered by
-tests/router/test_grpc_integration.py with SmolLM2)."""
+"""Fakes for unit-testing a layer in isolation: scripted backends and a bag-of-words encoder. The
+real path is covered by tests that run the real parts (tests/router/test_grpc_integration.py with
+MiniLM and SmolLM2; the service and datastore tests run with MiniLM too, under the slow marker)."""
 from __future__ import annotations
 
 import asyncio
 import json
+import re
+import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
+
 from backends.base import Backend, Finished, FinishReason, GenerationRequest, Status, TextChunk
-from router.config import CostModelConfig
-from router.costs import CostModel
-from router.errors import BackendError
+from router.core.config import CostModelConfig
+from router.core.costs import CostModel
+from router.core.errors import BackendError
 
 
 class ScriptedBackend(Backend):
@@ -50,6 +57,24 @@ class ScriptedBackend(Backend):
         if self.fail_at is not None and self.fail_at >= len(self.words):
             raise BackendError(self.name, "injected failure at the end")
         yield Finished(FinishReason.STOP, 3, n, 0.01)
+
+
+class WordEncoder:
+    """A PromptEncoder for the fast loop: hashed counts of a prompt's words and symbols, L2-normalized
+    (384-d, like MiniLM). Prompts that share words are close and prompts that share none are
+    orthogonal, which is all the service and datastore tests ask of an encoder; MiniLM runs the same
+    tests under the slow marker."""
+
+    model_id = "tests/word-hash"
+    dim = 384
+
+    def encode(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        """texts: n strings -> float32 (n, 384), unit rows."""
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for i, text in enumerate(texts):
+            for token in re.findall(r"[a-z]+|\d+|[^\sa-z\d]", text.lower()) or ["<empty>"]:
+                out[i, zlib.crc32(token.encode()) % self.dim] += 1.0
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
 def write_outcomes(path: Path, rows) -> Path:

@@ -104,8 +104,8 @@ def test_expert_aware_batching_keeps_every_request_once_and_the_union_within_the
                                           ({"prune": {"mlp_keep": 0.5}}, "prune")])
 def test_invalid_moe_options_are_refused(options, part, tmp_path):
     from backends.moe import MoEBackend
-    from router.config import BackendConfig
-    from router.errors import ConfigError
+    from router.core.config import BackendConfig
+    from router.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match=part):
         MoEBackend(BackendConfig(name="m", kind="moe", options=options), cost_unit="GFLOP", models_dir=tmp_path)
@@ -115,7 +115,7 @@ def test_invalid_moe_options_are_refused(options, part, tmp_path):
 @pytest.fixture(scope="module")
 def real_moe(models_dir, encoder):
     from backends.moe import MoEBackend
-    from router.config import BackendConfig
+    from router.core.config import BackendConfig
 
     b = MoEBackend(BackendConfig(name="moe", kind="moe", options={"experts": 8, "top_k": 4}), cost_unit="GFLOP",
                    models_dir=models_dir, encoder=encoder)
@@ -124,7 +124,7 @@ def real_moe(models_dir, encoder):
 
 
 def _answer(b, prompt):
-    from router.aptitude.runner import answer
+    from router.offline.aptitude.runner import answer
 
     return asyncio.run(answer(b, prompt, 16))
 

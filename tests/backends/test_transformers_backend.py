@@ -8,8 +8,8 @@ import pytest
 
 from backends.base import Finished, FinishReason, GenerationRequest, Status, TextChunk
 from backends.transformers_backend import TransformersBackend
-from router.config import BackendConfig
-from router.errors import ConfigError
+from router.core.config import BackendConfig
+from router.core.errors import ConfigError
 
 pytestmark = pytest.mark.slow
 

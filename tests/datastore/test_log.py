@@ -1,7 +1,7 @@
 import pytest
 
 from datastore.log import AppendLog
-from router.errors import ArtifactError
+from router.core.errors import ArtifactError
 
 
 def test_append_and_reopen(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 
 from datastore.records import read_outcomes
 from datastore.store import FaissKnnDatastore
-from router.errors import InvalidArgument
+from router.core.errors import InvalidArgument
 
 
 def _unit(rows):
@@ -75,42 +75,42 @@ ROWS = [{"id": f"r{i}", "prompt": p, "scores": {"good": 1.0, "bad": float(i % 2)
                                "Translate 'cat' to French.", "Who painted the Mona Lisa?", "Sort [3, 1, 2]."])]
 
 
-def test_top1_self_retrieval_persist_and_reload(tmp_path, encoder):
+def test_top1_self_retrieval_persist_and_reload(tmp_path, any_encoder):
     src = tmp_path / "o.jsonl"
     _write(src, ROWS)
-    ds = FaissKnnDatastore.open(tmp_path / "state", encoder, [src], k=3, progress=False)
+    ds = FaissKnnDatastore.open(tmp_path / "state", any_encoder, [src], k=3, progress=False)
     assert len(ds) == len(ROWS)
-    emb = encoder.encode([r["prompt"] for r in ROWS])
+    emb = any_encoder.encode([r["prompt"] for r in ROWS])
     _, idx = ds.index.search(emb, 1)
     assert idx[:, 0].tolist() == list(range(len(ROWS)))
     ds.close()
-    again = FaissKnnDatastore.open(tmp_path / "state", encoder, [src], k=3, progress=False)
+    again = FaissKnnDatastore.open(tmp_path / "state", any_encoder, [src], k=3, progress=False)
     np.testing.assert_allclose(again.estimate(emb).quality, ds.estimate(emb).quality, atol=1e-6)
 
 
-def test_feedback_is_durable_and_survives_a_snapshot_rebuild(tmp_path, encoder):
+def test_feedback_is_durable_and_survives_a_snapshot_rebuild(tmp_path, any_encoder):
     src = tmp_path / "o.jsonl"
     _write(src, ROWS)
-    ds = FaissKnnDatastore.open(tmp_path / "state", encoder, [src], k=4, progress=False)
+    ds = FaissKnnDatastore.open(tmp_path / "state", any_encoder, [src], k=4, progress=False)
     q = "What is 2 + 2?"
-    emb = encoder.encode([q])
+    emb = any_encoder.encode([q])
     before = ds.estimate(emb).quality[0, ds.estimate(emb).column("bad")]
     ids = ds.add(np.repeat(emb, 3, axis=0), [{"prompt": q, "scores": {"bad": 1.0}}] * 3)
     after = ds.estimate(emb).quality[0, ds.estimate(emb).column("bad")]
     assert len(ids) == 3 and after > before
     ds.close()
     _write(src, ROWS + [{"id": "new", "prompt": "Name a planet.", "scores": {"good": 1.0}}])  # forces a rebuild
-    again = FaissKnnDatastore.open(tmp_path / "state", encoder, [src], k=4, progress=False)
+    again = FaissKnnDatastore.open(tmp_path / "state", any_encoder, [src], k=4, progress=False)
     assert len(again) == len(ROWS) + 1 + 3
     est = again.estimate(emb)
     assert math.isclose(est.quality[0, est.column("bad")], after, rel_tol=1e-5)
 
 
-def test_new_backend_in_feedback_gets_a_column(tmp_path, encoder):
+def test_new_backend_in_feedback_gets_a_column(tmp_path, any_encoder):
     src = tmp_path / "o.jsonl"
     _write(src, ROWS)
-    ds = FaissKnnDatastore.open(tmp_path / "s", encoder, [src], progress=False)
-    ds.add(encoder.encode(["hi"]), [{"prompt": "hi", "scores": {"fresh": 0.5}}])
+    ds = FaissKnnDatastore.open(tmp_path / "s", any_encoder, [src], progress=False)
+    ds.add(any_encoder.encode(["hi"]), [{"prompt": "hi", "scores": {"fresh": 0.5}}])
     assert "fresh" in ds.backends and ds.stats()["fresh"].outcomes == 1
 
 
@@ -130,6 +130,7 @@ def test_outcome_file_errors_name_the_line(tmp_path, line, part):
     assert "bad.jsonl:2" in str(ei.value) and part in str(ei.value)
 
 
+@pytest.mark.slow
 def test_reads_the_shared_schema(shared_data, tmp_path, encoder):
     """The real LLMRouter file: gzip, meta blocks, splits. A slice keeps the test fast."""
     rows = list(itertools.islice(read_outcomes(shared_data / "llmrouter.jsonl.gz"), 200))

@@ -29,6 +29,7 @@ def test_sinkhorn_plan_respects_both_marginals(marginal):
     np.testing.assert_allclose(plan.sum(0) / 200, m, atol=1e-3)      # each code's traffic share
 
 
+@pytest.mark.slow  # trains capability models for seconds
 def test_training_loss_falls_and_predictions_follow_the_clusters():
     X, Y, c = toy()
     cfg = CapabilityConfig(dim=16, hidden=32, codes=3, max_epochs=60, patience=60, seed=0)
@@ -40,6 +41,7 @@ def test_training_loss_falls_and_predictions_follow_the_clusters():
     assert (P.argmax(1) == c[500:]).mean() > 0.8  # labels are noisy (p = 0.9 / 0.15)
 
 
+@pytest.mark.slow  # trains capability models for seconds
 def test_ot_term_keeps_codes_from_collapsing():
     X, Y, _ = toy()
     with_ot = train(X[:500], Y[:500], X[500:], Y[500:], CapabilityConfig(dim=16, hidden=32, codes=3, max_epochs=40,
@@ -56,6 +58,7 @@ def trained_toy():
     return X, Y, c, train(X[:600], Y[:600], X[600:700], Y[600:700], cfg).model
 
 
+@pytest.mark.slow  # trains capability models for seconds
 @pytest.mark.parametrize("prior", ["span", "mean"])
 def test_onboarding_a_seen_backend_recovers_its_trained_behaviour(prior, trained_toy):
     X, Y, c, m = trained_toy
@@ -75,7 +78,7 @@ def test_onboarding_a_seen_backend_recovers_its_trained_behaviour(prior, trained
 
 
 def test_kmeans_aptitude_selection_covers_every_cluster():
-    from router.training import select_aptitude
+    from router.offline.training import select_aptitude
 
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(10, 32))
@@ -144,6 +147,7 @@ def test_the_numpy_serving_copy_computes_what_the_torch_model_computes():
     np.testing.assert_allclose(frozen.predict(X), predict(m, X), atol=1e-5)
 
 
+@pytest.mark.slow  # trains capability models for seconds
 def test_peers_residuals_correct_the_level_fitted_on_a_lucky_aptitude_sample():
     """Every backend's outcome also depends on a per-prompt factor u the embedding does not carry.
     An aptitude sample drawn where u is high makes a new backend look better than it is; the
@@ -151,7 +155,6 @@ def test_peers_residuals_correct_the_level_fitted_on_a_lucky_aptitude_sample():
     a good part of that bias out of the fitted level (not all: each peer's residual on one prompt
     is a noisy reading of u, which attenuates its coefficient)."""
     import torch
-
     from scipy.special import expit
 
     rng = np.random.default_rng(3)

@@ -1,6 +1,9 @@
 import numpy as np
+import pytest
 
-from encoders.base import PromptEncoder, prompt_text
+from encoders.base import PromptEncoder
+
+pytestmark = pytest.mark.slow      # loads MiniLM
 
 
 def test_unit_norm_float32_and_shape(encoder):
@@ -41,12 +44,3 @@ def test_long_prompt_keeps_the_question_at_the_end(encoder):
     # Head-only truncation would make q1 and q2 identical; the kept tail tells them apart.
     assert e[0] @ e[1] < 0.99
     assert e[0] @ e[2] > e[1] @ e[2]
-
-
-def test_prompt_text_uses_last_user_turn_then_context():
-    msgs = [("system", "You are terse."), ("user", "Tell me about Paris."), ("assistant", "Paris is the capital of France."),
-            ("user", "And its population?")]
-    t = prompt_text(None, msgs)
-    assert t.startswith("And its population?")
-    assert "Paris is the capital" in t and "You are terse" not in t
-    assert prompt_text("hello", None) == "hello"

@@ -1,0 +1,200 @@
+"""The gRPC adapter: caprouter.v1.Router over grpc.aio, plus standard health and reflection.
+
+Thin by design: each RPC converts the request (``proto_convert``), calls RouterService, converts
+the answer back. One decorator, ``guarded``, wraps unary and streaming RPCs alike: readiness and
+the exception ladder come from ``router.adapters.guard``, the status code from
+``router.core.errors.GRPC_STATUS``.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from caprouter.v1 import router_pb2 as pb
+from caprouter.v1 import router_pb2_grpc as pb_grpc
+from router.adapters import guard
+from router.adapters import proto_convert as convert
+from router.adapters.http_server import HttpServer
+from router.core.compute import off_loop
+from router.core.errors import GRPC_STATUS
+from router.serving.app import App
+from router.serving.service import RouterService
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Router"].full_name  # "caprouter.v1.Router"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+async def _abort(context: grpc.aio.ServicerContext, e: Exception, rpc: str) -> None:
+    code, message = guard.failure(e, rpc)
+    await context.abort(getattr(grpc.StatusCode, GRPC_STATUS[code]), message)
+
+
+def guarded(fn: F) -> F:
+    """The guard for a servicer method, unary (a coroutine) or streaming (an async generator):
+    errors become status codes; cancellation and aborts pass through."""
+    rpc = fn.__name__
+    if inspect.isasyncgenfunction(fn):
+        @functools.wraps(fn)
+        async def stream(self: RouterServicer, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            items = fn(self, request, context)
+            try:
+                async for item in items:
+                    yield item
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as e:
+                await _abort(context, e, rpc)
+            finally:
+                # Closed now, not when collected: a caller that leaves stops the work at once.
+                await items.aclose()
+        return stream  # type: ignore[return-value]
+
+    @functools.wraps(fn)
+    async def unary(self: RouterServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await fn(self, request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as e:
+            await _abort(context, e, rpc)
+    return unary  # type: ignore[return-value]
+
+
+class RouterServicer(pb_grpc.RouterServicer):
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    def _svc(self) -> RouterService:
+        return guard.ready(self.app)
+
+    @guarded
+    async def Route(self, request: pb.RouteRequest, context: grpc.aio.ServicerContext) -> pb.RouteResponse:
+        svc = self._svc()
+        return convert.route_response(svc, await off_loop(svc.route, convert.query(request)))
+
+    @guarded
+    async def Generate(self, request: pb.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
+        svc = self._svc()
+        stream = svc.generate(convert.query(request), convert.gen_params(request.params))
+        try:
+            async for ev in stream:
+                yield convert.generate_chunk(svc, ev)
+        finally:
+            # On deadline or disconnect grpc cancels this task; closing the stream stops the
+            # backend's decode loop between two tokens.
+            await stream.aclose()
+
+    @guarded
+    async def Feedback(self, request: pb.FeedbackRequest, context: grpc.aio.ServicerContext) -> pb.FeedbackResponse:
+        svc = self._svc()
+        res = await off_loop(
+            svc.feedback, request.decision_id, request.score, backend=request.backend, prompt=request.prompt,
+            messages=convert.messages(request), cost=request.cost if request.HasField("cost") else None)
+        return pb.FeedbackResponse(metadata=convert.metadata(svc), record_id=res.record_id, backend=res.backend)
+
+    @guarded
+    async def ListBackends(self, request: pb.ListBackendsRequest,
+                           context: grpc.aio.ServicerContext) -> pb.ListBackendsResponse:
+        svc = self._svc()
+        return pb.ListBackendsResponse(metadata=convert.metadata(svc),
+                                       backends=[convert.backend_info(v) for v in svc.list_backends()])
+
+    @guarded
+    async def Onboard(self, request: pb.OnboardRequest, context: grpc.aio.ServicerContext) -> pb.OnboardResponse:
+        svc = self._svc()
+        return convert.onboard_response(svc, await off_loop(svc.onboard, convert.onboard_spec(request)))
+
+    @guarded
+    async def RouteBatch(self, request: pb.RouteBatchRequest,
+                         context: grpc.aio.ServicerContext) -> pb.RouteBatchResponse:
+        svc = self._svc()
+        res = await off_loop(svc.route_batch, convert.batch_items(request), convert.knobs(request.knobs))
+        return convert.batch_response(svc, res)
+
+
+class GrpcServer:
+    """Owns the grpc.aio server; health is NOT_SERVING until ``app.load()`` completes."""
+
+    def __init__(self, app: App, host: str, port: int) -> None:
+        self.app = app
+        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20)])
+        pb_grpc.add_RouterServicer_to_server(RouterServicer(app), self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server)
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {host}:{port}")
+        self.address = f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        log.info("caprouter listening on %s (loading...)", self.address)
+
+    async def load_and_serve(self, *, progress: bool = False) -> None:
+        await self.app.load(progress=progress)
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("caprouter serving on %s", self.address)
+
+    async def stop(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.app.close()
+
+
+async def serve(app: App, *, ready_file: str | None = None, progress: bool = True) -> None:
+    """Run until SIGINT/SIGTERM. A failure while loading stops both servers before it propagates,
+    so that the caller can report it as one line (nothing is left running on a closed loop)."""
+    cfg = app.config.server
+    srv = GrpcServer(app, cfg.host, cfg.port)
+    await srv.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    http = None
+    try:
+        http = await start_http(app)
+        await srv.load_and_serve(progress=progress)
+    except BaseException:
+        if http is not None:
+            await http.stop()
+        await srv.stop(0)
+        raise
+    if ready_file:
+        with open(ready_file, "w") as f:
+            f.write(srv.address)
+    print(f"caprouter serving on {srv.address}" + (f", OpenAI-compatible HTTP on http://{http.address}/v1" if http else ""),
+          flush=True)
+    await stop.wait()
+    log.info("shutting down")
+    if http is not None:
+        await http.stop()
+    await srv.stop(cfg.grace_s)
+
+
+async def start_http(app: App) -> HttpServer | None:
+    """The OpenAI-compatible HTTP endpoint on ``server.http_port``, if configured."""
+    if app.config.server.http_port is None:
+        return None
+    http = HttpServer(app, app.config.server.host, app.config.server.http_port, metrics=app.telemetry)
+    await http.start()
+    return http

@@ -1,0 +1,34 @@
+"""The one guard of the adapters: readiness and the exception ladder, shared by gRPC (unary and
+streaming) and HTTP.
+
+Every adapter handler runs its body through ``ready`` (the service, or Unavailable while it loads)
+and turns whatever escapes into a wire error with ``failure``: a CaprouterError keeps its code
+(mapped by ``router.core.errors``' tables), anything else becomes INTERNAL with a logged
+traceback. Cancellation and the framework's own control flow pass through untouched; no request
+can take the server down or make it unhealthy.
+"""
+from __future__ import annotations
+
+import logging
+
+from router.core.errors import CaprouterError, ErrorCode, Unavailable
+from router.serving.app import App
+from router.serving.service import RouterService
+
+log = logging.getLogger(__name__)
+
+
+def ready(app: App) -> RouterService:
+    """The service, once loaded; Unavailable (retryable) with what is loading until then."""
+    if app.service is None:
+        raise Unavailable(f"caprouter is starting ({app.loading_detail}); retry shortly")
+    return app.service
+
+
+def failure(e: Exception, where: str) -> tuple[ErrorCode, str]:
+    """The code and message an exception goes on the wire with; unexpected ones are logged with
+    their traceback (call from an ``except`` block)."""
+    if isinstance(e, CaprouterError):
+        return e.code, str(e)
+    log.exception("%s failed", where)
+    return ErrorCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"

@@ -1,0 +1,211 @@
+"""The OpenAI-compatible HTTP adapter, served beside gRPC by ``caprouter serve --http-port``.
+
+    POST /v1/chat/completions   POST /v1/completions   (streaming as SSE, or not)
+    GET  /v1/models             POST /v1/feedback       GET /metrics   GET /healthz
+
+``model: "caprouter"`` (or ``"auto"``) routes; a backend's name forces that backend. Routing
+knobs go in an extra body field ``caprouter: {cost_weight, min_quality, max_cost,
+allowed_backends, denied_backends, budget_per_request, budget_key}`` or in ``X-Caprouter-*``
+headers (the body wins). Every response names the chosen backend, the decision id, and the
+predicted quality and cost, in headers and in a ``caprouter`` field (on the first chunk when
+streaming). Errors use OpenAI's error body, the status from router.core.errors.HTTP_STATUS.
+
+Thin like the gRPC adapter: parse (``openai_convert``), call RouterService, format; readiness and
+the exception ladder from ``router.adapters.guard``; no routing logic here.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from backends.base import TextChunk
+from router.adapters import guard
+from router.adapters import openai_convert as oa
+from router.core.compute import off_loop
+from router.core.errors import CaprouterError, InvalidArgument
+from router.serving.app import App
+from router.serving.service import GenEnd, GenStart, Query, RouterService
+from router.serving.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[["HttpServer", web.Request], Awaitable[web.StreamResponse]]
+
+
+def _guard(fn: Handler) -> Handler:
+    @functools.wraps(fn)
+    async def wrapper(self: HttpServer, request: web.Request) -> web.StreamResponse:
+        try:
+            return await fn(self, request)
+        except (asyncio.CancelledError, web.HTTPException):
+            raise
+        except Exception as e:
+            return oa.error_for(*guard.failure(e, fn.__name__))
+    return wrapper
+
+
+class HttpServer:
+    def __init__(self, app: App, host: str, port: int, *, metrics: Telemetry | None = None) -> None:
+        self.app = app
+        self.host, self.port = host, port
+        self.metrics = metrics
+        web_app = web.Application(client_max_size=4 << 20)
+        web_app.add_routes([web.post("/v1/chat/completions", self.chat), web.post("/v1/completions", self.completions),
+                            web.get("/v1/models", self.models), web.post("/v1/feedback", self.feedback),
+                            web.get("/healthz", self.healthz), web.get("/metrics", self.metrics_text)])
+        self._runner = web.AppRunner(web_app, access_log=None)
+        self.address = ""
+
+    async def start(self) -> None:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        server = site._server
+        assert isinstance(server, asyncio.Server)
+        self.port = server.sockets[0].getsockname()[1]  # the bound port when 0 was asked
+        self.address = f"{self.host}:{self.port}"
+        log.info("OpenAI-compatible HTTP on http://%s/v1", self.address)
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+
+    def _svc(self) -> RouterService:
+        return guard.ready(self.app)
+
+    # ---- endpoints ------------------------------------------------------------------------------
+    @_guard
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        svc = self._svc()
+        body = await oa.json_body(request)
+        q = Query(messages=oa.chat_messages(body), knobs=oa.knobs(request, body, set(svc.backends)))
+        return await self._generate(request, svc, body, q, chat=True)
+
+    @_guard
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        svc = self._svc()
+        body = await oa.json_body(request)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise InvalidArgument("prompt must be a non-empty string")
+        q = Query(prompt=prompt, knobs=oa.knobs(request, body, set(svc.backends)))
+        return await self._generate(request, svc, body, q, chat=False)
+
+    async def _generate(self, request: web.Request, svc: RouterService, body: dict[str, Any], q: Query, *,
+                        chat: bool) -> web.StreamResponse:
+        params = oa.gen_params(body)
+        stream_mode = bool(body.get("stream"))
+        unit = svc.config.routing.cost_unit
+        created = int(time.time())
+        obj = "chat.completion" if chat else "text_completion"
+        events = svc.generate(q, params)
+        try:
+            first = await events.__anext__()          # the decision: routing done, first token produced
+            assert isinstance(first, GenStart)
+            info = oa.decision_info(first.decision, first, unit)
+            cid = ("chatcmpl-" if chat else "cmpl-") + first.decision.decision_id
+            if not stream_mode:
+                parts: list[str] = []
+                end: GenEnd | None = None
+                async for ev in events:
+                    if isinstance(ev, TextChunk):
+                        parts.append(ev.text)
+                    elif isinstance(ev, GenEnd):
+                        end = ev
+                assert end is not None
+                f = end.finished
+                choice: dict[str, Any] = {"index": 0, "finish_reason": oa.FINISH[f.reason]}
+                if chat:
+                    choice["message"] = {"role": "assistant", "content": "".join(parts)}
+                else:
+                    choice.update(text="".join(parts), logprobs=None)
+                return web.json_response(
+                    {"id": cid, "object": obj, "created": created, "model": end.backend, "choices": [choice],
+                     "usage": {"prompt_tokens": f.prompt_tokens, "completion_tokens": f.completion_tokens,
+                               "total_tokens": f.prompt_tokens + f.completion_tokens},
+                     "caprouter": info}, headers=oa.decision_headers(info))
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                               **oa.decision_headers(info)})
+            await resp.prepare(request)
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            obj_chunk = "chat.completion.chunk" if chat else "text_completion"
+
+            async def send(delta: Any, finish: str | None = None, extra: dict | None = None) -> None:
+                c: dict[str, Any] = {"index": 0, "finish_reason": finish}
+                if chat:
+                    c["delta"] = delta
+                else:
+                    c.update(text=delta, logprobs=None)
+                payload = {"id": cid, "object": obj_chunk, "created": created, "model": info["backend"],
+                           "choices": [c], **(extra or {})}
+                await resp.write(f"data: {json.dumps(payload)}\n\n".encode())
+
+            await send({"role": "assistant", "content": ""} if chat else "", extra={"caprouter": info})
+            try:
+                async for ev in events:
+                    if isinstance(ev, TextChunk):
+                        await send({"content": ev.text} if chat else ev.text)
+                    elif isinstance(ev, GenEnd):
+                        f = ev.finished
+                        await send({} if chat else "", oa.FINISH[f.reason])
+                        if include_usage:
+                            usage = {"prompt_tokens": f.prompt_tokens, "completion_tokens": f.completion_tokens,
+                                     "total_tokens": f.prompt_tokens + f.completion_tokens}
+                            await resp.write(("data: " + json.dumps(
+                                {"id": cid, "object": obj_chunk, "created": created, "model": info["backend"],
+                                 "choices": [], "usage": usage}) + "\n\n").encode())
+            except CaprouterError as e:
+                # After the first chunk the status is sent: the stream carries the error and ends.
+                await resp.write(oa.stream_error(e.code, str(e)))
+            except ConnectionResetError:
+                # The client went away; closing the events (finally) stops the generation.
+                return resp
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+            return resp
+        finally:
+            await events.aclose()
+
+    @_guard
+    async def models(self, request: web.Request) -> web.Response:
+        svc = self._svc()
+        now = int(time.time())
+        data = [{"id": "caprouter", "object": "model", "created": now, "owned_by": "caprouter",
+                 "caprouter": {"routed": True}}]
+        for v in svc.list_backends():
+            data.append({"id": v.name, "object": "model", "created": now, "owned_by": "caprouter",
+                         "caprouter": {"kind": v.kind, "status": v.status.value, "detail": v.detail,
+                                       "description": v.description, "cost": v.cost_model.summary()}})
+        return web.json_response({"object": "list", "data": data})
+
+    @_guard
+    async def feedback(self, request: web.Request) -> web.Response:
+        svc = self._svc()
+        body = await oa.json_body(request)
+        score = body.get("score")
+        if isinstance(score, bool) or not isinstance(score, (int, float)):
+            raise InvalidArgument("score must be a number in [0, 1]")
+        did = body.get("decision_id", "")
+        if not isinstance(did, str) or not did:
+            raise InvalidArgument("decision_id is required (from a response's caprouter.decision_id)")
+        did = did.removeprefix("chatcmpl-").removeprefix("cmpl-")
+        res = await off_loop(svc.feedback, did, float(score), backend=body.get("backend") or "")
+        return web.json_response({"object": "feedback", "record_id": res.record_id, "backend": res.backend})
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok" if self.app.ready else "loading", "detail": self.app.loading_detail},
+                                 status=200 if self.app.ready else 503)
+
+    async def metrics_text(self, request: web.Request) -> web.Response:
+        if self.metrics is None:
+            return oa.error_response(404, "metrics are not enabled", "invalid_request_error")
+        body, ctype = self.metrics.exposition()
+        return web.Response(body=body, headers={"Content-Type": ctype})

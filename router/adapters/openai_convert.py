@@ -1,0 +1,159 @@
+"""Conversion between the OpenAI-compatible HTTP API and the core's dataclasses: request bodies
+and headers in, decisions and OpenAI error bodies out. The only module that knows both sides of
+the HTTP adapter (``http_server`` does the serving)."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from backends.base import FinishReason
+from router.core.errors import HTTP_STATUS, OPENAI_ERROR_TYPE, ErrorCode, InvalidArgument, NotFound
+from router.policy.selection import KnobsInput
+from router.serving.service import Decision, GenParams, GenStart
+
+ROUTED_MODELS = ("caprouter", "auto")
+FINISH = {FinishReason.STOP: "stop", FinishReason.STOP_SEQUENCE: "stop", FinishReason.LENGTH: "length",
+          FinishReason.CANCELLED: "stop"}
+_HEADER_KNOBS = {"x-caprouter-cost-weight": "cost_weight", "x-caprouter-min-quality": "min_quality",
+                 "x-caprouter-max-cost": "max_cost", "x-caprouter-budget-per-request": "budget_per_request"}
+
+
+def error_response(status: int, message: str, etype: str, code: str | None = None,
+                   param: str | None = None) -> web.Response:
+    """OpenAI's error body."""
+    return web.json_response({"error": {"message": message, "type": etype, "param": param, "code": code}},
+                             status=status)
+
+
+def error_for(code: ErrorCode, message: str) -> web.Response:
+    """The error body and HTTP status of an error code (``router.core.errors``' tables)."""
+    return error_response(HTTP_STATUS[code], message, OPENAI_ERROR_TYPE[code], code.value.lower())
+
+
+def stream_error(code: ErrorCode, message: str) -> bytes:
+    """An error sent inside an SSE stream, after the status went out with the first chunk."""
+    err = {"error": {"message": message, "type": OPENAI_ERROR_TYPE[code], "code": code.value.lower()}}
+    return f"data: {json.dumps(err)}\n\n".encode()
+
+
+async def json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InvalidArgument("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidArgument("the request body must be a JSON object")
+    return body
+
+
+def _number(v: Any, name: str) -> float | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise InvalidArgument(f"{name} must be a number")
+    try:
+        return float(v)
+    except ValueError:
+        raise InvalidArgument(f"{name} must be a number, got {v!r}") from None
+
+
+def _names(v: Any, name: str) -> tuple[str, ...]:
+    if v is None:
+        return ()
+    if isinstance(v, str):
+        return tuple(x.strip() for x in v.split(",") if x.strip())
+    if isinstance(v, list) and all(isinstance(x, str) for x in v):
+        return tuple(v)
+    raise InvalidArgument(f"{name} must be a list of backend names")
+
+
+def knobs(request: web.Request, body: dict[str, Any], known: set[str]) -> KnobsInput:
+    """Knobs from the X-Caprouter-* headers, overridden by the body's ``caprouter`` field; the
+    ``model`` field forces a backend unless it is "caprouter"/"auto"."""
+    raw: dict[str, Any] = {k: request.headers[h] for h, k in _HEADER_KNOBS.items() if h in request.headers}
+    for h, k in (("x-caprouter-allowed-backends", "allowed_backends"), ("x-caprouter-denied-backends", "denied_backends"),
+                 ("x-caprouter-budget-key", "budget_key")):
+        if h in request.headers:
+            raw[k] = request.headers[h]
+    extra = body.get("caprouter") or {}
+    if not isinstance(extra, dict):
+        raise InvalidArgument("the caprouter field must be an object of routing knobs")
+    unknown = set(extra) - {*_HEADER_KNOBS.values(), "allowed_backends", "denied_backends", "budget_key"}
+    if unknown:
+        raise InvalidArgument(f"unknown routing knob(s): {', '.join(sorted(unknown))}")
+    raw.update(extra)
+    allowed = _names(raw.get("allowed_backends"), "allowed_backends")
+    model = body.get("model") or "caprouter"
+    if not isinstance(model, str):
+        raise InvalidArgument("model must be a string")
+    if model not in ROUTED_MODELS:
+        if model not in known:
+            raise NotFound(f"model {model!r} does not exist: use 'caprouter' (routed) or one of {', '.join(sorted(known))}")
+        allowed = (model,)
+    key = raw.get("budget_key") or ""
+    if not isinstance(key, str):
+        raise InvalidArgument("budget_key must be a string")
+    return KnobsInput(cost_weight=_number(raw.get("cost_weight"), "cost_weight"),
+                      min_quality=_number(raw.get("min_quality"), "min_quality"),
+                      max_cost=_number(raw.get("max_cost"), "max_cost"), allowed=allowed,
+                      denied=_names(raw.get("denied_backends"), "denied_backends"),
+                      budget=_number(raw.get("budget_per_request"), "budget_per_request"), budget_key=key)
+
+
+def _content(c: Any) -> str:
+    """OpenAI message content: a string, or a list of parts of which the text ones count."""
+    if isinstance(c, str):
+        return c
+    if isinstance(c, list):
+        return "".join(p.get("text", "") for p in c if isinstance(p, dict) and p.get("type") == "text")
+    if c is None:
+        return ""
+    raise InvalidArgument("message content must be a string or a list of content parts")
+
+
+def chat_messages(body: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise InvalidArgument("messages must be a non-empty list")
+    out = []
+    for m in msgs:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise InvalidArgument("each message needs a role and content")
+        out.append((m["role"], _content(m.get("content"))))
+    return tuple(out)
+
+
+def gen_params(body: dict[str, Any]) -> GenParams:
+    if body.get("n", 1) != 1:
+        raise InvalidArgument("n must be 1")
+    mt = body.get("max_completion_tokens", body.get("max_tokens"))
+    stop = body.get("stop") or ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise InvalidArgument("stop must be a string or a list of strings")
+    for name, v in (("max_tokens", mt), ("seed", body.get("seed"))):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise InvalidArgument(f"{name} must be an integer")
+    temp = body.get("temperature")
+    return GenParams(max_tokens=mt, temperature=None if temp is None else _number(temp, "temperature"),
+                     stop=tuple(stop), seed=body.get("seed"))
+
+
+def decision_info(d: Decision, ev: GenStart | None, unit: str) -> dict[str, Any]:
+    chosen = next((s for s in d.selection.ranked if s.backend == (ev.backend if ev else d.backend)), d.selection.chosen)
+    return {"decision_id": d.decision_id, "backend": chosen.backend, "predicted_quality": chosen.quality,
+            "predicted_cost": chosen.cost, "cost_unit": unit, "cost_weight": d.selection.cost_weight,
+            "candidates": [{"backend": s.backend, "predicted_quality": s.quality, "predicted_cost": s.cost,
+                            "utility": s.utility, "rank": s.rank} for s in d.selection.ranked],
+            "fallbacks": [{"backend": b, "error": e} for b, e in (ev.fallbacks if ev else ())]}
+
+
+def decision_headers(info: dict[str, Any]) -> dict[str, str]:
+    return {"x-caprouter-backend": info["backend"], "x-caprouter-decision-id": info["decision_id"],
+            "x-caprouter-predicted-quality": f"{info['predicted_quality']:.6f}",
+            "x-caprouter-predicted-cost": f"{info['predicted_cost']:.6g}", "x-caprouter-cost-unit": info["cost_unit"]}
+
+

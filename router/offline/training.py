@@ -1,0 +1,243 @@
+"""`caprouter train` and `caprouter eval`: offline learning from recorded outcomes."""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from datastore.base import Datastore
+from datastore.records import OutcomeRecord
+from encoders.base import PromptEncoder
+from encoders.capability import CapabilityConfig, config_dict, train_selected
+from router.core.config import AppConfig, DatastoreConfig
+from router.core.errors import InvalidArgument
+from router.core.names import BACKEND_NAME_RULE, invalid_backend_names
+from router.offline import baselines
+from router.offline import evaluation as M
+from router.offline.evaluation import evaluate, zero_router
+from router.offline.routing_data import RoutingData, load_routing_data, split_indices
+from router.prediction import artifact as art
+from router.prediction.predictor import Capability, Predictor, knn_quality
+from router.prediction.predictor import knn_store as _knn_store
+from router.serving.app import build_encoder
+
+
+def knn_store(X: npt.NDArray[np.float32], records: Sequence[OutcomeRecord], ds_cfg: DatastoreConfig) -> Datastore:
+    """An in-memory kNN datastore over (X, records) with the configured k, prior and temperature."""
+    return _knn_store(X, records, k=ds_cfg.k, prior_strength=ds_cfg.prior_strength, temperature=ds_cfg.temperature)
+
+
+def out_of_fold_knn(X: npt.NDArray[np.float32], records: Sequence[OutcomeRecord], backends: list[str],
+                    ds_cfg: DatastoreConfig, *, folds: int = 5, seed: int = 0,
+                    scales: list[list[float]] | None = None) -> npt.NDArray[np.float32]:
+    """kNN estimates for training prompts from stores that do not hold them (k-fold), so the
+    encoder learns how far to trust the datastore on prompts it has not memorized. (n, B), or
+    (n, B, S) at the neighbourhoods ``scales``."""
+    fold = np.random.default_rng(seed).permutation(len(X)) % folds
+    out = np.zeros((len(X), len(backends), *([len(scales)] if scales else [])), np.float32)
+    for f in range(folds):
+        tr, te = np.where(fold != f)[0], np.where(fold == f)[0]
+        store = knn_store(X[tr], [records[i] for i in tr], ds_cfg)
+        out[te] = knn_quality(store, X[te], backends, scales)
+    return out
+
+
+def blend_predictor(model: Any, store: Datastore, backends: Sequence[str]) -> Predictor:
+    """What ``caprouter serve`` makes of a trained model and its datastore: the same Predictor."""
+    return Predictor(store, Capability(model, backends))
+
+
+def select_aptitude(X: npt.NDArray[np.float32], m: int, *, seed: int = 0, method: str = "kmeans") -> npt.NDArray[np.int64]:
+    """Indices of m prompts of X (n, d) to serve as an aptitude test. "kmeans": the prompt nearest
+    each of m k-means centroids, so the test covers every region of the prompt space that the
+    data holds (Model-SAT's test covers capabilities, not a random draw of them); "random": a
+    seeded sample."""
+    rng = np.random.default_rng(seed)
+    if m >= len(X):
+        return np.arange(len(X))
+    if method == "random":
+        return np.sort(rng.choice(len(X), size=m, replace=False))
+    if method != "kmeans":
+        raise ValueError(f"method must be 'kmeans' or 'random', got {method!r}")
+    import faiss
+
+    Xc = np.ascontiguousarray(X, dtype=np.float32)
+    cent = _kmeans_pp(Xc, m, rng)
+    for _ in range(15):                     # spherical Lloyd iterations from the k-means++ seeds
+        assign = (Xc @ cent.T).argmax(1)
+        for k in range(m):
+            members = Xc[assign == k]
+            if len(members):
+                v = members.sum(0)
+                cent[k] = v / max(float(np.linalg.norm(v)), 1e-12)
+    index = faiss.IndexFlatIP(X.shape[1])
+    index.add(Xc)
+    _, nn = index.search(cent, 8)
+    chosen: list[int] = []
+    taken: set[int] = set()
+    for row in nn:                         # the nearest prompt not already chosen by another centroid
+        i = next((int(i) for i in row if i >= 0 and i not in taken), None)
+        if i is not None:
+            chosen.append(i)
+            taken.add(i)
+    rest = np.setdiff1d(np.arange(len(X)), chosen)
+    if len(chosen) < m:
+        chosen += list(rng.choice(rest, size=m - len(chosen), replace=False))
+    return np.sort(np.asarray(chosen, dtype=np.int64))
+
+
+def _kmeans_pp(X: npt.NDArray[np.float32], m: int, rng: np.random.Generator) -> npt.NDArray[np.float32]:
+    """k-means++ seeds (D^2 sampling, cosine distance): small, distinct regions get a seed too."""
+    cent = [X[rng.integers(len(X))]]
+    d = 1.0 - X @ cent[0]
+    for _ in range(1, m):
+        p = np.maximum(d, 0).astype(np.float64) ** 2
+        i = rng.choice(len(X), p=p / p.sum()) if p.sum() > 0 else rng.integers(len(X))
+        cent.append(X[i])
+        d = np.minimum(d, 1.0 - X @ X[i])
+    return np.array(cent, dtype=np.float32)
+
+
+def _costs(path: str | None) -> dict[str, float] | None:
+    if not path:
+        return None
+    obj = json.loads(Path(path).read_text())
+    if not isinstance(obj, dict) or not all(isinstance(v, (int, float)) for v in obj.values()):
+        raise InvalidArgument(f"{path}: --costs must be a JSON object of backend -> cost per request")
+    return {str(k): float(v) for k, v in obj.items()}
+
+
+def _embed(encoder: PromptEncoder, data: RoutingData, progress: bool) -> npt.NDArray[np.float32]:
+    from tqdm import tqdm
+
+    parts, step = [], 256
+    for s in tqdm(range(0, len(data), step), desc="embedding prompts", unit="batch", disable=not progress):
+        parts.append(encoder.encode(data.prompts[s:s + step]))
+    return np.concatenate(parts)
+
+
+def train_command(config: AppConfig, data_path: str, out: str, *, costs: str | None = None, seed: int = 0,
+                  max_epochs: int | None = None, test_share: float = 0.2, progress: bool = True) -> dict[str, Any]:
+    """Train and write an artifact. The data's own test split is held out where it has one, else a
+    seeded ``test_share`` of it (0: none, for a router that serves rather than is measured).
+    Validation (10% of the rest) picks the loss weights and the epoch; the served datastore
+    then holds every outcome that is not test data (training and validation)."""
+    if not 0.0 <= test_share < 1.0:
+        raise InvalidArgument(f"--test-share must be in [0, 1), got {test_share}")
+    data = load_routing_data(data_path, _costs(costs))
+    bad = invalid_backend_names(data.backends)
+    if bad:
+        # Refused here, not at `serve --artifact`: whatever train writes, serve must load.
+        raise InvalidArgument(f"{data_path}: backend name(s) {', '.join(map(repr, bad))} cannot be served (a backend "
+                              f"name is {BACKEND_NAME_RULE}); rename them in the data's scores and costs")
+    encoder = build_encoder(config)
+    X = _embed(encoder, data, progress)
+    tr, va, te = split_indices(data, seed=seed, test_share=test_share)
+    te = te[data.complete_rows()[te]]
+    cfg = CapabilityConfig(seed=seed)
+    if max_epochs:
+        cfg.max_epochs = max_epochs
+    fallback = np.nanmean(data.C[tr], 0)
+    records = [data.records[i] for i in tr]
+    store = knn_store(X[tr], records, config.datastore)
+    K = out_of_fold_knn(X[tr], records, data.backends, config.datastore, seed=seed, scales=cfg.knn_scales)
+    Kv = knn_quality(store, X[va], data.backends, cfg.knn_scales)
+    res, cfg, table = train_selected(X[tr], data.Y[tr], X[va], data.Y[va], cfg, K=K, Kv=Kv, progress=progress)
+    pred = blend_predictor(res.model, store, data.backends)
+    va_c = va[data.complete_rows()[va]]
+    metrics: dict[str, Any] = {"best_epoch": res.best_epoch, "val_bce": res.best_val,
+                               "loss_weight_selection": [{k: v for k, v in t.items() if k != "result"} for t in table]}
+    if len(va_c):
+        p = pred.predict(X[va_c], data.backends, fallback)
+        metrics["val_aiq"] = evaluate(p.quality, p.cost, data.Y[va_c], data.C[va_c])["aiq"]
+    if len(te):
+        p = pred.predict(X[te], data.backends, fallback)
+        metrics["test"] = evaluate(p.quality, p.cost, data.Y[te], data.C[te])
+        metrics["test_zero_router"] = zero_router(data.Y[te], data.C[te])
+    manifest = {
+        "embedder": {"id": encoder.model_id, "dim": encoder.dim, "max_tokens": config.encoder.max_tokens},
+        "backends": data.backends,
+        "cost": {"mean_per_request": {b: float(v) for b, v in zip(data.backends, fallback)}},
+        "data": {"path": str(data_path), "sha256": data.source_hash, "n_train": int(len(tr)),
+                 "n_val": int(len(va)), "n_test": int(len(te)), "seed": seed, "test_share": test_share,
+                 "served_outcomes": "train+val"},
+        "capability": config_dict(cfg),
+        "knn_weights": {b: [float(x) for x in w] for b, w in zip(data.backends, res.model.w.detach().numpy())},
+        "datastore": config.datastore.model_dump(include={"k", "prior_strength", "temperature"}),
+        "metrics": metrics,
+    }
+    served = np.sort(np.concatenate([tr, va]))
+    art.save(Path(out), model=res.model, manifest=manifest, records=[data.records[i] for i in served],
+             embeddings=X[served])
+    return manifest
+
+
+def eval_command(config: AppConfig, artifact_dir: str, data_path: str, *, json_out: str | None = None,
+                 costs: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Evaluate an artifact on a data file (its test split if it has one, else every row)."""
+    encoder = build_encoder(config)
+    a = art.load(Path(artifact_dir), embedder_id=encoder.model_id, dim=encoder.dim)
+    data = load_routing_data(data_path, _costs(costs))
+    missing = sorted(set(a.backends) - set(data.backends))
+    if missing:
+        raise InvalidArgument(f"{data_path} has no scores for backend(s) {', '.join(missing)} of the artifact")
+    data = data.restrict_backends(a.backends)
+    rows = np.array([s == "test" for s in data.splits])
+    idx = np.where(rows)[0] if rows.any() else np.arange(len(data))
+    idx = idx[data.complete_rows()[idx]]
+    data = data.subset(idx)
+    X = _embed(encoder, data, progress)
+    store = knn_store(a.embeddings, a.records, config.datastore.model_copy(update=a.manifest["datastore"]))
+    fallback = np.array([a.manifest["cost"]["mean_per_request"][b] for b in a.backends])
+    p = blend_predictor(a.model, store, a.backends).predict(X, a.backends, fallback)
+    q, c = p.quality, p.cost
+    Y, C = data.Y, data.C
+    Ytr = np.array([[r.scores.get(b, np.nan) for b in a.backends] for r in a.records], dtype=np.float32)
+    routers = {"caprouter": q, "kNN (k=40)": baselines.knn_router(a.embeddings, Ytr, X, 40), "oracle": Y}
+    report: dict[str, Any] = {"artifact": str(artifact_dir), "data": str(data_path), "n": int(len(data)),
+                              "accuracy": M.per_backend_accuracy(Y, a.backends),
+                              "mean_cost": {b: float(C[:, j].mean()) for j, b in enumerate(a.backends)},
+                              "zero router": zero_router(Y, C),
+                              **{name: evaluate(Q, c, Y, C) for name, Q in routers.items()}}
+    out = Path(json_out) if json_out else Path(artifact_dir) / "eval.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    _plot(out.with_suffix(".png"), routers, c, Y, C, a.backends)
+    md = [f"# Evaluation of {artifact_dir} on {data_path} ({len(data)} prompts)", "",
+          "| router | AIQ | quality at best single's cost | cost to reach best single's quality |", "|---|---|---|---|"]
+    for name in ("zero router", *routers):
+        m = report[name]
+        md.append(f"| {name} | {m['aiq']:.3f} | {m['q_at_best_cost']:.3f} | {m['cost_share_for_best_quality']:.3f} |")
+    md += ["", "| backend | accuracy | mean cost |", "|---|---|---|"]
+    md += [f"| {b} | {report['accuracy'][b]:.3f} | {report['mean_cost'][b]:.4g} |" for b in a.backends]
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    report["markdown"] = "\n".join(md)
+    report["files"] = [str(out), str(out.with_suffix(".md")), str(out.with_suffix(".png"))]
+    return report
+
+
+def _plot(path: Path, routers: dict[str, npt.NDArray[Any]], Chat: npt.NDArray[Any], Y: npt.NDArray[Any],
+          C: npt.NDArray[Any], backends: Sequence[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lams = M.default_lambdas(C, Y)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for name, Q in routers.items():
+        h = M.envelope(M.sweep_points(Q, Chat, Y, C, lams))
+        ax.plot(h[:, 0], h[:, 1], "-o", ms=3, label=name)
+    for j, b in enumerate(backends):
+        ax.plot(C[:, j].mean(), Y[:, j].mean(), "s", ms=6, label=b)
+    ax.set_xlabel("average cost per request")
+    ax.set_ylabel("average quality")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

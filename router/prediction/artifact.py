@@ -1,0 +1,113 @@
+"""Versioned router artifacts: what `caprouter train` writes and `caprouter serve --artifact` loads,
+the one contract between the two (backend names included: ``router.core.names``).
+
+    DIR/manifest.json        format, code version, embedder (id, dim, max_tokens), backends, cost facts,
+                             data (path, sha256, split sizes), training config, blend weight, metrics
+    DIR/model.safetensors    the capability encoder's weights
+    DIR/outcomes.jsonl.gz    the training outcomes (the datastore served next to the encoder)
+    DIR/embeddings.npy       their embeddings, row-aligned
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from datastore.records import OutcomeRecord, read_outcomes
+from encoders.capability import CapabilityConfig, build_model
+from router import __version__
+from router.core.errors import ArtifactError
+from router.core.names import BACKEND_NAME_RULE, invalid_backend_names
+
+FORMAT = 1
+
+
+@dataclass
+class Artifact:
+    path: Path
+    manifest: dict[str, Any]
+    model: Any
+    embeddings: np.ndarray
+    records: list[OutcomeRecord]
+
+    @property
+    def backends(self) -> list[str]:
+        return list(self.manifest["backends"])
+
+    @property
+    def capability_config(self) -> CapabilityConfig:
+        return capability_config(self.manifest)
+
+
+def capability_config(manifest: dict[str, Any]) -> CapabilityConfig:
+    capability = dict(manifest["capability"])
+    capability.setdefault("knn_scales", None)      # artifacts from before several neighbourhoods
+    return CapabilityConfig(**capability)
+
+
+def save(out: Path, *, model: Any, manifest: dict[str, Any], records: list[OutcomeRecord],
+         embeddings: np.ndarray) -> Path:
+    from safetensors.torch import save_file
+
+    bad = invalid_backend_names(manifest["backends"])
+    if bad:
+        raise ArtifactError(f"backend name(s) {', '.join(map(repr, bad))} cannot be served: use {BACKEND_NAME_RULE}")
+    out = Path(out)
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    np.save(tmp / "embeddings.npy", embeddings.astype(np.float32))
+    # mtime 0: the same outcomes give the same bytes (the bundled default artifact is in git).
+    with gzip.GzipFile(tmp / "outcomes.jsonl.gz", "wb", mtime=0) as gz, io.TextIOWrapper(gz, "utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r.to_json()) + "\n")
+    full = {"format": FORMAT, "kind": "caprouter-router", "code_version": __version__,
+            "created_unix": time.time(), **manifest}
+    (tmp / "manifest.json").write_text(json.dumps(full, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def load(path: Path, *, embedder_id: str | None = None, dim: int | None = None) -> Artifact:
+    """Load an artifact; refuse one made for another embedder or dimension, or another format."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} is not a caprouter artifact (no manifest.json)") from None
+    if manifest.get("format") != FORMAT or manifest.get("kind") != "caprouter-router":
+        raise ArtifactError(f"{path}: unsupported artifact format {manifest.get('format')!r}")
+    bad = invalid_backend_names(manifest.get("backends", []))
+    if bad:
+        raise ArtifactError(f"{path} names backend(s) {', '.join(map(repr, bad))} that cannot be served (a backend "
+                            f"name is {BACKEND_NAME_RULE}); rename them in the data and retrain with `caprouter train`")
+    emb = manifest["embedder"]
+    if embedder_id is not None and emb["id"] != embedder_id:
+        raise ArtifactError(f"{path} was trained on embeddings of {emb['id']!r}, but the configured encoder is "
+                            f"{embedder_id!r}; retrain with `caprouter train` or configure that encoder")
+    if dim is not None and emb["dim"] != dim:
+        raise ArtifactError(f"{path} expects {emb['dim']}-d embeddings, the configured encoder gives {dim}-d")
+    cfg = capability_config(manifest)
+    model = build_model(emb["dim"], len(manifest["backends"]), cfg)
+    state = load_file(str(path / "model.safetensors"))
+    if state["w"].ndim == 1:          # artifacts before per-neighbourhood weights: one neighbourhood
+        state["w"] = state["w"][:, None]
+    model.load_state_dict(state)
+    model.eval()
+    embeddings = np.load(path / "embeddings.npy")
+    records = list(read_outcomes(path / "outcomes.jsonl.gz"))
+    if len(records) != len(embeddings):
+        raise ArtifactError(f"{path}: {len(records)} outcomes but {len(embeddings)} embeddings")
+    return Artifact(path, manifest, model, embeddings, records)

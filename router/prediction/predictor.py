@@ -1,0 +1,166 @@
+"""Prediction: prompt embeddings and the datastore's estimates -> quality, cost and support per backend.
+
+The one place that turns the datastore's kNN estimates (and, when a trained router is served, the
+capability encoder's blend of them) into the numbers the policy ranks. Route, RouteBatch,
+Onboard, ``caprouter train`` and ``caprouter eval`` all call it, so what is measured offline is
+what is served.
+
+Two rules live here and nowhere else:
+
+- **Columns in backend order** (``columns``): the datastore knows the backends it has outcomes
+  for, in the order it met them; a caller asks for its own list. A backend the store has never
+  seen gets, as quality, the mean of the store's estimates for that prompt over the backends it
+  does know (a neutral guess that ranks it in the middle until outcomes arrive), no cost (NaN)
+  and no support.
+- **Cost where the neighbours recorded none**: the caller's fallback (a backend's cost model in
+  serving, the mean cost per request of the training data offline).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from datastore.base import Datastore, Estimate
+from datastore.store import FaissKnnDatastore
+from encoders.capability import FrozenCapability
+from router.core.compute import Compute, Inline
+
+Scale = tuple[float, float]
+"""A datastore neighbourhood (k, temperature); 0 means the store's own setting."""
+
+OWN: Scale = (0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """n prompts x B backends, columns in ``backends`` order.
+
+    quality: float32 (n, B) in [0, 1]; cost: float32 (n, B), finite; support: float32 (n, B), the
+    similarity mass of the neighbours that scored each backend (0: a prior, not evidence).
+    """
+
+    backends: tuple[str, ...]
+    quality: npt.NDArray[np.float32]
+    cost: npt.NDArray[np.float32]
+    support: npt.NDArray[np.float32]
+
+
+def columns(est: Estimate, backends: Sequence[str]
+            ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """``est`` (n prompts over the store's backends) -> quality, cost, support (n, B) over
+    ``backends``: the column-filling rule of the module docstring."""
+    n = est.quality.shape[0]
+    mean = est.quality.mean(1) if est.quality.shape[1] else np.full(n, 0.5, np.float32)
+    q = np.empty((n, len(backends)), np.float32)
+    c = np.full_like(q, np.nan)
+    s = np.zeros_like(q)
+    for j, b in enumerate(backends):
+        col = est.column(b)
+        if col is None:
+            q[:, j] = mean
+        else:
+            q[:, j], c[:, j], s[:, j] = est.quality[:, col], est.cost[:, col], est.support[:, col]
+    return q, c, s
+
+
+def search(store: Datastore, X: npt.NDArray[np.float32], scales: Sequence[Scale]) -> dict[Scale, Estimate]:
+    """One search of ``store`` for X (n, d) at every neighbourhood of ``scales`` and the store's own."""
+    wanted = list(dict.fromkeys([OWN, *scales]))
+    return dict(zip(wanted, store.estimate_many(X, wanted)))
+
+
+def _priced(cost: npt.NDArray[np.float32], fallback: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float32]:
+    """cost (n, B) with NaN (no neighbour recorded one) replaced by the fallback, (n, B) or (B,)."""
+    return np.where(np.isnan(cost), np.broadcast_to(fallback, cost.shape), cost).astype(np.float32)
+
+
+def knn_estimates(store: Datastore, X: npt.NDArray[np.float32], backends: Sequence[str],
+                  fallback_cost: npt.NDArray[np.floating[Any]], *, scales: Sequence[Sequence[float]] | None = None
+                  ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """The datastore alone, for X (n, d) over ``backends``: quality (n, B) at the store's own
+    neighbourhood, or (n, B, S) at each of ``scales`` ([k, temperature]: the capability encoder's
+    input); cost (n, B) at the store's own, ``fallback_cost`` ((n, B) or (B,)) where no neighbour
+    recorded one."""
+    wanted = [(float(k), float(t)) for k, t in scales] if scales else []
+    by = search(store, X, wanted)
+    quality, cost, _ = columns(by[OWN], backends)
+    if wanted:
+        quality = np.stack([columns(by[s], backends)[0] for s in wanted], -1)
+    return quality, _priced(cost, fallback_cost)
+
+
+def knn_quality(store: Datastore, X: npt.NDArray[np.float32], backends: Sequence[str],
+                scales: Sequence[Sequence[float]] | None = None) -> npt.NDArray[np.float32]:
+    """``knn_estimates``' quality alone: (n, B), or (n, B, S) at ``scales``."""
+    return knn_estimates(store, X, backends, np.zeros(len(backends)), scales=scales)[0]
+
+
+def knn_store(X: npt.NDArray[np.float32], records: Sequence[Any], *, k: int, prior_strength: float,
+              temperature: float) -> Datastore:
+    """An in-memory kNN datastore over X (n, d) and their outcome records (no state folder):
+    the stores training, evaluation and onboarding's fit build from data."""
+    return FaissKnnDatastore.from_records(X, records, k=k, prior_strength=prior_strength, temperature=temperature)
+
+
+class Capability:
+    """A trained capability encoder, served next to the datastore. It takes the datastore's kNN
+    estimates as input (its learned per-backend weights are the blend), so Feedback, which lands
+    in the datastore, keeps moving decisions without retraining."""
+
+    def __init__(self, model: Any, backends: Sequence[str], compute: Compute | None = None, *,
+                 config: Any = None) -> None:
+        self.model, self.backends = model, tuple(backends)
+        self.config = config            # the model's CapabilityConfig (needed to grow it)
+        self.compute: Compute = compute or Inline()
+        # Serving runs the numpy copy on the calling thread: no torch dispatch, no thread hop.
+        self._frozen = self.compute.run(FrozenCapability, model)
+        self._index = {b: j for j, b in enumerate(self.backends)}
+
+    @property
+    def scales(self) -> list[Scale]:
+        """The datastore neighbourhoods the model takes as input, in its order."""
+        return [(float(k), float(t)) for k, t in (getattr(self.model, "knn_scales", None) or [[0, 0]])]
+
+    def column(self, backend: str) -> int | None:
+        return self._index.get(backend)
+
+    def predict(self, X: npt.NDArray[np.float32], by_scale: dict[Scale, Estimate]) -> npt.NDArray[np.float32]:
+        """X: (n, d) and the datastore's estimates for it at (at least) ``scales`` -> (n, B) quality
+        in ``backends`` order."""
+        K = np.stack([columns(by_scale[s], self.backends)[0] for s in self.scales], -1)     # (n, B, S)
+        return self._frozen.predict(X, K)
+
+
+class Predictor:
+    """Quality, cost and support per backend for prompt embeddings: the datastore's estimates,
+    blended by the capability encoder where one is served (for the backends it knows; others keep
+    the datastore's estimate). Immutable: onboarding builds a new one (``with_capability``), so a
+    request that runs meanwhile sees the old predictor or the new one, never half."""
+
+    def __init__(self, datastore: Datastore, capability: Capability | None = None) -> None:
+        self.datastore = datastore
+        self.capability = capability
+
+    def with_capability(self, capability: Capability) -> Predictor:
+        return Predictor(self.datastore, capability)
+
+    def predict(self, X: npt.NDArray[np.float32], backends: Sequence[str],
+                fallback_cost: npt.NDArray[np.floating[Any]]) -> Prediction:
+        """X: (n, d) unit rows; fallback_cost: (n, B) or (B,), the cost of each backend where no
+        neighbour recorded one -> Prediction over ``backends``."""
+        X = np.asarray(X, dtype=np.float32).reshape(len(X), -1)
+        cap = self.capability
+        by = search(self.datastore, X, cap.scales if cap is not None else [])
+        quality, cost, support = columns(by[OWN], backends)
+        cost = _priced(cost, fallback_cost)
+        if cap is not None:
+            blended = cap.predict(X, by)
+            for j, b in enumerate(backends):
+                c = cap.column(b)
+                if c is not None:
+                    quality[:, j] = blended[:, c]
+        return Prediction(tuple(backends), quality, cost, support)

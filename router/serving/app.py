@@ -1,0 +1,170 @@
+"""The composition root: ``build_app(config)`` builds and wires every component."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from backends import BACKENDS, register_builtin_backends
+from backends.base import Backend
+from backends.route_only import RouteOnlyBackend
+from datastore import DATASTORES
+from datastore.base import Datastore
+from datastore.log import AppendLog
+from encoders import ENCODERS, register_builtin_encoders
+from encoders.base import PromptEncoder
+from router.core.compute import Compute, ComputeThread
+from router.core.config import AppConfig, BackendConfig, CostModelConfig, builtin_data, caprouter_home
+from router.prediction import artifact as art
+from router.prediction.predictor import Capability
+from router.serving.registrations import log_path
+from router.serving.service import RouterService
+from router.serving.telemetry import PrometheusTelemetry, Telemetry
+
+log = logging.getLogger(__name__)
+
+BackendFactory = Callable[[AppConfig, Compute, PromptEncoder], dict[str, Backend]]
+
+
+def build_backends(config: AppConfig, compute: Compute | None = None,
+                   encoder: PromptEncoder | None = None) -> dict[str, Backend]:
+    """Construct (not load) every configured backend, found in the registry by kind. ``encoder``
+    is the router's prompt encoder, for kinds that gate on the prompt embedding (moe)."""
+    register_builtin_backends()
+    return {b.name: BACKENDS.get(b.kind)(b, cost_unit=config.routing.cost_unit, models_dir=config.models_dir(),
+                                         compute=compute, encoder=encoder)
+            for b in config.backends}
+
+
+def build_encoder(config: AppConfig, compute: Compute | None = None) -> PromptEncoder:
+    """The configured PromptEncoder, found in the registry by kind (loads the model)."""
+    register_builtin_encoders()
+    e = config.encoder
+    encoder: PromptEncoder = ENCODERS.get(e.kind)(e.model_path, max_tokens=e.max_tokens, batch_size=e.batch_size,
+                                                  device=e.device, compute=compute)
+    return encoder
+
+
+def open_datastore(config: AppConfig, encoder: PromptEncoder, *, progress: bool = False,
+                   artifact: art.Artifact | None = None) -> Datastore:
+    """Load (or build) the datastore snapshot of the configured outcomes (or of a trained
+    artifact's outcomes) and replay its log."""
+    ds = config.datastore
+    base = None
+    if artifact is not None:
+        base = (artifact.embeddings, artifact.records,
+                f"{artifact.manifest['data']['sha256']}|{artifact.manifest['created_unix']}")
+    return DATASTORES.get("faiss-knn").open(
+        state_dir(config), encoder, [] if base else outcome_files(config), k=ds.k, prior_strength=ds.prior_strength,
+        temperature=ds.temperature, encoder_settings=f"max_tokens={config.encoder.max_tokens}", progress=progress,
+        base=base)
+
+
+def route_only_backends(config: AppConfig, artifact: art.Artifact,
+                        configured: dict[str, Backend]) -> dict[str, Backend]:
+    """A route-only backend for every backend of the artifact that the config does not define,
+    priced at its mean cost per request in the training data."""
+    out: dict[str, Backend] = {}
+    for name in artifact.backends:
+        if name not in configured:
+            cost = CostModelConfig(kind="per_request", per_request=artifact.manifest["cost"]["mean_per_request"][name])
+            out[name] = RouteOnlyBackend(BackendConfig(name=name, kind="route-only", cost=cost),
+                                         cost_unit=config.routing.cost_unit)
+    return out
+
+
+def open_registry(config: AppConfig) -> AppendLog:
+    """The durable log of Onboard registrations, beside the datastore's state."""
+    path = log_path(state_dir(config))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return AppendLog.open(path)
+
+
+def outcome_files(config: AppConfig) -> list[Path]:
+    return [Path(p) for p in config.datastore.outcomes] or [builtin_data("aptitude_outcomes.jsonl")]
+
+
+def state_dir(config: AppConfig) -> Path:
+    if config.datastore.state_dir:
+        return Path(config.datastore.state_dir).expanduser()
+    # Keyed by which files feed the store (not their contents), so feedback survives a rebuild
+    # of the snapshot when the outcome files are edited.
+    sources = [Path(config.artifact)] if config.artifact else outcome_files(config)
+    key = hashlib.sha256("\n".join(str(p.resolve()) for p in sources).encode()).hexdigest()[:12]
+    return caprouter_home() / "datastore" / key
+
+
+def default_telemetry() -> Telemetry:
+    """Prometheus metrics when prometheus_client is installed, else none."""
+    try:
+        return PrometheusTelemetry()
+    except ImportError:
+        return Telemetry()
+
+
+@dataclass
+class App:
+    """Everything ``caprouter serve`` runs, wired from one config. ``load`` does the slow part
+    (models, datastore) so that a server can answer health checks while it happens."""
+
+    config: AppConfig
+    service: RouterService | None = None
+    loading_detail: str = "not started"
+    compute: ComputeThread = field(default_factory=ComputeThread)
+    # Builds the dispatch targets; default: in-process backends from the registry. Ray mode
+    # passes one that returns adapters around Serve deployment handles.
+    backend_factory: BackendFactory | None = None
+    telemetry: Telemetry = field(default_factory=default_telemetry)
+    _backends: dict[str, Backend] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        return self.service is not None
+
+    async def load(self, *, progress: bool = False) -> None:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        self.loading_detail = "loading the prompt encoder"
+        encoder = await loop.run_in_executor(None, lambda: self.compute.run(build_encoder, cfg, self.compute))
+        await loop.run_in_executor(None, encoder.encode, ["warm-up: the first forward pays one-off costs"])
+        artifact = capability = None
+        if cfg.artifact:
+            self.loading_detail = "loading the router artifact"
+            path = Path(cfg.artifact)
+            artifact = await loop.run_in_executor(None, lambda: self.compute.run(
+                art.load, path, embedder_id=encoder.model_id, dim=encoder.dim))
+            capability = Capability(artifact.model, artifact.backends, self.compute, config=artifact.capability_config)
+        self.loading_detail = "loading the datastore"
+        store = await loop.run_in_executor(None, lambda: open_datastore(cfg, encoder, progress=progress,
+                                                                        artifact=artifact))
+        self.loading_detail = "loading backends"
+        self._backends = (self.backend_factory or build_backends)(cfg, self.compute, encoder)
+        if artifact is not None:
+            self._backends.update(route_only_backends(cfg, artifact, self._backends))
+        for b in self._backends.values():
+            self.loading_detail = f"loading backend {b.name}"
+            await b.load()
+        service = RouterService(cfg, encoder, store, self._backends, capability=capability, telemetry=self.telemetry)
+        self.loading_detail = "restoring onboarded backends"
+        restored = await loop.run_in_executor(None, service.attach_registry, open_registry(cfg))
+        if restored:
+            log.info("restored %d onboarded backend(s)", restored)
+        self.service = service
+        self.loading_detail = "ready"
+        log.info("caprouter ready: %d backends, %d outcomes in the datastore", len(self._backends), len(store))
+
+    async def close(self) -> None:
+        if self.service is not None:
+            await self.service.close()
+        else:
+            for b in self._backends.values():
+                await b.close()
+        self.compute.shutdown()
+
+
+def build_app(config: AppConfig) -> App:
+    """The composition root. Nothing is loaded until ``await app.load()``."""
+    return App(config)

@@ -1,0 +1,506 @@
+"""RouterService: the core of caprouter, free of grpc and ray.
+
+It validates requests, embeds the prompt, asks the predictor (``router.prediction``) for each
+backend's quality and cost, applies the selection policy (``router.policy``), remembers
+decisions for Feedback, and dispatches generation with fallback. Adapters translate their wire
+types to the plain dataclasses here and map CaprouterError codes to status codes.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import math
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from backends.base import Backend, Finished, GenerationRequest, Status, TextChunk
+from backends.route_only import RouteOnlyBackend
+from datastore.base import Datastore
+from datastore.log import AppendLog
+from encoders.base import PromptEncoder
+from router import __version__
+from router.core.config import AppConfig, BackendConfig
+from router.core.costs import CostModel
+from router.core.errors import (
+    BackendError,
+    CaprouterError,
+    FailedPrecondition,
+    InvalidArgument,
+    NoEligibleBackend,
+    NotFound,
+    Unavailable,
+    UnknownBackend,
+)
+from router.core.messages import ROLES, Message, prompt_text
+from router.policy.budget import BudgetWindows, assign
+from router.policy.selection import Knobs, KnobsInput, Selection, promote, select
+from router.prediction.onboarding import fit_capability
+from router.prediction.predictor import Capability, Prediction, Predictor
+from router.serving import registrations as reg
+from router.serving.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Query:
+    """A routed request as the core sees it: exactly one of prompt / messages."""
+
+    prompt: str = ""
+    messages: Sequence[Message] = ()
+    knobs: KnobsInput = field(default_factory=KnobsInput)
+
+
+@dataclass(frozen=True)
+class GenParams:
+    max_tokens: int | None = None
+    temperature: float | None = None
+    stop: Sequence[str] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Timings:
+    embedding_ms: float
+    prediction_ms: float
+    total_ms: float
+
+
+@dataclass(frozen=True)
+class Decision:
+    decision_id: str
+    selection: Selection
+    timings: Timings
+    messages: tuple[Message, ...]
+    text: str                                  # what was embedded
+    embedding: npt.NDArray[np.float32]         # (d,), unit norm
+
+    @property
+    def backend(self) -> str:
+        return self.selection.chosen.backend
+
+
+@dataclass(frozen=True)
+class BatchDecision:
+    decisions: tuple[Decision, ...]
+    cost_weight: float
+    mean_cost: float
+    mean_quality: float
+
+
+@dataclass(frozen=True)
+class GenStart:
+    decision: Decision
+    backend: str
+    fallbacks: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class GenEnd:
+    backend: str
+    finished: Finished
+    latency_ms: float
+    ttft_ms: float
+
+
+@dataclass(frozen=True)
+class BackendView:
+    name: str
+    kind: str
+    description: str
+    status: Status
+    detail: str
+    cost_model: CostModel
+    prior_quality: float
+    outcomes: int
+
+
+@dataclass(frozen=True)
+class FeedbackResult:
+    record_id: str
+    backend: str
+
+
+class RouterService:
+    def __init__(self, config: AppConfig, encoder: PromptEncoder, datastore: Datastore,
+                 backends: Mapping[str, Backend], *, capability: Capability | None = None,
+                 telemetry: Telemetry | None = None) -> None:
+        self.config = config
+        self.encoder = encoder
+        self.datastore = datastore
+        self.predictor = Predictor(datastore, capability)
+        self.backends = dict(backends)
+        r = config.routing
+        self.defaults = Knobs(r.cost_weight, r.min_quality, r.max_cost)
+        self._decisions: OrderedDict[str, Decision] = OrderedDict()
+        self._dlock = threading.Lock()
+        self.version = __version__
+        # Backends the config defines (and can dispatch to) cannot be replaced by Onboard.
+        self._configured = {n for n, b in self.backends.items() if b.kind != "route-only"}
+        self._registered: dict[str, reg.Registration] = {}
+        self._registry_log: AppendLog | None = None
+        self._olock = threading.Lock()
+        self._budgets = BudgetWindows(r.budget_window)
+        self.telemetry = telemetry or Telemetry()
+        self.telemetry.watch_datastore(lambda: len(self.datastore))
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.backends)
+
+    @property
+    def capability(self) -> Capability | None:
+        return self.predictor.capability
+
+    # ---- validation ----------------------------------------------------------------------------
+    def _messages(self, q_prompt: str, q_messages: Sequence[Message]) -> tuple[Message, ...]:
+        lim = self.config.limits
+        if q_prompt and q_messages:
+            raise InvalidArgument("set either prompt or messages, not both")
+        if q_messages:
+            if len(q_messages) > lim.max_messages:
+                raise InvalidArgument(f"too many messages: {len(q_messages)} > limit {lim.max_messages}")
+            for i, (role, content) in enumerate(q_messages):
+                if role not in ROLES:
+                    raise InvalidArgument(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
+                if not content or not content.strip():
+                    raise InvalidArgument(f"messages[{i}].content is empty")
+            if not any(r == "user" for r, _ in q_messages):
+                raise InvalidArgument("messages must contain at least one 'user' message")
+            msgs = tuple((r, c) for r, c in q_messages)
+        else:
+            if not q_prompt or not q_prompt.strip():
+                raise InvalidArgument("prompt is empty: send a non-empty prompt or a messages list")
+            msgs = (("user", q_prompt),)
+        total = sum(len(c) for _, c in msgs)
+        if total > lim.max_prompt_chars:
+            raise InvalidArgument(f"prompt too long: {total} characters > limit {lim.max_prompt_chars}")
+        return msgs
+
+    # ---- Route ---------------------------------------------------------------------------------
+    def unavailable(self, backends: Mapping[str, Backend] | None = None) -> dict[str, str]:
+        out = {}
+        for name, b in (self.backends if backends is None else backends).items():
+            st, detail = b.status()
+            if st != Status.READY:
+                out[name] = f"{st.value}: {detail}"
+        return out
+
+    def predict(self, X: npt.NDArray[np.float32], prompt_chars: Sequence[int],
+                backends: Mapping[str, Backend] | None = None) -> Prediction:
+        """X: (n, d) embeddings of prompts of ``prompt_chars`` characters -> quality, cost and
+        support over ``backends`` (default: the current set), in its order. Where the neighbours
+        recorded no cost, a backend's cost model prices the prompt."""
+        backends = self.backends if backends is None else backends
+        fallback = np.array([[b.cost_model().predict(n) for b in backends.values()] for n in prompt_chars],
+                            dtype=np.float64).reshape(len(prompt_chars), len(backends))
+        return self.predictor.predict(X, list(backends), fallback)
+
+    def route(self, query: Query, *, dispatch: bool = False) -> Decision:
+        """Decide for one prompt. dispatch: the decision is for Generate, so route-only backends
+        (which caprouter cannot call) are not eligible."""
+        rpc = "Generate" if dispatch else "Route"
+        try:
+            d = self._route(query, dispatch)
+        except CaprouterError as e:
+            self.telemetry.request(rpc, "", e.code.value.lower())
+            raise
+        self.telemetry.routing(d.timings.total_ms / 1e3)
+        if not dispatch:
+            self.telemetry.request(rpc, d.backend, "ok")
+        c = d.selection.chosen
+        log.info("routed to %s (quality %.3f, cost %.3g, %.1f ms)", d.backend, c.quality, c.cost, d.timings.total_ms,
+                 extra={"decision_id": d.decision_id, "backend": d.backend, "rpc": rpc})
+        return d
+
+    def _route(self, query: Query, dispatch: bool) -> Decision:
+        t0 = time.perf_counter()
+        msgs = self._messages(query.prompt, query.messages)
+        backends = self.backends      # one consistent set for this request, whatever Onboard does meanwhile
+        names = list(backends)
+        knobs = query.knobs.resolve(self.defaults, names)
+        text = prompt_text(None, msgs)
+        emb = self.encoder.encode([text])[0]
+        t1 = time.perf_counter()
+        pred = self.predict(emb[None, :], [sum(len(c) for _, c in msgs)], backends)
+        quality, cost, support = (pred.quality[0].tolist(), pred.cost[0].tolist(), pred.support[0].tolist())
+        unavailable = self.unavailable(backends)
+        route_only = sorted(n for n, b in backends.items() if b.kind == "route-only") if dispatch else []
+        if dispatch:
+            unavailable.update({n: "route-only (caprouter chooses it, the app calls it)" for n in route_only})
+        try:
+            selection = select(names, quality, cost, knobs, support=support, unavailable=unavailable)
+            if knobs.budget is not None:
+                selection = self._window_budget(knobs, knobs.budget, names, quality, cost, support, unavailable,
+                                                selection)
+        except NoEligibleBackend:
+            if route_only and len(route_only) == len(names):
+                listed = ", ".join(map(repr, route_only))
+                raise FailedPrecondition(
+                    f"every backend of this server is route-only ({listed}): caprouter can choose them but cannot "
+                    "call them. Use Route and call the chosen model yourself") from None
+            raise
+        t2 = time.perf_counter()
+        decision = Decision(uuid.uuid4().hex, selection, Timings((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t2 - t0) * 1e3),
+                            msgs, text, emb)
+        self._remember(decision)
+        return decision
+
+    def _window_budget(self, knobs: Knobs, budget: float, names: list[str], quality: list[float], cost: list[float],
+                       support: list[float], unavailable: dict[str, str], eligible: Selection) -> Selection:
+        ok = {s.backend for s in eligible.ranked}
+        idx, lam = self._budgets.decide(knobs.budget_key, names, np.array(quality), np.array(cost), budget,
+                                        np.array([n in ok for n in names]))
+        sel = select(names, quality, cost, replace(knobs, cost_weight=lam), support=support, unavailable=unavailable)
+        sel = promote(sel, names[idx])
+        self._budgets.commit(knobs.budget_key, names, sel.chosen.cost)
+        return sel
+
+    def route_batch(self, items: Sequence[Query], knobs_in: KnobsInput) -> BatchDecision:
+        """Route prompts together. With a budget, the batch's average predicted cost keeps to it:
+        one assignment problem over the batch (router.policy.budget.assign), each prompt's assigned
+        backend ranked first, the rest by utility at the batch's lambda."""
+        t0 = time.perf_counter()
+        lim = self.config.limits
+        if not items:
+            raise InvalidArgument("RouteBatch needs at least one item")
+        if len(items) > lim.max_batch:
+            raise InvalidArgument(f"too many items: {len(items)} > limit {lim.max_batch}")
+        msgs = []
+        for i, q in enumerate(items):
+            try:
+                msgs.append(self._messages(q.prompt, q.messages))
+            except InvalidArgument as e:
+                raise InvalidArgument(f"items[{i}]: {e}") from None
+        backends = self.backends
+        names = list(backends)
+        knobs = knobs_in.resolve(self.defaults, names)
+        texts = [prompt_text(None, m) for m in msgs]
+        embs = self.encoder.encode(texts)
+        t1 = time.perf_counter()
+        unavailable = self.unavailable(backends)
+        pred = self.predict(embs, [sum(len(x) for _, x in m) for m in msgs], backends)
+        preds = list(zip(pred.quality.tolist(), pred.cost.tolist(), pred.support.tolist()))
+        sels = []
+        for i, (q, c, s) in enumerate(preds):
+            try:
+                sels.append(select(names, q, c, replace(knobs, cost_weight=0.0), support=s, unavailable=unavailable))
+            except NoEligibleBackend as err:
+                raise NoEligibleBackend(f"items[{i}]: {err}") from None
+        Q = np.array([p[0] for p in preds], dtype=np.float64)
+        C = np.array([p[1] for p in preds], dtype=np.float64)
+        eligible = np.array([[n in {x.backend for x in sel.ranked} for n in names] for sel in sels])
+        lam = knobs.cost_weight
+        if knobs.budget is not None:
+            choice, lam = assign(Q, C, knobs.budget, eligible=eligible)
+        else:
+            choice = None
+        t2 = time.perf_counter()
+        decisions = []
+        for i, ((q, c, s), m, text, emb) in enumerate(zip(preds, msgs, texts, embs)):
+            sel = select(names, q, c, replace(knobs, cost_weight=float(lam)), support=s, unavailable=unavailable)
+            if choice is not None:
+                sel = promote(sel, names[int(choice[i])])
+            d = Decision(uuid.uuid4().hex, sel, Timings((t1 - t0) * 1e3 / len(items), (t2 - t1) * 1e3 / len(items),
+                                                        (t2 - t0) * 1e3 / len(items)), m, text, emb)
+            self._remember(d)
+            decisions.append(d)
+        chosen = [d.selection.chosen for d in decisions]
+        return BatchDecision(tuple(decisions), float(lam), float(np.mean([x.cost for x in chosen])),
+                             float(np.mean([x.quality for x in chosen])))
+
+    def _remember(self, d: Decision) -> None:
+        with self._dlock:
+            self._decisions[d.decision_id] = d
+            while len(self._decisions) > self.config.routing.decision_cache_size:
+                self._decisions.popitem(last=False)
+
+    # ---- Generate ------------------------------------------------------------------------------
+    def _gen_request(self, msgs: Sequence[Message], p: GenParams,
+                     embedding: npt.NDArray[np.float32] | None = None) -> GenerationRequest:
+        lim = self.config.limits
+        gen = self.config.generation
+        mt = gen.max_tokens if p.max_tokens is None else p.max_tokens
+        if not 1 <= mt <= lim.max_tokens:
+            raise InvalidArgument(f"max_tokens must be in [1, {lim.max_tokens}], got {mt}")
+        temp = gen.temperature if p.temperature is None else p.temperature
+        if not math.isfinite(temp) or not 0 <= temp <= 5:
+            raise InvalidArgument(f"temperature must be in [0, 5], got {temp}")
+        if len(p.stop) > lim.max_stop_sequences:
+            raise InvalidArgument(f"too many stop sequences: {len(p.stop)} > {lim.max_stop_sequences}")
+        if any(not s for s in p.stop):
+            raise InvalidArgument("stop sequences must be non-empty strings")
+        return GenerationRequest(messages=list(msgs), max_tokens=mt, temperature=temp, stop=list(p.stop), seed=p.seed,
+                                 embedding=embedding)
+
+    async def generate(self, query: Query, params: GenParams) -> AsyncGenerator[GenStart | TextChunk | GenEnd]:
+        """Route, then stream from the best backend; fall back down the ranking while nothing has
+        been streamed yet. After the first chunk a failure ends the stream with BackendError."""
+        t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        msgs = self._messages(query.prompt, query.messages)
+        self._gen_request(msgs, params)  # validate before spending time on routing
+        decision = await loop.run_in_executor(None, functools.partial(self.route, query, dispatch=True))
+        fallbacks: list[tuple[str, str]] = []
+        for cand in decision.selection.ranked:
+            backend = self.backends[cand.backend]
+            req = self._gen_request(msgs, params, decision.embedding)
+            stream = backend.generate(req)
+            started = False
+            try:
+                async for ev in stream:
+                    if not started:
+                        started = True
+                        ttft = (time.perf_counter() - t0) * 1e3
+                        yield GenStart(decision, cand.backend, tuple(fallbacks))
+                    if isinstance(ev, Finished):
+                        total = (time.perf_counter() - t0) * 1e3
+                        self.telemetry.generation(cand.backend, total / 1e3, ttft / 1e3, ev.completion_tokens,
+                                                  ev.tokens_per_second)
+                        self.telemetry.request("Generate", cand.backend, "ok")
+                        log.info("generated %d tokens in %.0f ms", ev.completion_tokens, total,
+                                 extra={"decision_id": decision.decision_id, "backend": cand.backend, "rpc": "Generate"})
+                        yield GenEnd(cand.backend, ev, total, ttft)
+                        return
+                    yield ev
+                if not started:
+                    raise BackendError(cand.backend, "ended without a result")
+                raise BackendError(cand.backend, "stream ended without a finish event", tokens_streamed=1)
+            except BackendError as e:
+                if started:
+                    self.telemetry.request("Generate", cand.backend, "unavailable")
+                    raise BackendError(cand.backend, f"{e} (after streaming began; no fallback possible)",
+                                       tokens_streamed=1) from e
+                log.warning("backend %s failed before streaming, falling back: %s", cand.backend, e,
+                            extra={"decision_id": decision.decision_id, "backend": cand.backend, "rpc": "Generate"})
+                self.telemetry.fallback(cand.backend)
+                fallbacks.append((cand.backend, str(e)))
+            finally:
+                req.cancel.set()
+                await stream.aclose()
+        tried = "; ".join(f"{b}: {err}" for b, err in fallbacks)
+        self.telemetry.request("Generate", "", "unavailable")
+        raise Unavailable(f"every eligible backend failed before answering ({tried})")
+
+    # ---- Feedback ------------------------------------------------------------------------------
+    def feedback(self, decision_id: str, score: float, *, backend: str = "", prompt: str = "",
+                 messages: Sequence[Message] = (), cost: float | None = None) -> FeedbackResult:
+        if isinstance(score, bool) or not math.isfinite(score) or not 0.0 <= score <= 1.0:
+            raise InvalidArgument(f"score must be in [0, 1], got {score}")
+        if cost is not None and (not math.isfinite(cost) or cost < 0):
+            raise InvalidArgument(f"cost must be a finite number >= 0, got {cost}")
+        if decision_id:
+            if prompt or messages:
+                raise InvalidArgument("send either decision_id or prompt/messages with Feedback, not both")
+            with self._dlock:
+                d = self._decisions.get(decision_id)
+            if d is None:
+                raise NotFound(f"unknown decision_id {decision_id!r} (expired or never issued); "
+                               "send the prompt and backend instead")
+            backend = backend or d.backend
+            text, emb = d.text, d.embedding
+        else:
+            if not backend:
+                raise InvalidArgument("Feedback needs a decision_id, or a prompt/messages and a backend")
+            msgs = self._messages(prompt, messages)
+            text = prompt_text(None, msgs)
+            emb = self.encoder.encode([text])[0]
+        if backend not in self.backends:
+            raise UnknownBackend(f"unknown backend {backend!r}; configured: {', '.join(self.names)}")
+        rec: dict[str, Any] = {"prompt": text, "scores": {backend: float(score)}, "source": "feedback"}
+        if decision_id:
+            rec["decision_id"] = decision_id
+        if cost is not None:
+            rec["cost"] = {backend: float(cost)}
+        rid = self.datastore.add(emb[None, :], [rec])[0]
+        self.telemetry.request("Feedback", backend, "ok")
+        return FeedbackResult(rid, backend)
+
+    # ---- Onboard -------------------------------------------------------------------------------
+    def attach_registry(self, registry: AppendLog) -> int:
+        """Use ``registry`` (an AppendLog of registrations) for Onboard, and replay what it holds.
+        Returns the number of backends restored."""
+        n = 0
+        for e in reg.latest(registry.replayed):
+            if e["backend"] in self._configured:
+                log.warning("onboarded backend %s is now defined in the config; its registration is ignored",
+                            e["backend"])
+                continue
+            self._apply(reg.Registration.from_entry(e), reg.entry_embeddings(e, self.encoder))
+            n += 1
+        self._registry_log = registry
+        return n
+
+    def onboard(self, spec: reg.OnboardSpec) -> reg.OnboardResult:
+        """Register a backend, or replace an earlier registration, from its aptitude results.
+        Durable once it returns; routable at once."""
+        if self._registry_log is None:
+            raise FailedPrecondition("this server has no state folder for registrations")
+        if spec.backend in self._configured:
+            raise FailedPrecondition(f"backend {spec.backend!r} is defined in the server's config; onboarding "
+                                     "registers new route-only backends (send its outcomes with Feedback instead)")
+        r = reg.validate(spec, self._suite, max_prompt_chars=self.config.limits.max_prompt_chars)
+        emb = self.encoder.encode(list(r.prompts))
+        with self._olock:
+            created = r.backend not in self.backends
+            self._registry_log.append([r.to_entry(self.encoder.model_id, emb)])   # durable from here on
+            fitted = self._apply(r, emb)
+        log.info("onboarded backend %s (%s) from %d aptitude results, mean score %.3f", r.backend,
+                 "new" if created else "updated", len(r.scores), float(np.mean(r.scores)))
+        return reg.OnboardResult(r.backend, created, len(r.scores), float(np.mean(r.scores)), fitted)
+
+    def _apply(self, r: reg.Registration, emb: npt.NDArray[np.float32]) -> bool:
+        # Fitted first, while the datastore holds only the trained backends' outcomes on these
+        # prompts (their residuals correct the fit; see prediction.onboarding.fit_capability).
+        cap = self.predictor.capability
+        capability = None if cap is None else fit_capability(
+            cap, r.backend, emb, np.asarray(r.scores, dtype=np.float32), self.config.datastore, self.datastore)
+        prev = self._registered.get(r.backend)
+        if prev is not None:
+            self.datastore.retract(prev.record_ids(), r.backend)
+        self.datastore.insert(emb, r.records())
+        backend = RouteOnlyBackend(BackendConfig(name=r.backend, kind="route-only", description=r.description,
+                                                 cost=r.cost), cost_unit=self.config.routing.cost_unit)
+        # Copy-on-write: a Route running concurrently sees the old set or the new one, never half.
+        self.backends = {**self.backends, r.backend: backend}
+        self._registered[r.backend] = r
+        if capability is None:
+            return False
+        self.predictor = self.predictor.with_capability(capability)
+        return True
+
+    @functools.cached_property
+    def _suite(self) -> dict[str, str]:
+        """The aptitude suite's prompts by item id (read on the first Onboard)."""
+        return reg.load_suite_prompts(reg.suite_path(self.config.aptitude.suite))
+
+    # ---- ListBackends --------------------------------------------------------------------------
+    def list_backends(self) -> list[BackendView]:
+        stats = self.datastore.stats()
+        out = []
+        for name, b in self.backends.items():
+            st, detail = b.status()
+            s = stats.get(name)
+            out.append(BackendView(name, b.kind, b.description, st, detail, b.cost_model(),
+                                   s.mean_score if s else math.nan, s.outcomes if s else 0))
+        return out
+
+    async def close(self) -> None:
+        for b in self.backends.values():
+            await b.close()
+        self.datastore.close()
+        if self._registry_log is not None:
+            self._registry_log.close()
+
+
+__all__ = ["RouterService", "Query", "GenParams", "Decision", "GenStart", "GenEnd", "BackendView",
+           "FeedbackResult", "CaprouterError"]

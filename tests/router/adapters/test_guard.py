@@ -1,0 +1,107 @@
+"""The one guard of the adapters, on unary and streaming handlers alike (the real servers run it in
+test_grpc_integration.py and test_http.py; here the cases that are hard to provoke there)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+import pytest
+
+from router.adapters import guard
+from router.adapters.grpc_server import guarded
+from router.core.config import AppConfig
+from router.core.errors import ErrorCode, NoEligibleBackend, Unavailable
+from router.serving.app import App
+
+
+class Context:
+    """What the guard uses of grpc.aio.ServicerContext: ``abort`` records and raises, as grpc's does."""
+
+    def __init__(self) -> None:
+        self.aborted: tuple[grpc.StatusCode, str] | None = None
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.aborted = (code, details)
+        raise grpc.aio.AbortError()
+
+
+class Servicer:
+    def __init__(self) -> None:
+        self.closed = False
+
+    @guarded
+    async def Unary(self, request, context):
+        raise request
+
+    @guarded
+    async def Stream(self, request, context):
+        try:
+            yield 1
+            yield 2
+            if request is not None:
+                raise request
+            yield 3
+        finally:
+            self.closed = True
+
+
+def _unary(err: BaseException) -> Context:
+    ctx = Context()
+
+    async def go():
+        with pytest.raises(grpc.aio.AbortError):
+            await Servicer().Unary(err, ctx)
+    asyncio.run(go())
+    return ctx
+
+
+def test_unary_errors_become_their_status_and_anything_else_is_internal(caplog):
+    assert _unary(NoEligibleBackend("nothing fits")).aborted == (grpc.StatusCode.FAILED_PRECONDITION, "nothing fits")
+    with caplog.at_level(logging.ERROR):
+        code, details = _unary(KeyError("boom")).aborted
+    assert code == grpc.StatusCode.INTERNAL and "KeyError" in details and "Unary failed" in caplog.text
+
+
+def test_cancellation_passes_through_untouched():
+    ctx = Context()
+
+    async def go():
+        with pytest.raises(asyncio.CancelledError):
+            await Servicer().Unary(asyncio.CancelledError(), ctx)
+    asyncio.run(go())
+    assert ctx.aborted is None
+
+
+def test_a_stream_keeps_what_it_sent_then_ends_with_the_status():
+    ctx, svc = Context(), Servicer()
+
+    async def go():
+        got = []
+        with pytest.raises(grpc.aio.AbortError):
+            async for x in svc.Stream(Unavailable("backend went away"), ctx):
+                got.append(x)
+        return got
+    assert asyncio.run(go()) == [1, 2]
+    assert ctx.aborted == (grpc.StatusCode.UNAVAILABLE, "backend went away") and svc.closed
+
+
+def test_a_stream_the_caller_leaves_is_closed_at_once():
+    svc = Servicer()
+
+    async def go():
+        stream = svc.Stream(None, Context())
+        assert await stream.__anext__() == 1
+        await stream.aclose()
+    asyncio.run(go())
+    assert svc.closed
+
+
+def test_readiness_says_what_is_loading_and_failure_maps_codes():
+    app = App(AppConfig())
+    app.loading_detail = "loading backend smollm2"
+    with pytest.raises(Unavailable, match="starting \\(loading backend smollm2\\)"):
+        guard.ready(app)
+    app.compute.shutdown()
+    assert guard.failure(NoEligibleBackend("x"), "Route") == (ErrorCode.FAILED_PRECONDITION, "x")
+    assert guard.failure(ValueError("y"), "Route") == (ErrorCode.INTERNAL, "internal error: ValueError: y")

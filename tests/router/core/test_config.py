@@ -1,0 +1,48 @@
+import pytest
+
+from router.core.config import AppConfig, load_config
+from router.core.errors import ConfigError
+
+
+def test_embedded_default_is_valid_and_has_two_local_backends():
+    cfg = load_config()
+    assert [b.kind for b in cfg.backends] == ["transformers", "transformers"]
+    assert cfg.backends[1].options["prune"]["mlp_keep"] < 1
+
+
+def test_overrides_and_relative_paths(tmp_path):
+    (tmp_path / "c.yaml").write_text("datastore: {outcomes: [data/o.jsonl]}\nserver: {port: 1}\n")
+    cfg = load_config(tmp_path / "c.yaml", {"server.port": 7000, "routing.cost_weight": 0.5})
+    assert cfg.server.port == 7000 and cfg.routing.cost_weight == 0.5
+    assert cfg.datastore.outcomes == [str(tmp_path / "data" / "o.jsonl")]
+
+
+@pytest.mark.parametrize("yaml_text,part", [
+    ("server: {port: -1}", "port"),
+    ("routing: {cost_weight: -1}", "cost_weight"),
+    ("routing: {min_quality: 2}", "min_quality"),
+    ("unknown_key: 1", "unknown_key"),
+    ("backends: [{name: a, kind: x}, {name: a, kind: x}]", "unique"),
+    ("backends: [{name: 'bad name!', kind: x}]", "name"),
+    ("- just a list", "mapping"),
+    ("server: {port: [}", "not valid YAML"),
+])
+def test_invalid_configs_are_refused_with_a_clear_message(tmp_path, yaml_text, part):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml_text)
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    assert part in str(ei.value)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("/nonexistent/c.yaml")
+
+
+def test_unknown_backend_kind_is_a_config_error():
+    from router.serving.app import build_backends
+
+    cfg = AppConfig.model_validate({"backends": [{"name": "a", "kind": "warp-drive"}]})
+    with pytest.raises(ConfigError, match="unknown backend kind 'warp-drive'"):
+        build_backends(cfg)

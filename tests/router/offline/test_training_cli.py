@@ -1,0 +1,204 @@
+"""`caprouter train` / `caprouter eval` on a small slice of the real LLMRouter data, some of its models
+renamed as published routing data names them (provider suffixes and paths: ``@``, ``/``, ``:``):
+whatever `train` accepts, `serve --artifact` loads."""
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from router.core.errors import ArtifactError
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent / "caprouter"
+
+
+# Names as published routing data spells them: a provider suffix, an organisation path, a tag.
+RENAMED = {"llama-3.1-8b-instruct": "Llama-3.1-8B-Inst@sambanova", "qwen2.5-7b-instruct": "Qwen/qwen2.5-7b-instruct",
+           "codegemma-7b": "codegemma:7b"}
+
+
+def _renamed(row: dict) -> dict:
+    row["scores"] = {RENAMED.get(k, k): v for k, v in row["scores"].items()}
+    prices = row["meta"]["price_per_M_tokens"]
+    row["meta"]["price_per_M_tokens"] = {RENAMED.get(k, k): v for k, v in prices.items()}
+    return row
+
+
+@pytest.fixture(scope="module")
+def slice_file(shared_data, tmp_path_factory) -> Path:
+    rows = [_renamed(json.loads(line)) for line in gzip.open(shared_data / "llmrouter.jsonl.gz", "rt")]
+    train = [r for r in rows if r["split"] == "train"][::14][:400]
+    test = [r for r in rows if r["split"] == "test"][:120]
+    p = tmp_path_factory.mktemp("slice") / "slice.jsonl.gz"
+    with gzip.open(p, "wt") as f:
+        for r in train + test:
+            f.write(json.dumps(r) + "\n")
+    return p
+
+
+@pytest.fixture(scope="module")
+def trained(slice_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("art") / "router"
+    r = subprocess.run([str(BIN), "train", "--data", str(slice_file), "--out", str(out), "--epochs", "15",
+                        "--seed", "1"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "test AIQ" in r.stdout
+    return out
+
+
+def test_train_writes_a_versioned_artifact_with_a_manifest(trained, slice_file):
+    m = json.loads((trained / "manifest.json").read_text())
+    assert m["format"] == 1 and m["code_version"] and m["embedder"] == {
+        "id": "sentence-transformers/all-MiniLM-L6-v2", "dim": 384, "max_tokens": 256}
+    assert len(m["backends"]) == 9 and m["data"]["n_test"] == 120 and m["data"]["sha256"]
+    assert set(RENAMED.values()) <= set(m["backends"])
+    assert set(m["knn_weights"]) == set(m["backends"]) and 0 < m["metrics"]["test"]["aiq"] <= 1
+    assert m["cost"]["mean_per_request"]["gemma-2-9b-it"] == pytest.approx(0.1)
+    for f in ("model.safetensors", "outcomes.jsonl.gz", "embeddings.npy"):
+        assert (trained / f).exists()
+
+
+def test_eval_writes_markdown_json_and_png(trained, slice_file, tmp_path):
+    out = tmp_path / "report.json"
+    r = subprocess.run([str(BIN), "eval", "--artifact", str(trained), "--data", str(slice_file), "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    assert rep["n"] == 120 and {"caprouter", "kNN (k=40)", "oracle", "zero router"} <= set(rep)
+    assert rep["oracle"]["aiq"] >= rep["caprouter"]["aiq"] > 0
+    assert out.with_suffix(".md").read_text().startswith("# Evaluation")
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_artifact_round_trip_and_manifest_mismatch_refused(trained, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from encoders.capability import predict
+    from router.prediction import artifact as art
+
+    a = art.load(trained, embedder_id="sentence-transformers/all-MiniLM-L6-v2", dim=384)
+    x = a.embeddings[:5]
+    assert predict(a.model, x).shape == (5, 9) and len(a.records) == len(a.embeddings)
+    b = art.load(trained)
+    np.testing.assert_allclose(predict(b.model, x), predict(a.model, x))
+    with pytest.raises(ArtifactError, match="trained on embeddings of"):
+        art.load(trained, embedder_id="other/encoder")
+    with pytest.raises(ArtifactError, match="expects 384-d"):
+        art.load(trained, dim=768)
+    bad = tmp_path / "bad"
+    shutil.copytree(trained, bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    m["format"] = 99
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="unsupported artifact format"):
+        art.load(bad)
+    with pytest.raises(ArtifactError, match="not a caprouter artifact"):
+        art.load(tmp_path)
+
+
+def test_artifacts_from_before_several_neighbourhoods_still_load(trained, tmp_path):
+    """An artifact written before knn_scales existed: one datastore weight per backend."""
+    import shutil
+
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+
+    from encoders.capability import predict
+    from router.prediction import artifact as art
+
+    old = tmp_path / "old"
+    shutil.copytree(trained, old)
+    state = load_file(str(old / "model.safetensors"))
+    state["w"] = state["w"][:, 0].contiguous()
+    save_file(state, str(old / "model.safetensors"))
+    m = json.loads((old / "manifest.json").read_text())
+    del m["capability"]["knn_scales"]
+    (old / "manifest.json").write_text(json.dumps(m))
+    a = art.load(old)
+    assert a.model.knn_scales is None and tuple(a.model.w.shape) == (9, 1)
+    assert predict(a.model, a.embeddings[:3], np.full((3, 9), 0.5, np.float32)).shape == (3, 9)
+
+
+def test_missing_costs_is_a_clear_cli_error(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps({"prompt": "x", "scores": {"a": 1, "b": 0}}) + "\n")
+    r = subprocess.run([str(BIN), "train", "--data", str(p), "--out", str(tmp_path / "o")], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "pass --costs" in r.stderr
+
+
+def test_serve_artifact_routes_over_route_only_backends(trained, tmp_path):
+    import grpc
+
+    from caprouter.v1 import router_pb2 as pb
+    from caprouter.v1 import router_pb2_grpc
+    from router.core.config import load_config
+    from tests.conftest import LiveServer
+
+    cfg = load_config(None, {"server.port": 0, "artifact": str(trained), "backends": [],
+                             "datastore.state_dir": str(tmp_path / "state"), "routing.cost_unit": "USD/M tokens",
+                             "routing.cost_weight": 0.0})
+    srv = LiveServer(cfg)
+    try:
+        srv.call(srv.server.load_and_serve())
+        names = json.loads((trained / "manifest.json").read_text())["backends"]
+        with grpc.insecure_channel(srv.address) as ch:
+            stub = router_pb2_grpc.RouterStub(ch)
+            listed = stub.ListBackends(pb.ListBackendsRequest(), timeout=30).backends
+            assert sorted(b.name for b in listed) == sorted(names)
+            assert all(b.kind == "route-only" and b.status == pb.BACKEND_STATUS_READY for b in listed)
+            assert all(b.cost_model.kind == "per_request" and b.cost_model.per_request > 0 for b in listed)
+            r = stub.Route(pb.RouteRequest(prompt="What is 17 * 23? Think step by step."), timeout=30)
+            assert r.backend in names and len(r.candidates) == len(names) and r.cost_unit == "USD/M tokens"
+            # The encoder's blend changes predictions relative to the datastore alone.
+            svc = srv.app.service
+            assert svc.capability is not None and list(svc.capability.backends) == names
+            assert set(RENAMED.values()) <= {c.backend for c in r.candidates}
+            forced = stub.Route(pb.RouteRequest(prompt="Hi", knobs=pb.RoutingKnobs(
+                allowed_backends=["Llama-3.1-8B-Inst@sambanova"])), timeout=30)
+            assert forced.backend == "Llama-3.1-8B-Inst@sambanova"
+            with pytest.raises(grpc.RpcError) as ei:
+                list(stub.Generate(pb.GenerateRequest(prompt="hello"), timeout=30))
+            assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "is route-only" in ei.value.details() and any(repr(n) in ei.value.details() for n in names)
+            fb = stub.Feedback(pb.FeedbackRequest(decision_id=r.decision_id, score=1.0), timeout=30)
+            assert fb.backend == r.backend
+    finally:
+        srv.stop()
+
+
+def test_a_name_serving_cannot_take_is_refused_by_train_and_a_bad_artifact_fails_start_up_in_one_line(trained,
+                                                                                                       tmp_path):
+    bad = tmp_path / "d.jsonl"
+    bad.write_text(json.dumps({"prompt": "x", "scores": {"gpt 4 (turbo)": 1, "b": 0}}) + "\n")
+    r = subprocess.run([str(BIN), "train", "--data", str(bad), "--out", str(tmp_path / "o"), "--costs",
+                        str(_costs(tmp_path, {"gpt 4 (turbo)": 1.0, "b": 0.5}))], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "'gpt 4 (turbo)'" in r.stderr and "rename" in r.stderr
+    # An artifact edited by hand (or from elsewhere) with such a name: serve says so in one line.
+    art = tmp_path / "edited"
+    art.mkdir()
+    for f in trained.iterdir():
+        (art / f.name).write_bytes(f.read_bytes())
+    m = json.loads((art / "manifest.json").read_text())
+    m["backends"][0] = "gpt 4 (turbo)"
+    (art / "manifest.json").write_text(json.dumps(m))
+    r = subprocess.run([str(BIN), "serve", "--artifact", str(art), "--port", "0", "--state-dir", str(tmp_path / "s")],
+                       capture_output=True, text=True, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert lines[-1].startswith("error: ") and "'gpt 4 (turbo)'" in lines[-1] and "retrain" in lines[-1]
+    assert "Traceback" not in r.stderr and "Event loop is closed" not in r.stderr
+
+
+def _costs(tmp_path: Path, costs: dict) -> Path:
+    p = tmp_path / "costs.json"
+    p.write_text(json.dumps(costs))
+    return p

@@ -1,0 +1,95 @@
+"""Prediction in one place: the column-filling rule, the cost fallback, the capability blend, and
+batched == one by one (what Route and RouteBatch rely on)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from datastore.base import Estimate
+from datastore.records import OutcomeRecord
+from encoders.capability import CapabilityConfig, build_model
+from router.prediction.predictor import OWN, Capability, Predictor, columns, knn_estimates, knn_quality, knn_store
+
+
+def _unit(rows) -> np.ndarray:
+    a = np.asarray(rows, dtype=np.float32)
+    return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+def _store(dim: int = 8, n: int = 40, seed: int = 0):
+    """Two clusters: "a" is good on the first, "b" on the second; "b" records costs, "a" none."""
+    rng = np.random.default_rng(seed)
+    centres = _unit(rng.normal(size=(2, dim)))
+    X = _unit(centres[np.arange(n) % 2] + 0.1 * rng.normal(size=(n, dim)))
+    recs = [OutcomeRecord(id=str(i), prompt="", scores={"a": float(i % 2 == 0), "b": float(i % 2 == 1)},
+                          cost={"b": 2.0 + i % 2}) for i in range(n)]
+    return knn_store(X, recs, k=8, prior_strength=2.0, temperature=0.05), X, centres
+
+
+def test_columns_follow_the_callers_order_and_fill_an_unseen_backend_with_the_row_mean():
+    est = Estimate(("a", "b"), quality=np.array([[0.2, 0.6], [1.0, 0.0]], np.float32),
+                   support=np.array([[1.0, 2.0], [3.0, 4.0]], np.float32),
+                   cost=np.array([[np.nan, 5.0], [1.0, 2.0]], np.float32))
+    q, c, s = columns(est, ["b", "new", "a"])
+    np.testing.assert_allclose(q, [[0.6, 0.4, 0.2], [0.0, 0.5, 1.0]])
+    np.testing.assert_allclose(s, [[2.0, 0.0, 1.0], [4.0, 0.0, 3.0]])
+    assert c[0, 0] == 5.0 and np.isnan(c[0, 1]) and np.isnan(c[0, 2]) and c[1, 2] == 1.0
+    empty = Estimate((), np.zeros((2, 0), np.float32), np.zeros((2, 0), np.float32), np.zeros((2, 0), np.float32))
+    np.testing.assert_allclose(columns(empty, ["x"])[0], [[0.5], [0.5]])
+
+
+def test_knn_estimates_price_what_no_neighbour_recorded_and_stack_the_neighbourhoods():
+    store, X, centres = _store()
+    q, c = knn_estimates(store, centres, ["a", "b", "new"], np.array([7.0, 8.0, 9.0]))
+    assert q.shape == (2, 3) and q[0, 0] > 0.8 > q[0, 1] and q[1, 1] > 0.8 > q[1, 0]
+    assert (c[:, 0] == 7.0).all() and (c[:, 2] == 9.0).all()                    # "a" and "new": no costs
+    assert 2.0 <= c[0, 1] <= 3.0 and c[0, 1] < c[1, 1]                          # "b": its neighbours' costs
+    qs = knn_quality(store, centres, ["a", "b"], [[0, 0], [30, 1.0]])
+    assert qs.shape == (2, 2, 2)
+    np.testing.assert_allclose(qs[..., 0], q[:, :2], atol=1e-6)
+    broad = store.estimate(centres, k=30, temperature=1.0)
+    np.testing.assert_allclose(qs[..., 1], broad.quality[:, [broad.column("a"), broad.column("b")]], atol=1e-6)
+
+
+def test_the_predictor_blends_only_the_backends_the_capability_model_knows():
+    store, X, centres = _store()
+    cfg = CapabilityConfig(dim=4, hidden=8, codes=2, knn_scales=[[0, 0], [30, 1.0]])
+    model = build_model(X.shape[1], 1, cfg).eval()
+    plain = Predictor(store).predict(X, ["a", "b"], np.zeros(2))
+    blended = Predictor(store, Capability(model, ["a"])).predict(X, ["a", "b"], np.zeros(2))
+    np.testing.assert_array_equal(blended.quality[:, 1], plain.quality[:, 1])      # "b": the datastore's
+    assert np.abs(blended.quality[:, 0] - plain.quality[:, 0]).max() > 1e-3        # "a": the model's
+    np.testing.assert_array_equal(blended.cost, plain.cost)
+    np.testing.assert_array_equal(blended.support, plain.support)
+    assert ((blended.quality >= 0) & (blended.quality <= 1)).all() and np.isfinite(blended.cost).all()
+
+
+@pytest.mark.parametrize("with_capability", [False, True])
+def test_batched_equals_one_by_one(with_capability):
+    store, X, _ = _store(n=60)
+    cap = None
+    if with_capability:
+        cap = Capability(build_model(X.shape[1], 2, CapabilityConfig(dim=4, hidden=8, codes=2)).eval(), ["a", "b"])
+    p = Predictor(store, cap)
+    fallback = np.arange(60 * 3, dtype=np.float64).reshape(60, 3)
+    batch = p.predict(X, ["b", "a", "c"], fallback)
+    for i in range(0, 60, 7):
+        one = p.predict(X[i:i + 1], ["b", "a", "c"], fallback[i])
+        np.testing.assert_allclose(one.quality[0], batch.quality[i], atol=1e-6)
+        np.testing.assert_allclose(one.cost[0], batch.cost[i], atol=1e-5)
+        np.testing.assert_allclose(one.support[0], batch.support[i], atol=1e-5)
+
+
+def test_the_own_neighbourhood_is_searched_once_whatever_the_model_asks_for():
+    store, X, _ = _store()
+    asked = []
+    real = store.estimate_many
+
+    def spy(emb, scales):
+        asked.append(list(scales))
+        return real(emb, scales)
+
+    store.estimate_many = spy
+    cfg = CapabilityConfig(dim=4, hidden=8, codes=2, knn_scales=[[0, 0], [30, 1.0]])
+    Predictor(store, Capability(build_model(X.shape[1], 2, cfg).eval(), ["a", "b"])).predict(X, ["a", "b"], np.zeros(2))
+    assert asked == [[OWN, (30.0, 1.0)]]
