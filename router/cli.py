@@ -510,7 +510,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parser().parse_args(argv)
     try:
-        return int(args.fn(args) or 0)
+        rc = int(args.fn(args) or 0)
+        sys.stdout.flush()       # a reader that went away shows here, not as noise at exit
+        return rc
     except CaprouterError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

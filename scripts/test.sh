@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Install into .venv and run the whole test suite (what CI runs).
+# Install into .venv and run the test suite (what CI runs).
+#   ./scripts/test.sh            everything (about 10 minutes on 2 cores)
+#   ./scripts/test.sh --fast     only the tests that need no model and no server (under a minute)
+# Any other arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install.sh

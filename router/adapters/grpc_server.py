@@ -25,7 +25,7 @@ from router.adapters import guard
 from router.adapters import proto_convert as convert
 from router.adapters.http_server import HttpServer
 from router.core.compute import off_loop
-from router.core.errors import GRPC_STATUS
+from router.core.errors import GRPC_STATUS, ConfigError
 from router.serving.app import App
 from router.serving.service import RouterService
 
@@ -137,9 +137,13 @@ class GrpcServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        try:
+            self.port = self.server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError:            # grpc raises where older versions returned 0
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot bind {host}:{port}")
+            raise ConfigError(f"cannot listen on {host}:{port} (in use, or not an address of this machine): "
+                              "choose another --port or --host")
         self.address = f"{host}:{self.port}"
 
     async def start(self) -> None:

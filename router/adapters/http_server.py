@@ -29,7 +29,7 @@ from backends.base import TextChunk
 from router.adapters import guard
 from router.adapters import openai_convert as oa
 from router.core.compute import off_loop
-from router.core.errors import CaprouterError, InvalidArgument
+from router.core.errors import CaprouterError, ConfigError, InvalidArgument
 from router.serving.app import App
 from router.serving.service import GenEnd, GenStart, Query, RouterService
 from router.serving.telemetry import Telemetry
@@ -66,7 +66,12 @@ class HttpServer:
     async def start(self) -> None:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as e:
+            await self._runner.cleanup()
+            raise ConfigError(f"cannot serve HTTP on {self.host}:{self.port} ({e.strerror}): choose another "
+                              "--http-port") from None
         server = site._server
         assert isinstance(server, asyncio.Server)
         self.port = server.sockets[0].getsockname()[1]  # the bound port when 0 was asked

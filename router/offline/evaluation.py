@@ -1,4 +1,4 @@
-"""How routers are scored offline (docs/background: RouterBench AIQ, RouteLLM APGR / CPT): the
+"""How routers are scored offline (RouterBench's AIQ, RouteLLM's APGR / CPT; ../shared/docs/background.md): the
 metrics, and ``evaluate`` / ``zero_router`` / ``two_backend`` that apply them to a test set.
 (Serving's counters and histograms are ``router.serving.telemetry``.)
 

@@ -10,7 +10,7 @@ import time
 import grpc
 import pytest
 
-from router.client import AsyncClient, Client, Retry
+from router.client import AptitudeResult, AsyncClient, Client, CostModel, Retry
 
 pytestmark = pytest.mark.slow
 
@@ -79,5 +79,25 @@ def test_a_loading_server_is_waited_for(tmp_path, models_dir):
         threading.Thread(target=lambda: srv.call(srv.server.load_and_serve()), daemon=True).start()
         with Client(srv.address, retry=Retry(attempts=60, initial_s=0.2, max_s=1.0)) as c:
             assert c.route("What is 2 + 2?").backend
+            # The calls the CLI is built on, on a server of this test's own (Onboard adds a backend).
+            results = ([AptitudeResult(score=1.0, item_id=f"arithmetic-{i:03d}") for i in range(10)]
+                       + [AptitudeResult(score=0.0, prompt=f"Name a colour, number {i}.", cost=3.0) for i in range(5)])
+            ob = c.onboard("calc@lab", results, cost=CostModel.of(price_in=0.2, price_out=0.6), description="calc")
+            assert ob.created and ob.results_used == 15 and ob.backend.name == "calc@lab"
+            assert ob.backend.kind == "route-only" and "per million tokens" in ob.backend.cost
+            b = c.route_batch(["What is 4 + 9?", [("user", "Write a haiku about tea.")]], cost_weight=0.0)
+            assert len(b.decisions) == 2 and b.cost_unit == "GFLOP"
+            assert all({x.backend for x in d.candidates} >= {"calc@lab"} for d in b.decisions)
+            fb = c.feedback("", 0.0, prompt="What is 4 + 9?", backend="calc@lab", cost=1.5)
+            assert fb.backend == "calc@lab" and fb.record_id
+            assert {x.name: x.outcomes for x in c.list_backends()}["calc@lab"] == 16
+
+            async def asynchronous():
+                async with AsyncClient(srv.address) as ac:
+                    again = await ac.onboard("calc@lab", results[:10], cost=CostModel.of(per_request=2.0))
+                    batch = await ac.route_batch(["What is 1 + 1?"], allowed=["calc@lab"])
+                    return again, batch
+            again, batch = asyncio.run(asynchronous())
+            assert not again.created and again.results_used == 10 and batch.decisions[0].backend == "calc@lab"
     finally:
         srv.stop()

@@ -66,6 +66,22 @@ def test_acknowledged_feedback_survives_sigkill_and_cli_works(tmp_path, server_c
         gen = subprocess.run([str(BIN), "generate", "--address", address, "Say hello.", "--max-tokens", "4"],
                              capture_output=True, text=True, timeout=120)
         assert gen.returncode == 0 and "finish: FINISH_REASON_" in gen.stdout, gen.stderr
+        # `caprouter route ... | head`: a reader gone before the answer arrives ends it quietly.
+        piped = subprocess.Popen([str(BIN), "route", "--address", address, "What is 2 + 2?"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE)
+        piped.stdout.close()
+        _, err = piped.communicate(timeout=60)
+        assert piped.returncode == 141 and err == b"", err.decode()[-2000:]
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("What is 12 + 30?\nWrite a haiku about snow.\n"
+                           + json.dumps({"messages": [{"role": "user", "content": "Name a prime number."}]}) + "\n")
+        batch = subprocess.run([str(BIN), "route-batch", "--address", address, str(prompts), "--budget", "1000"],
+                               capture_output=True, text=True, timeout=60)
+        assert batch.returncode == 0 and batch.stdout.count("smollm2-135m") == 3, batch.stderr
+        assert "batch: 3 prompts" in batch.stdout
+        fb = subprocess.run([str(BIN), "feedback", "--address", address, "--prompt", "What is 12 + 30?", "--backend",
+                             "smollm2-135m", "--score", "1", "--cost", "2.5"], capture_output=True, text=True, timeout=60)
+        assert fb.returncode == 0 and "for backend smollm2-135m" in fb.stdout, fb.stderr
 
         # Onboard a route-only backend from aptitude results with the CLI (before the kill: it must survive).
         results = tmp_path / "apt.jsonl"
