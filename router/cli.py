@@ -177,7 +177,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     print(chunk.text, end="", flush=True)
                 if chunk.finish_reason:
                     print("\n---")
-                    print(f"finish: {chunk.finish_reason}  backend: {chunk.backend}  tokens: {chunk.prompt_tokens} "
+                    print(f"finish: FINISH_REASON_{chunk.finish_reason.upper()}  backend: {chunk.backend}  "
+                          f"tokens: {chunk.prompt_tokens} "
                           f"prompt + {chunk.completion_tokens} completion  latency: {chunk.latency_ms:.0f} ms  "
                           f"first token: {chunk.time_to_first_token_ms:.0f} ms  {chunk.tokens_per_second:.1f} tokens/s")
         except grpc.RpcError as e:

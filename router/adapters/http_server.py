@@ -72,8 +72,7 @@ class HttpServer:
             await self._runner.cleanup()
             raise ConfigError(f"cannot serve HTTP on {self.host}:{self.port} ({e.strerror}): choose another "
                               "--http-port") from None
-        server = site._server
-        assert isinstance(server, asyncio.Server)
+        server: Any = site._server          # asyncio's Server, or uvloop's under Ray Serve
         self.port = server.sockets[0].getsockname()[1]  # the bound port when 0 was asked
         self.address = f"{self.host}:{self.port}"
         log.info("OpenAI-compatible HTTP on http://%s/v1", self.address)
