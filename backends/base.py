@@ -4,7 +4,7 @@ from __future__ import annotations
 import abc
 import enum
 import threading
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,4 +88,6 @@ class Backend(abc.ABC):
         pass
 
 
-BACKENDS: Registry = Registry("backend kind")
+# A backend kind: built from its config (``cfg``) and the server's ``cost_unit``, ``models_dir``,
+# ``compute`` thread and prompt ``encoder`` (keywords; a kind takes what it needs).
+BACKENDS: Registry[Callable[..., Backend]] = Registry("backend kind")

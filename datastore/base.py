@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -79,4 +80,14 @@ class Datastore(Protocol):
     def close(self) -> None: ...
 
 
-DATASTORES: Registry[Any] = Registry("datastore")
+class DatastoreKind(Protocol):
+    """A datastore implementation as the registry holds it: ``open`` loads (or builds) a store
+    in a state folder from outcome files, or from already-embedded ``base`` outcomes."""
+
+    def open(self, state_dir: str | Path, encoder: Any, outcome_files: Sequence[str | Path], *, k: int = ...,
+             prior_strength: float = ..., temperature: float = ..., encoder_settings: str = ...,
+             progress: bool = ...,
+             base: tuple[npt.NDArray[np.float32], Sequence[OutcomeRecord], str] | None = ...) -> Datastore: ...
+
+
+DATASTORES: Registry[DatastoreKind] = Registry("datastore")

@@ -1,7 +1,7 @@
 """The PromptEncoder interface (what part of a request is embedded: ``router.core.messages``)."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -24,4 +24,5 @@ class PromptEncoder(Protocol):
     def encode(self, texts: Sequence[str]) -> npt.NDArray[np.float32]: ...
 
 
-ENCODERS: Registry = Registry("prompt encoder")
+# An encoder kind: built from (model_path, *, max_tokens, batch_size, device, compute).
+ENCODERS: Registry[Callable[..., PromptEncoder]] = Registry("prompt encoder")

@@ -280,7 +280,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _serve_ray(cfg: AppConfig, args: argparse.Namespace) -> int:
-    """Ray mode: the same service, its backends as Ray Serve deployments (backends/ray_serve.py)."""
+    """Ray mode: the same service, its backends as Ray Serve deployments (router/adapters/ray.py)."""
     import signal
     import threading
 
