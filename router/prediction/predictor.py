@@ -53,13 +53,15 @@ def columns(est: Estimate, backends: Sequence[str]
             ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
     """``est`` (n prompts over the store's backends) -> quality, cost, support (n, B) over
     ``backends``: the column-filling rule of the module docstring."""
+    cols = [est.column(b) for b in backends]
+    if None not in cols:            # the common case: one gather each (copies, safe to modify)
+        return est.quality[:, cols], est.cost[:, cols], est.support[:, cols]
     n = est.quality.shape[0]
     mean = est.quality.mean(1) if est.quality.shape[1] else np.full(n, 0.5, np.float32)
     q = np.empty((n, len(backends)), np.float32)
     c = np.full_like(q, np.nan)
     s = np.zeros_like(q)
-    for j, b in enumerate(backends):
-        col = est.column(b)
+    for j, col in enumerate(cols):
         if col is None:
             q[:, j] = mean
         else:
@@ -75,7 +77,10 @@ def search(store: Datastore, X: npt.NDArray[np.float32], scales: Sequence[Scale]
 
 def _priced(cost: npt.NDArray[np.float32], fallback: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float32]:
     """cost (n, B) with NaN (no neighbour recorded one) replaced by the fallback, (n, B) or (B,)."""
-    return np.where(np.isnan(cost), np.broadcast_to(fallback, cost.shape), cost).astype(np.float32)
+    missing = np.isnan(cost)
+    if not missing.any():
+        return cost
+    return np.where(missing, np.broadcast_to(fallback, cost.shape), cost).astype(np.float32)
 
 
 def knn_estimates(store: Datastore, X: npt.NDArray[np.float32], backends: Sequence[str],
