@@ -54,8 +54,9 @@ def columns(est: Estimate, backends: Sequence[str]
     """``est`` (n prompts over the store's backends) -> quality, cost, support (n, B) over
     ``backends``: the column-filling rule of the module docstring."""
     cols = [est.column(b) for b in backends]
-    if None not in cols:            # the common case: one gather each (copies, safe to modify)
-        return est.quality[:, cols], est.cost[:, cols], est.support[:, cols]
+    known = [c for c in cols if c is not None]
+    if len(known) == len(cols):     # the common case: one gather each (copies, safe to modify)
+        return est.quality[:, known], est.cost[:, known], est.support[:, known]
     n = est.quality.shape[0]
     mean = est.quality.mean(1) if est.quality.shape[1] else np.full(n, 0.5, np.float32)
     q = np.empty((n, len(backends)), np.float32)
