@@ -6,7 +6,7 @@ codes can specialize) and large enough to hold some out, and it must ship with t
 data set at run time). Every prompt carries its category so that reports can say what a code
 or an expert set specializes in. Deterministic: the same pool on every machine.
 
-None of these prompts is an item of the aptitude suite (router/aptitude/suite.jsonl), which is
+None of these prompts is an item of the aptitude suite (router/data/aptitude_suite.jsonl), which is
 what codes are scored on; arithmetic here is drawn from other templates and number ranges.
 """
 from __future__ import annotations

@@ -23,7 +23,7 @@ from backends.base import Backend, Finished, FinishReason, GenerationRequest, St
 from router.core.compute import Compute, ComputeThread
 from router.core.config import BackendConfig, RayConfig
 from router.core.costs import CostModel
-from router.core.errors import BackendError
+from router.core.errors import BackendError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -225,5 +225,18 @@ class ServeHealth:
 
 
 def deployment_name(backend: str) -> str:
-    """Serve deployment names may not hold '/' or ':', which backend names may."""
+    """Serve deployment names may not hold '/', ':', '@' or '+', which backend names may."""
     return "backend-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in backend)
+
+
+def deployment_names(backends: list[str]) -> dict[str, str]:
+    """backend -> its deployment's name; two backends whose names differ only in the characters
+    Serve does not take (``a@b``, ``a:b``, ``a_b``) would share one deployment: refused."""
+    out = {b: deployment_name(b) for b in backends}
+    seen: dict[str, str] = {}
+    for b, d in out.items():
+        if d in seen:
+            raise ConfigError(f"backends {seen[d]!r} and {b!r} would both be the Ray Serve deployment {d!r}: "
+                              "rename one (Serve names keep letters, digits and -_. only)")
+        seen[d] = b
+    return out

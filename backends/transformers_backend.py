@@ -77,7 +77,7 @@ class TransformersBackend(Backend):
         self.weights_dir: Path | None = None
         self._pool = ThreadPoolExecutor(max_workers=self.opts.max_concurrency, thread_name_prefix=f"gen-{self.name}")
         self._slots = threading.BoundedSemaphore(self.opts.max_concurrency)
-        # Every torch call goes through here (see router/compute.py); the pool threads only
+        # Every torch call goes through here (see router/core/compute.py); the pool threads only
         # orchestrate a generation, one decode step at a time.
         self._compute = compute or Inline()
         # Test hook: a callable run before each decode step (lets tests inject faults on the real path).

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gzip
 import json
 import os
@@ -28,7 +27,7 @@ from typing import Any
 
 import grpc
 
-from router.client import AptitudeResult, Client, CostModel, Decision
+from router.client import AptitudeResult, Client, CostModel, Decision, Retry
 from router.core.config import AppConfig, builtin_data, load_config
 from router.core.errors import CaprouterError, ConfigError, InvalidArgument
 from router.core.logs import setup_logging
@@ -70,14 +69,19 @@ def _add_knobs(p: argparse.ArgumentParser, *, prompt: bool = True) -> None:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.address, timeout=args.timeout)
+    # One attempt, as a shell tool makes: the caller (a person, a script) decides whether to retry.
+    return Client(args.address, timeout=args.timeout, retry=Retry(attempts=1))
 
 
 def _read_messages(path: str | None) -> list[tuple[str, str]] | None:
     if not path:
         return None
     raw = sys.stdin.read() if path == "-" else Path(path).read_text()
-    return [(m["role"], m["content"]) for m in json.loads(raw)]
+    try:
+        return [(m["role"], m["content"]) for m in json.loads(raw)]
+    except (ValueError, KeyError, TypeError) as e:
+        raise InvalidArgument(f"--messages {path}: not a JSON list of {{role, content}} ({type(e).__name__}: {e})") \
+            from None
 
 
 def _knob_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -88,11 +92,18 @@ def _knob_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def _query(args: argparse.Namespace) -> dict[str, Any]:
     msgs = _read_messages(args.messages)
-    return {"messages": msgs} if msgs is not None else {"prompt": args.prompt}
+    if not msgs:                    # no file, or an empty list: the prompt alone
+        return {"prompt": args.prompt}
+    if args.prompt:
+        raise InvalidArgument("set either prompt or messages, not both")
+    return {"messages": msgs}
 
 
-def _print_json(obj: Any) -> None:
-    print(json.dumps(dataclasses.asdict(obj), indent=2))
+def _print_json(message: Any) -> None:
+    """A response as the wire sent it (protobuf's JSON mapping)."""
+    from google.protobuf.json_format import MessageToJson
+
+    print(MessageToJson(message))
 
 
 def _print_decision(d: Decision) -> None:
@@ -120,7 +131,7 @@ def cmd_route(args: argparse.Namespace) -> int:
         except grpc.RpcError as e:
             return _rpc_error(e)
     if args.json:
-        _print_json(d)
+        _print_json(d.response)
     else:
         _print_decision(d)
         print(f"cost_weight (lambda): {d.cost_weight:g}")
@@ -152,7 +163,7 @@ def cmd_route_batch(args: argparse.Namespace) -> int:
         except grpc.RpcError as e:
             return _rpc_error(e)
     if args.json:
-        _print_json(b)
+        _print_json(b.response)
         return 0
     for i, d in enumerate(b.decisions):
         top = d.candidates[0]
@@ -231,19 +242,25 @@ def read_aptitude_results(path: str, backend: str) -> list[AptitudeResult]:
                     if backend not in row["scores"]:
                         continue
                     c = (row.get("cost") or {}).get(backend)
-                    out.append(AptitudeResult(score=float(row["scores"][backend]), prompt=row["prompt"],
+                    out.append(AptitudeResult(score=float(row["scores"][backend]), prompt=_text(row["prompt"]),
                                               cost=None if c is None else float(c)))
                 else:
                     item = str(row.get("item_id") or row.get("id") or "")
                     c = row.get("cost")
                     out.append(AptitudeResult(score=float(row["score"]), item_id=item,
-                                              prompt="" if item else row.get("prompt", ""),
+                                              prompt="" if item else _text(row.get("prompt", "")),
                                               cost=None if c is None else float(c)))
     except FileNotFoundError:
         raise InvalidArgument(f"results file not found: {path}") from None
     except (ValueError, KeyError, TypeError) as e:
         raise InvalidArgument(f"{path}: line {n}: not an aptitude result ({type(e).__name__}: {e})") from None
     return out
+
+
+def _text(v: Any) -> str:
+    if not isinstance(v, str):
+        raise TypeError(f"prompt must be a string, got {v!r}")
+    return v
 
 
 def cmd_onboard(args: argparse.Namespace) -> int:
@@ -256,7 +273,7 @@ def cmd_onboard(args: argparse.Namespace) -> int:
         except grpc.RpcError as e:
             return _rpc_error(e)
     if args.json:
-        _print_json(r)
+        _print_json(r.response)
         return 0
     b = r.backend
     print(f"{'registered' if r.created else 'updated'} {b.name} ({b.kind}) from {r.results_used} aptitude "

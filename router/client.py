@@ -11,9 +11,9 @@
 Every RPC of caprouter.v1.Router: route, route_batch, generate, feedback (by decision id, or by
 prompt and backend), list_backends, onboard. Typed results (dataclasses, not protobuf messages);
 every call has a deadline (``timeout``); calls that change nothing (Route, RouteBatch,
-ListBackends), Feedback (idempotent per decision for the router's purposes) and Onboard (a
-second registration under the same name replaces the first) are retried with exponential
-backoff on UNAVAILABLE (a server still loading, a restart); Generate is retried only until the
+ListBackends), Feedback by decision id (idempotent per decision for the router's purposes; by
+prompt it is not, and is not retried) and Onboard (a second registration under the same name
+replaces the first) are retried with exponential backoff on UNAVAILABLE (a server still loading, a restart); Generate is retried only until the
 first chunk arrived, never after.
 """
 from __future__ import annotations
@@ -61,6 +61,9 @@ class Decision:
     cost_weight: float
     request_id: str
     timings: Timings = field(default_factory=Timings)
+    # The wire message it was read from (RouteResponse, GenerateStart), for a caller that wants
+    # every field as sent (`caprouter route --json`).
+    response: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,7 @@ class BatchDecision:
     predicted_mean_cost: float
     predicted_mean_quality: float
     cost_unit: str
+    response: Any = field(default=None, repr=False, compare=False)     # the RouteBatchResponse
 
 
 @dataclass(frozen=True)
@@ -151,6 +155,7 @@ class OnboardResult:
     results_used: int
     mean_score: float
     capability_fitted: bool
+    response: Any = field(default=None, repr=False, compare=False)     # the OnboardResponse
 
 
 @dataclass(frozen=True)
@@ -199,7 +204,7 @@ def _decision(m: Any, decision_id: str, backend: str, request_id: str) -> Decisi
                     [Candidate(c.backend, c.predicted_quality, c.predicted_cost, c.utility, c.rank, c.support)
                      for c in m.candidates],
                     {e.backend: e.reason for e in m.excluded}, m.cost_unit, m.cost_weight, request_id,
-                    Timings(t.embedding_ms, t.prediction_ms, t.total_ms))
+                    Timings(t.embedding_ms, t.prediction_ms, t.total_ms), m)
 
 
 def _route_decision(r: pb.RouteResponse) -> Decision:
@@ -208,7 +213,7 @@ def _route_decision(r: pb.RouteResponse) -> Decision:
 
 def _batch(r: pb.RouteBatchResponse) -> BatchDecision:
     return BatchDecision([_route_decision(d) for d in r.decisions], r.cost_weight, r.predicted_mean_cost,
-                         r.predicted_mean_quality, r.cost_unit)
+                         r.predicted_mean_quality, r.cost_unit, r)
 
 
 def _chunk(c: pb.GenerateChunk) -> Chunk:
@@ -274,7 +279,7 @@ def _onboard_request(name: str, results: Sequence[AptitudeResult], cost: CostMod
 
 
 def _onboarded(r: pb.OnboardResponse) -> OnboardResult:
-    return OnboardResult(_backend(r.backend), r.created, r.results_used, r.mean_score, r.capability_fitted)
+    return OnboardResult(_backend(r.backend), r.created, r.results_used, r.mean_score, r.capability_fitted, r)
 
 
 def _unavailable(e: grpc.RpcError) -> bool:
@@ -309,8 +314,8 @@ class Client:
     def close(self) -> None:
         self._channel.close()
 
-    def _call(self, fn: Callable[[], T]) -> T:
-        delays = self.retry.delays()
+    def _call(self, fn: Callable[[], T], *, retry: bool = True) -> T:
+        delays = self.retry.delays() if retry else iter(())
         while True:
             try:
                 return fn()
@@ -352,9 +357,10 @@ class Client:
                  messages: Messages | None = None, cost: float | None = None,
                  timeout: float | None = None) -> FeedbackResult:
         """A score in [0, 1] for a decision (``decision_id``; the backend defaults to the chosen
-        one), or for a ``prompt`` / ``messages`` answered by ``backend`` (decision_id "")."""
+        one), or for a ``prompt`` / ``messages`` answered by ``backend`` (decision_id ""). Only the
+        first is retried: a second record for the same prompt would count it twice."""
         req = _feedback_request(decision_id, score, backend, prompt, messages, cost)
-        r = self._call(lambda: self._stub.Feedback(req, timeout=timeout or self.timeout))
+        r = self._call(lambda: self._stub.Feedback(req, timeout=timeout or self.timeout), retry=bool(decision_id))
         return FeedbackResult(r.record_id, r.backend)
 
     def list_backends(self, *, timeout: float | None = None) -> list[BackendInfo]:
@@ -387,8 +393,8 @@ class AsyncClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
-        delays = self.retry.delays()
+    async def _call(self, fn: Callable[[], Awaitable[T]], *, retry: bool = True) -> T:
+        delays = self.retry.delays() if retry else iter(())
         while True:
             try:
                 return await fn()
@@ -427,7 +433,8 @@ class AsyncClient:
                        messages: Messages | None = None, cost: float | None = None,
                        timeout: float | None = None) -> FeedbackResult:
         req = _feedback_request(decision_id, score, backend, prompt, messages, cost)
-        r = await self._call(lambda: self._stub.Feedback(req, timeout=timeout or self.timeout))
+        r = await self._call(lambda: self._stub.Feedback(req, timeout=timeout or self.timeout),
+                             retry=bool(decision_id))
         return FeedbackResult(r.record_id, r.backend)
 
     async def list_backends(self, *, timeout: float | None = None) -> list[BackendInfo]:

@@ -1,5 +1,5 @@
 """Fakes for unit-testing a layer in isolation: scripted backends and a bag-of-words encoder. The
-real path is covered by tests that run the real parts (tests/router/test_grpc_integration.py with
+real path is covered by tests that run the real parts (tests/router/adapters/test_grpc_integration.py with
 MiniLM and SmolLM2; the service and datastore tests run with MiniLM too, under the slow marker)."""
 from __future__ import annotations
 

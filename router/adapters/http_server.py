@@ -47,7 +47,10 @@ def _guard(fn: Handler) -> Handler:
         except (asyncio.CancelledError, web.HTTPException):
             raise
         except Exception as e:
-            return oa.error_for(*guard.failure(e, fn.__name__))
+            code, message = guard.failure(e, fn.__name__)
+            if isinstance(e, CaprouterError):
+                return oa.error_for(code, message)
+            return oa.error_response(500, message, "server_error")     # no error code of ours to name
     return wrapper
 
 

@@ -25,7 +25,7 @@ import threading
 from typing import Any
 
 from backends.base import Backend
-from backends.ray_serve import BackendReplica, RayBackend, ServeHealth, deployment_name, set_threads
+from backends.ray_serve import BackendReplica, RayBackend, ServeHealth, deployment_name, deployment_names, set_threads
 from router.adapters.grpc_server import GrpcServer, start_http
 from router.core.compute import Compute
 from router.core.config import AppConfig, DeploymentOptions, EncoderConfig, load_config
@@ -117,10 +117,11 @@ def build_application(cfg: AppConfig) -> Any:
     if cfg.ray.ingress.num_replicas not in (None, 1) or cfg.ray.ingress.autoscaling_config:
         raise ValueError("the router ingress runs one replica: it is the single writer of the durable logs")
     encoder = functools.partial(_replica_encoder, cfg.encoder.model_dump())
+    names = deployment_names([b.name for b in cfg.backends])
     bound = {}
     for b in cfg.backends:
         opts = cfg.ray.deployments.get(b.name, cfg.ray.default)
-        dep = deployment(BackendReplica).options(name=deployment_name(b.name), **_options(opts))
+        dep = deployment(BackendReplica).options(name=names[b.name], **_options(opts))
         bound[b.name] = dep.bind(b.model_dump(), cfg.routing.cost_unit, str(cfg.models_dir()),
                                  encoder if b.kind in NEEDS_ENCODER else None, cfg.ray.torch_threads)
     ingress = deployment(RouterIngress).options(name="router", **_options(cfg.ray.ingress))

@@ -39,13 +39,14 @@ OWN: Scale = (0.0, 0.0)
 class Prediction:
     """n prompts x B backends, columns in ``backends`` order.
 
-    quality: float32 (n, B) in [0, 1]; cost: float32 (n, B), finite; support: float32 (n, B), the
-    similarity mass of the neighbours that scored each backend (0: a prior, not evidence).
+    quality: float32 (n, B) in [0, 1]; cost: float64 (n, B), finite (a cost model's price is not
+    rounded to float32: ``max_cost`` compares it exactly); support: float32 (n, B), the similarity
+    mass of the neighbours that scored each backend (0: a prior, not evidence).
     """
 
     backends: tuple[str, ...]
     quality: npt.NDArray[np.float32]
-    cost: npt.NDArray[np.float32]
+    cost: npt.NDArray[np.float64]
     support: npt.NDArray[np.float32]
 
 
@@ -76,12 +77,14 @@ def search(store: Datastore, X: npt.NDArray[np.float32], scales: Sequence[Scale]
     return dict(zip(wanted, store.estimate_many(X, wanted)))
 
 
-def _priced(cost: npt.NDArray[np.float32], fallback: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float32]:
-    """cost (n, B) with NaN (no neighbour recorded one) replaced by the fallback, (n, B) or (B,)."""
-    missing = np.isnan(cost)
+def _priced(cost: npt.NDArray[np.float32], fallback: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float64]:
+    """cost (n, B) with NaN (no neighbour recorded one) replaced by the fallback, (n, B) or (B,),
+    in float64 (the fallback's own precision)."""
+    cost64 = cost.astype(np.float64)
+    missing = np.isnan(cost64)
     if not missing.any():
-        return cost
-    return np.where(missing, np.broadcast_to(fallback, cost.shape), cost).astype(np.float32)
+        return cost64
+    return np.where(missing, np.broadcast_to(np.asarray(fallback, dtype=np.float64), cost64.shape), cost64)
 
 
 def knn_estimates(store: Datastore, X: npt.NDArray[np.float32], backends: Sequence[str],
@@ -90,13 +93,13 @@ def knn_estimates(store: Datastore, X: npt.NDArray[np.float32], backends: Sequen
     """The datastore alone, for X (n, d) over ``backends``: quality (n, B) at the store's own
     neighbourhood, or (n, B, S) at each of ``scales`` ([k, temperature]: the capability encoder's
     input); cost (n, B) at the store's own, ``fallback_cost`` ((n, B) or (B,)) where no neighbour
-    recorded one."""
+    recorded one (float32, as the offline metrics have always taken it)."""
     wanted = [(float(k), float(t)) for k, t in scales] if scales else []
     by = search(store, X, wanted)
     quality, cost, _ = columns(by[OWN], backends)
     if wanted:
         quality = np.stack([columns(by[s], backends)[0] for s in wanted], -1)
-    return quality, _priced(cost, fallback_cost)
+    return quality, _priced(cost, fallback_cost).astype(np.float32)
 
 
 def knn_quality(store: Datastore, X: npt.NDArray[np.float32], backends: Sequence[str],
@@ -161,8 +164,8 @@ class Predictor:
         X = np.asarray(X, dtype=np.float32).reshape(len(X), -1)
         cap = self.capability
         by = search(self.datastore, X, cap.scales if cap is not None else [])
-        quality, cost, support = columns(by[OWN], backends)
-        cost = _priced(cost, fallback_cost)
+        quality, recorded, support = columns(by[OWN], backends)
+        cost = _priced(recorded, fallback_cost)
         if cap is not None:
             blended = cap.predict(X, by)
             for j, b in enumerate(backends):

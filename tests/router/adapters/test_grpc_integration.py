@@ -228,7 +228,8 @@ def test_deadline_is_honoured_and_generation_stops(stub, live_server, hooked):
                        params=pb.GenerationParams(max_tokens=3), timeout=120)
     assert chunks[-1].HasField("end")
     second = max(i for i, s in enumerate(steps) if s == 0)    # where the short request's steps begin
-    assert max(steps[:second], default=-1) < 599 and steps[second:] == list(range(len(steps) - second))
+    # The long request decoded for about its 1.5 s (~20 tokens/s here), not towards its 600 tokens.
+    assert 0 < second and max(steps[:second]) < 150 and steps[second:] == list(range(len(steps) - second))
     assert _health(live_server.address) == health_pb2.HealthCheckResponse.SERVING
 
 

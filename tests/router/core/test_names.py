@@ -52,3 +52,13 @@ def test_an_artifact_with_a_name_serving_cannot_take_is_refused_with_the_fix(tmp
     with pytest.raises(ArtifactError, match="no manifest.json"):
         art.load(tmp_path / "missing")
 
+
+
+def test_names_serve_cannot_tell_apart_are_refused_for_ray_mode():
+    from backends.ray_serve import deployment_names
+    from router.core.errors import ConfigError
+
+    assert deployment_names(["meta/llama-3", "Llama@sambanova"]) == {
+        "meta/llama-3": "backend-meta_llama-3", "Llama@sambanova": "backend-Llama_sambanova"}
+    with pytest.raises(ConfigError, match="'a@b' and 'a:b' would both be the Ray Serve deployment 'backend-a_b'"):
+        deployment_names(["a@b", "a:b"])

@@ -202,6 +202,17 @@ def test_route_batch_keeps_the_batch_budget_and_spends_it_where_it_pays(make_ser
         svc.route_batch(items, KnobsInput(budget=-1.0))
 
 
+def test_a_cost_models_price_is_reported_and_compared_exactly(make_service):
+    # 0.1 is not a float32: a price rounded on the way would exceed max_cost=0.1.
+    svc = make_service([ScriptedBackend("mathy", per_request=0.1), ScriptedBackend("wordy", per_request=0.3)])
+    for q in (Query(prompt="What is 1 + 2?", knobs=KnobsInput(max_cost=0.1)),):
+        d = svc.route(q)
+        assert d.backend == "mathy" and d.selection.chosen.cost == 0.1
+        assert [e.backend for e in d.selection.excluded] == ["wordy"]
+    b = svc.route_batch([Query(prompt="What is 1 + 2?")], KnobsInput(max_cost=0.1))
+    assert b.decisions[0].selection.chosen.cost == 0.1
+
+
 def test_route_batch_predicts_what_route_predicts_one_by_one(make_service):
     svc = make_service([ScriptedBackend("mathy", per_request=3.0), ScriptedBackend("wordy", per_request=1.0)])
     items = [Query(prompt="What is 8 + 13?"), Query(prompt="Write a poem about the fog."),
@@ -213,6 +224,18 @@ def test_route_batch_predicts_what_route_predicts_one_by_one(make_service):
         for x, y in zip(one.selection.ranked, b.selection.ranked):
             assert x.quality == pytest.approx(y.quality, abs=1e-6) and x.cost == pytest.approx(y.cost, rel=1e-6)
             assert x.support == pytest.approx(y.support, rel=1e-5, abs=1e-6)
+
+
+def test_window_budget_spends_where_it_pays_and_keeps_the_average(make_service):
+    svc = make_service([ScriptedBackend("mathy", per_request=10.0), ScriptedBackend("wordy", per_request=1.0)])
+    topics = ["dogs", "fog", "the sun", "salt", "ice", "a lake", "a bell", "smoke", "glass", "wool"]
+    traffic = [(p, kind) for i in range(10) for p, kind in ((f"What is {i} + {3 * i + 1}?", "math"),
+                                                            (f"Write a poem about {topics[i]}.", "poem"))]
+    picks = [(svc.route(Query(prompt=p, knobs=KnobsInput(budget=4.0, budget_key="mix"))).selection, kind)
+             for p, kind in traffic]
+    assert np.mean([s.chosen.cost for s, _ in picks]) <= 4.0
+    assert all(s.chosen.backend == "wordy" for s, kind in picks if kind == "poem")
+    assert any(s.chosen.backend == "mathy" for s, kind in picks if kind == "math") and max(s.cost_weight for s, _ in picks) > 0
 
 
 @pytest.mark.slow  # MiniLM only: the word encoder gives these near-identical prompts tied predictions
