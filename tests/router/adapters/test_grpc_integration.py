@@ -263,3 +263,22 @@ def test_failure_after_first_token_ends_stream_with_clear_error(stub, hooked):
     assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "after streaming began" in ei.value.details() and "simulated crash" in ei.value.details()
     assert got[0].HasField("start") and "".join(c.text for c in got)
+
+
+def test_a_port_in_use_is_one_clear_start_up_error():
+    import socket
+
+    from router.adapters.grpc_server import GrpcServer
+    from router.core.config import AppConfig
+    from router.core.errors import ConfigError
+    from router.serving.app import App
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        app = App(AppConfig())
+        try:
+            with pytest.raises(ConfigError, match=r"cannot listen on 127\.0\.0\.1:\d+ .*choose another --port"):
+                GrpcServer(app, "127.0.0.1", s.getsockname()[1])
+        finally:
+            app.compute.shutdown()
