@@ -22,9 +22,9 @@ from encoders.capability import CapabilityConfig, add_backend, onboard, predict,
 from router.core.config import AppConfig
 from router.offline.evaluation import evaluate
 from router.offline.routing_data import split_indices
-from router.offline.training import knn_store, out_of_fold_knn, select_aptitude
+from router.offline.training import out_of_fold_knn, select_aptitude
 from router.prediction.onboarding import aptitude_knn, peer_residuals
-from router.prediction.predictor import knn_estimates
+from router.prediction.predictor import knn_estimates, knn_store
 
 
 def main() -> int:

@@ -22,13 +22,13 @@ from router.core.config import AppConfig
 from router.offline import baselines
 from router.offline.evaluation import evaluate, two_backend, zero_router
 from router.offline.routing_data import split_indices
-from router.offline.training import knn_store as training_knn_store
 from router.offline.training import out_of_fold_knn
 from router.prediction.predictor import knn_estimates
+from router.prediction.predictor import knn_store as prediction_knn_store
 
 
 def knn_store(X, data, idx, cfg):
-    return training_knn_store(X[idx], [data.records[i] for i in idx], cfg.datastore)
+    return prediction_knn_store(X[idx], [data.records[i] for i in idx], cfg.datastore)
 
 
 def run_set(name: str, seed: int, ablation: bool) -> dict:

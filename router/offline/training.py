@@ -21,14 +21,8 @@ from router.offline import evaluation as M
 from router.offline.evaluation import evaluate, zero_router
 from router.offline.routing_data import RoutingData, load_routing_data, split_indices
 from router.prediction import artifact as art
-from router.prediction.predictor import Capability, Predictor, knn_quality
-from router.prediction.predictor import knn_store as _knn_store
+from router.prediction.predictor import Capability, Predictor, knn_quality, knn_store
 from router.serving.app import build_encoder
-
-
-def knn_store(X: npt.NDArray[np.float32], records: Sequence[OutcomeRecord], ds_cfg: DatastoreConfig) -> Datastore:
-    """An in-memory kNN datastore over (X, records) with the configured k, prior and temperature."""
-    return _knn_store(X, records, k=ds_cfg.k, prior_strength=ds_cfg.prior_strength, temperature=ds_cfg.temperature)
 
 
 def out_of_fold_knn(X: npt.NDArray[np.float32], records: Sequence[OutcomeRecord], backends: list[str],

@@ -28,9 +28,7 @@ def aptitude_knn(X: npt.NDArray[np.float32], y: npt.NDArray[np.float32], ds_cfg:
     for f in range(folds):
         tr, te = np.where(fold != f)[0], np.where(fold == f)[0]
         recs = [OutcomeRecord(id=str(i), prompt="", scores={"new": float(y[i])}) for i in tr]
-        store = knn_store(X[tr], recs, k=ds_cfg.k, prior_strength=ds_cfg.prior_strength,
-                          temperature=ds_cfg.temperature)
-        out[te] = knn_quality(store, X[te], ["new"], scales)[:, 0]
+        out[te] = knn_quality(knn_store(X[tr], recs, ds_cfg), X[te], ["new"], scales)[:, 0]
     return out
 
 

@@ -28,6 +28,7 @@ from datastore.base import Datastore, Estimate
 from datastore.store import FaissKnnDatastore
 from encoders.capability import FrozenCapability
 from router.core.compute import Compute, Inline
+from router.core.config import DatastoreConfig
 
 Scale = tuple[float, float]
 """A datastore neighbourhood (k, temperature); 0 means the store's own setting."""
@@ -87,6 +88,18 @@ def _priced(cost: npt.NDArray[np.float32], fallback: npt.NDArray[np.floating[Any
     return np.where(missing, np.broadcast_to(np.asarray(fallback, dtype=np.float64), cost64.shape), cost64)
 
 
+def _search_quality(store: Datastore, X: npt.NDArray[np.float32], backends: Sequence[str],
+                    scales: Sequence[Sequence[float]] | None
+                    ) -> tuple[npt.NDArray[np.float32], dict[Scale, Estimate]]:
+    """One search; quality (n, B) at the store's own neighbourhood, or (n, B, S) at ``scales``,
+    and the estimates it came from."""
+    wanted = [(float(k), float(t)) for k, t in scales] if scales else []
+    by = search(store, X, wanted)
+    if not wanted:
+        return columns(by[OWN], backends)[0], by
+    return np.stack([columns(by[s], backends)[0] for s in wanted], -1), by
+
+
 def knn_estimates(store: Datastore, X: npt.NDArray[np.float32], backends: Sequence[str],
                   fallback_cost: npt.NDArray[np.floating[Any]], *, scales: Sequence[Sequence[float]] | None = None
                   ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
@@ -94,25 +107,22 @@ def knn_estimates(store: Datastore, X: npt.NDArray[np.float32], backends: Sequen
     neighbourhood, or (n, B, S) at each of ``scales`` ([k, temperature]: the capability encoder's
     input); cost (n, B) at the store's own, ``fallback_cost`` ((n, B) or (B,)) where no neighbour
     recorded one (float32, as the offline metrics have always taken it)."""
-    wanted = [(float(k), float(t)) for k, t in scales] if scales else []
-    by = search(store, X, wanted)
-    quality, cost, _ = columns(by[OWN], backends)
-    if wanted:
-        quality = np.stack([columns(by[s], backends)[0] for s in wanted], -1)
-    return quality, _priced(cost, fallback_cost).astype(np.float32)
+    quality, by = _search_quality(store, X, backends, scales)
+    return quality, _priced(columns(by[OWN], backends)[1], fallback_cost).astype(np.float32)
 
 
 def knn_quality(store: Datastore, X: npt.NDArray[np.float32], backends: Sequence[str],
                 scales: Sequence[Sequence[float]] | None = None) -> npt.NDArray[np.float32]:
     """``knn_estimates``' quality alone: (n, B), or (n, B, S) at ``scales``."""
-    return knn_estimates(store, X, backends, np.zeros(len(backends)), scales=scales)[0]
+    return _search_quality(store, X, backends, scales)[0]
 
 
-def knn_store(X: npt.NDArray[np.float32], records: Sequence[Any], *, k: int, prior_strength: float,
-              temperature: float) -> Datastore:
-    """An in-memory kNN datastore over X (n, d) and their outcome records (no state folder):
-    the stores training, evaluation and onboarding's fit build from data."""
-    return FaissKnnDatastore.from_records(X, records, k=k, prior_strength=prior_strength, temperature=temperature)
+def knn_store(X: npt.NDArray[np.float32], records: Sequence[Any], cfg: DatastoreConfig) -> Datastore:
+    """An in-memory kNN datastore over X (n, d) and their outcome records (no state folder), with
+    the configured k, prior and temperature: the stores training, evaluation and onboarding's fit
+    build from data."""
+    return FaissKnnDatastore.from_records(X, records, k=cfg.k, prior_strength=cfg.prior_strength,
+                                          temperature=cfg.temperature)
 
 
 class Capability:

@@ -39,8 +39,9 @@ def test_bundled_artifact_is_built_from_the_bundled_outcomes(encoder):
 
 @pytest.mark.slow
 def test_rebuilding_gives_an_equivalent_router(tmp_path):
-    from router.offline.training import blend_predictor, knn_store, train_command
+    from router.offline.training import blend_predictor, train_command
     from router.prediction import artifact as art
+    from router.prediction.predictor import knn_store
 
     cfg = load_config(None)
     train_command(cfg, str(builtin_data("aptitude_outcomes.jsonl")), str(tmp_path / "r"), seed=0, test_share=0.0,

@@ -8,6 +8,7 @@ import pytest
 from datastore.base import Estimate
 from datastore.records import OutcomeRecord
 from encoders.capability import CapabilityConfig, build_model
+from router.core.config import DatastoreConfig
 from router.prediction.predictor import OWN, Capability, Predictor, columns, knn_estimates, knn_quality, knn_store
 
 
@@ -23,7 +24,7 @@ def _store(dim: int = 8, n: int = 40, seed: int = 0):
     X = _unit(centres[np.arange(n) % 2] + 0.1 * rng.normal(size=(n, dim)))
     recs = [OutcomeRecord(id=str(i), prompt="", scores={"a": float(i % 2 == 0), "b": float(i % 2 == 1)},
                           cost={"b": 2.0 + i % 2}) for i in range(n)]
-    return knn_store(X, recs, k=8, prior_strength=2.0, temperature=0.05), X, centres
+    return knn_store(X, recs, DatastoreConfig(k=8, prior_strength=2.0, temperature=0.05)), X, centres
 
 
 def test_columns_follow_the_callers_order_and_fill_an_unseen_backend_with_the_row_mean():
