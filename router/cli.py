@@ -78,10 +78,15 @@ def _read_messages(path: str | None) -> list[tuple[str, str]] | None:
         return None
     raw = sys.stdin.read() if path == "-" else Path(path).read_text()
     try:
-        return [(m["role"], m["content"]) for m in json.loads(raw)]
+        return _pairs(json.loads(raw))
     except (ValueError, KeyError, TypeError) as e:
         raise InvalidArgument(f"--messages {path}: not a JSON list of {{role, content}} ({type(e).__name__}: {e})") \
             from None
+
+
+def _pairs(messages: Any) -> list[tuple[str, str]]:
+    """A JSON list of {role, content} as (role, content) pairs (KeyError / TypeError when not)."""
+    return [(m["role"], m["content"]) for m in messages]
 
 
 def _knob_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -150,7 +155,7 @@ def _batch_items(path: str) -> list[str | list[tuple[str, str]]]:
             continue
         try:
             row = json.loads(line)
-            items.append([(m["role"], m["content"]) for m in row["messages"]] if "messages" in row else row["prompt"])
+            items.append(_pairs(row["messages"]) if "messages" in row else row["prompt"])
         except (ValueError, KeyError, TypeError) as e:
             raise InvalidArgument(f"{path}: line {n}: not a prompt or a messages list ({type(e).__name__}: {e})") from None
     return items
