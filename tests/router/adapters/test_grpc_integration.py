@@ -1,6 +1,8 @@
 """The real path over a real socket: MiniLM, FAISS and SmolLM2 (dense and pruned)."""
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -273,12 +275,17 @@ def test_a_port_in_use_is_one_clear_start_up_error():
     from router.core.errors import ConfigError
     from router.serving.app import App
 
+    async def bind_taken_port(port: int) -> None:
+        # grpc.aio servers belong to a running loop, as in serve(); outside one the test would
+        # depend on whether an earlier test left a default loop behind.
+        GrpcServer(app, "127.0.0.1", port)
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         app = App(AppConfig())
         try:
             with pytest.raises(ConfigError, match=r"cannot listen on 127\.0\.0\.1:\d+ .*choose another --port"):
-                GrpcServer(app, "127.0.0.1", s.getsockname()[1])
+                asyncio.run(bind_taken_port(s.getsockname()[1]))
         finally:
             app.compute.shutdown()
