@@ -11,6 +11,7 @@ import asyncio
 import functools
 import inspect
 import logging
+import math
 import signal
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
@@ -38,7 +39,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 async def _abort(context: grpc.aio.ServicerContext, e: Exception, rpc: str) -> None:
     code, message = guard.failure(e, rpc)
-    await context.abort(getattr(grpc.StatusCode, GRPC_STATUS[code]), message)
+    wait = guard.retry_after_s(e)
+    trailers = () if wait is None else (("retry-after-ms", str(math.ceil(wait * 1e3))),)
+    await context.abort(getattr(grpc.StatusCode, GRPC_STATUS[code]), message, trailing_metadata=trailers)
 
 
 def guarded(fn: F) -> F:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from router.core.errors import CaprouterError, ErrorCode, Unavailable
+from router.core.errors import CaprouterError, ErrorCode, Overloaded, Unavailable
 from router.serving.app import App
 from router.serving.service import RouterService
 
@@ -32,3 +32,8 @@ def failure(e: Exception, where: str) -> tuple[ErrorCode, str]:
         return e.code, str(e)
     log.exception("%s failed", where)
     return ErrorCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
+
+
+def retry_after_s(e: Exception) -> float | None:
+    """Seconds a refused caller should wait before retrying (overload only)."""
+    return e.retry_after_s if isinstance(e, Overloaded) else None

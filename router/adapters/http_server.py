@@ -19,6 +19,7 @@ import asyncio
 import functools
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -49,7 +50,11 @@ def _guard(fn: Handler) -> Handler:
         except Exception as e:
             code, message = guard.failure(e, fn.__name__)
             if isinstance(e, CaprouterError):
-                return oa.error_for(code, message)
+                resp = oa.error_for(code, message)
+                wait = guard.retry_after_s(e)
+                if wait is not None:
+                    resp.headers["Retry-After"] = str(max(1, math.ceil(wait)))   # whole seconds (RFC 9110)
+                return resp
             return oa.error_response(500, message, "server_error")     # no error code of ours to name
     return wrapper
 

@@ -17,6 +17,7 @@ FailedPrecondition     FAILED_PRECOND. (409)  request valid but not servable in 
 Unavailable            UNAVAILABLE (503)       not ready yet, or every backend failed
 BackendError           UNAVAILABLE (503)       a backend failed while generating
 DeadlineExceeded       DEADLINE_EXCEEDED (504) the caller's deadline passed
+Overloaded             RESOURCE_EXHAUSTED (429) a queue is full: retry after ``retry_after_s``
 ConfigError            (not on the wire)       invalid configuration at start-up
 ArtifactError          (not on the wire)       a stored artifact is missing or inconsistent
 =====================  ======================  ===========================================
@@ -32,6 +33,7 @@ class ErrorCode(str, enum.Enum):
     FAILED_PRECONDITION = "FAILED_PRECONDITION"
     UNAVAILABLE = "UNAVAILABLE"
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     INTERNAL = "INTERNAL"
 
 
@@ -78,6 +80,20 @@ class DeadlineExceeded(CaprouterError):
     code = ErrorCode.DEADLINE_EXCEEDED
 
 
+class Overloaded(CaprouterError):
+    """A bounded queue is full: the request is refused at once instead of waiting without bound.
+
+    ``retry_after_s`` is the queue's expected wait, the earliest a retry is likely to be admitted;
+    HTTP sends it as ``Retry-After`` and gRPC as the ``retry-after-ms`` trailer.
+    """
+
+    code = ErrorCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = max(0.0, float(retry_after_s))
+
+
 class ConfigError(CaprouterError):
     """Invalid configuration; raised at start-up, never on a request."""
 
@@ -93,6 +109,7 @@ GRPC_STATUS: dict[ErrorCode, str] = {
     ErrorCode.FAILED_PRECONDITION: "FAILED_PRECONDITION",
     ErrorCode.UNAVAILABLE: "UNAVAILABLE",
     ErrorCode.DEADLINE_EXCEEDED: "DEADLINE_EXCEEDED",
+    ErrorCode.RESOURCE_EXHAUSTED: "RESOURCE_EXHAUSTED",
     ErrorCode.INTERNAL: "INTERNAL",
 }
 
@@ -106,6 +123,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.FAILED_PRECONDITION: 409,
     ErrorCode.UNAVAILABLE: 503,
     ErrorCode.DEADLINE_EXCEEDED: 504,
+    ErrorCode.RESOURCE_EXHAUSTED: 429,
     ErrorCode.INTERNAL: 500,
 }
 
@@ -116,5 +134,6 @@ OPENAI_ERROR_TYPE: dict[ErrorCode, str] = {
     ErrorCode.FAILED_PRECONDITION: "invalid_request_error",
     ErrorCode.UNAVAILABLE: "server_error",
     ErrorCode.DEADLINE_EXCEEDED: "timeout_error",
+    ErrorCode.RESOURCE_EXHAUSTED: "rate_limit_error",
     ErrorCode.INTERNAL: "server_error",
 }
