@@ -11,7 +11,7 @@ import pytest
 from router.adapters import guard
 from router.adapters.grpc_server import guarded
 from router.core.config import AppConfig
-from router.core.errors import ErrorCode, NoEligibleBackend, Unavailable
+from router.core.errors import ErrorCode, NoEligibleBackend, Overloaded, Unavailable
 from router.serving.app import App
 
 
@@ -20,9 +20,11 @@ class Context:
 
     def __init__(self) -> None:
         self.aborted: tuple[grpc.StatusCode, str] | None = None
+        self.trailers: tuple[tuple[str, str], ...] = ()
 
-    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+    async def abort(self, code: grpc.StatusCode, details: str, trailing_metadata: tuple = ()) -> None:
         self.aborted = (code, details)
+        self.trailers = tuple(trailing_metadata)
         raise grpc.aio.AbortError()
 
 
@@ -61,6 +63,13 @@ def test_unary_errors_become_their_status_and_anything_else_is_internal(caplog):
     with caplog.at_level(logging.ERROR):
         code, details = _unary(KeyError("boom")).aborted
     assert code == grpc.StatusCode.INTERNAL and "KeyError" in details and "Unary failed" in caplog.text
+
+
+def test_overload_is_resource_exhausted_with_a_retry_hint():
+    ctx = _unary(Overloaded("queue full", retry_after_s=0.2501))
+    assert ctx.aborted == (grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")
+    assert ctx.trailers == (("retry-after-ms", "251"),)
+    assert _unary(NoEligibleBackend("x")).trailers == ()
 
 
 def test_cancellation_passes_through_untouched():
