@@ -12,6 +12,15 @@ from router.core.costs import CostModel
 from router.core.registry import Registry
 
 
+@dataclass(frozen=True)
+class QueueStats:
+    running: int                # requests decoding or prefilling
+    waiting: int                # queued, not started
+    max_batch: int
+    max_queue: int
+    expected_wait_s: float      # how long a request arriving now would wait before it starts
+
+
 class Status(str, enum.Enum):
     LOADING = "loading"
     READY = "ready"
@@ -38,6 +47,9 @@ class GenerationRequest:
     ignore_eos: bool = False
     # The prompt's unit-norm embedding (d,) when the router has it (backends that gate on it).
     embedding: Any = None
+    # time.monotonic() after which the caller no longer wants an answer: a queued request whose
+    # deadline passed never starts, a running one stops (None: no deadline).
+    deadline: float | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
@@ -83,6 +95,10 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncGenerator[TextChunk | Finished]: ...
+
+    def queue_stats(self) -> QueueStats | None:
+        """The backend's own queue (local models), or None when it keeps none (remote APIs)."""
+        return None
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         pass

@@ -28,7 +28,7 @@ import os
 import shutil
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ import numpy.typing as npt
 import torch
 from pydantic import Field, model_validator
 
-from backends.base import BACKENDS
+from backends.base import BACKENDS, GenerationRequest
 from backends.calibration import calibration_pool, split_pool
 from backends.pruning import run_calibration
 from backends.transformers_backend import TransformersBackend, TransformersOptions
@@ -383,15 +383,18 @@ class MoEBackend(TransformersBackend):
         for m, triple in zip(self.mlps, w):
             m.active = triple
 
-    def _request_setup(self, req) -> Any:
+    def prepare(self, req: GenerationRequest) -> tuple[Hashable, Callable[[], None] | None]:
+        """Requests with the same expert set share a batch (one install of compact weights per
+        forward); requests with other sets form batches of their own, decoded in turn."""
         emb = req.embedding
         if emb is None:
             emb = self.encoder.encode([prompt_text(None, req.messages)])[0]
         emb = np.asarray(emb, dtype=np.float32).reshape(1, -1)
         if self.gate is None or emb.shape[1] != self.gate.w.shape[0] - 1:
             raise BackendError(self.name, f"prompt embedding of dim {emb.shape[1]} does not fit the pre-gate")
-        w = self.weights(self.expert_sets(emb)[0])
-        return lambda: self.install(w)
+        s = self.expert_sets(emb)[0]
+        w = self.weights(s)
+        return s, lambda: self.install(w)
 
     def active_parameters(self) -> int:
         if self.model is None:

@@ -1,26 +1,26 @@
 """A local causal LM served in-process with transformers, streaming token by token.
 
-The decode loop is our own (prefill, then one token at a time over the KV cache) rather than
-``generate`` with a streamer: it gives exact token counts, stop strings, cancellation between
-any two tokens, and less per-token overhead on a small model, where overhead is a large share.
-Generation runs in a worker thread (torch releases the GIL); tokens cross to the event loop
-through a queue.
+Decoding is continuous-batched by ``backends.batching.DecodeScheduler`` (why not ``generate``
+or transformers' own manager: see there): exact token counts, stop strings, per-request seeds,
+cancellation between any two tokens; requests join and leave the running batch between steps.
+This class supplies the model operations (tokenize, forward, pick, decode); tokens cross to the
+event loop through a queue.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
-import threading
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
-from backends.base import BACKENDS, Backend, Finished, FinishReason, GenerationRequest, Status, TextChunk
+from backends.base import BACKENDS, Backend, Finished, GenerationRequest, QueueStats, Status, TextChunk
+from backends.batching import DecodeScheduler, seeded_generator
 from backends.weights import CausalLM, resolve_weights
 from router.core.compute import Inline
 from router.core.config import BackendConfig
@@ -46,12 +46,15 @@ class TransformersOptions(BaseModel):
     prune: PruneOptions | None = None
     device: str = "cpu"
     dtype: str = "float32"
-    max_concurrency: int = Field(1, ge=1)
+    # Requests decoding together (continuous batching); more wait in a queue of max_queue, and
+    # beyond that a request is refused at once (RESOURCE_EXHAUSTED). Sizing: docs/serving.md.
+    max_batch: int = Field(16, ge=1, le=1024, validation_alias=AliasChoices("max_batch", "max_concurrency"))
+    max_queue: int = Field(32, ge=0, le=100_000)
+    # Prompt tokens prefilled per scheduler iteration: a long newcomer's prompt is fed in chunks
+    # of this many tokens between decode steps of the running batch.
+    prefill_chunk: int = Field(256, ge=16, le=32_768)
     # Prompt tokens kept (the most recent); SmolLM2 was trained at 8k, CPU latency argues shorter.
     max_prompt_tokens: int = Field(2048, ge=16)
-
-
-_DONE = object()
 
 
 @BACKENDS.register("transformers")
@@ -75,11 +78,11 @@ class TransformersBackend(Backend):
         self.model: Any = None
         self.tokenizer: Any = None
         self.weights_dir: Path | None = None
-        self._pool = ThreadPoolExecutor(max_workers=self.opts.max_concurrency, thread_name_prefix=f"gen-{self.name}")
-        self._slots = threading.BoundedSemaphore(self.opts.max_concurrency)
-        # Every torch call goes through here (see router/core/compute.py); the pool threads only
-        # orchestrate a generation, one decode step at a time.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"load-{self.name}")
+        # Every torch call goes through here (see router/core/compute.py); the scheduler's driver
+        # thread only orchestrates, one forward at a time.
         self._compute = compute or Inline()
+        self._scheduler: DecodeScheduler | None = None
         # Test hook: a callable run before each decode step (lets tests inject faults on the real path).
         self.step_hook: Callable[[int], None] | None = None
 
@@ -87,6 +90,8 @@ class TransformersBackend(Backend):
     async def load(self) -> None:
         try:
             await asyncio.get_running_loop().run_in_executor(self._pool, self._compute.run, self._load_sync)
+            assert self._scheduler is not None
+            self._scheduler.start(service_s=self._warm_s)
             self._status = (Status.READY, f"{self.active_parameters() / 1e6:.1f}M active parameters on {self.opts.device}")
         except Exception as e:  # a backend that cannot load is reported, not fatal to the server
             log.exception("backend %s failed to load", self.name)
@@ -118,19 +123,22 @@ class TransformersBackend(Backend):
             tid = self.tokenizer.convert_tokens_to_ids(t)
             if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
                 eos.add(tid)
-        self._eos = {int(t) for t in eos if t is not None}
+        self.eos = {int(t) for t in eos if t is not None}
         self._cost = CostModel.from_config(self._cost_cfg, self._cost_unit, active_parameters=self.active_parameters())
-        # Warm-up: the first forward pays one-off allocation and kernel selection costs that
-        # would otherwise land on the first request.
-        self.generate_sync(GenerationRequest(messages=[("user", "Hi")], max_tokens=2), lambda _t: None)
+        o = self.opts
+        self._scheduler = DecodeScheduler(self.name, self, self._compute, max_batch=o.max_batch,
+                                          max_queue=o.max_queue, prefill_chunk=o.prefill_chunk)
+        # Warm-up: the first forwards pay one-off allocation and kernel selection costs that
+        # would otherwise land on the first requests; two prompts of unequal length take the
+        # padded path too. Their time seeds the queue's expected wait.
+        t = time.monotonic()
+        self._scheduler.run_until_idle([GenerationRequest(messages=[("user", "Hi")], max_tokens=4, ignore_eos=True),
+                                        GenerationRequest(messages=[("user", "Say hello to the world.")], max_tokens=4,
+                                                          ignore_eos=True)])
+        self._warm_s = (time.monotonic() - t) * 16    # ~64 tokens at the warm-up's rate
 
     def _prepare_model(self, base: Path) -> None:
         """Hook for kinds that reshape the loaded model (the MoE split)."""
-
-    def _request_setup(self, req: GenerationRequest) -> Callable[[], None] | None:
-        """Hook: per request, something to run on the compute thread before each of its forwards
-        (the MoE kind installs the request's expert weights)."""
-        return None
 
     def active_parameters(self) -> int:
         """Parameters used in matmuls per token: every weight but the input embedding table, plus
@@ -154,24 +162,63 @@ class TransformersBackend(Backend):
         return self._cost
 
     async def close(self) -> None:
+        if self._scheduler is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._scheduler.close)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    # ---- generation -----------------------------------------------------------------------
-    def prompt_ids(self, messages) -> Any:
+    # ---- generation: the model operations the scheduler calls (backends/batching.py) --------------
+    def tokenize(self, messages: Any) -> list[int]:
+        return [int(t) for t in self.prompt_ids(messages)[0].tolist()]
+
+    def prompt_ids(self, messages: Any) -> Any:
         ids = self.tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages],
                                                  add_generation_prompt=True, return_tensors="pt",
                                                  return_dict=True)["input_ids"]
         if ids.shape[1] > self.opts.max_prompt_tokens:
             ids = ids[:, -self.opts.max_prompt_tokens:]
-        return ids.to(self.opts.device)
+        return ids
 
-    def _pick(self, logits: Any, temperature: float, gen: Any) -> int:
+    def prepare(self, req: GenerationRequest) -> tuple[Hashable, Callable[[], None] | None]:
+        """(batch key, setup): requests with equal keys decode in one batch; setup runs on the
+        compute thread before each forward of that batch (the MoE kind installs expert weights)."""
+        return None, None
+
+    def generator(self, req: GenerationRequest) -> Any:
+        return seeded_generator(req, self.opts.device)
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def forward(self, ids: Any, mask: Any, cache: Any, setup: Callable[[], None] | None) -> tuple[Any, Any]:
+        """ids (B, S) new tokens, mask (B, T + S) over cached and new tokens (0: left padding),
+        cache of T columns or None -> (logits (B, V) at each row's last position, cache)."""
         import torch
 
-        if gen is None:
-            return int(torch.argmax(logits))
-        probs = torch.softmax(logits.float() / temperature, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=gen))
+        if setup is not None:
+            setup()
+        dev = self.opts.device
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]   # each row counts its own tokens
+        kw = self._cache_kw()
+        extra = {} if cache is None else {kw: cache}
+        with torch.inference_mode():
+            # No mask when nothing is padded: the model then skips building one (batch 1 stays as fast).
+            out = self.model(input_ids=ids.to(dev), attention_mask=None if bool(mask.all()) else mask.to(dev),
+                             position_ids=pos.to(dev), use_cache=True, logits_to_keep=1, **extra)
+        return out.logits[:, -1, :], getattr(out, kw)
+
+    def pick(self, logits: Any, rows: Sequence[Any]) -> list[int]:
+        """Each row's next token: argmax when greedy, else a draw from its own generator."""
+        import torch
+
+        greedy = logits.argmax(dim=-1).tolist()
+        out = []
+        for i, r in enumerate(rows):
+            if r.gen is None:
+                out.append(int(greedy[i]))
+            else:
+                probs = torch.softmax(logits[i].float() / r.req.temperature, dim=-1)
+                out.append(int(torch.multinomial(probs, 1, generator=r.gen)))
+        return out
 
     def _cache_kw(self) -> str:
         # transformers renamed past_key_values to cache (5.2x; the old name goes in 5.40).
@@ -182,111 +229,27 @@ class TransformersBackend(Backend):
                 else "past_key_values"
         return self._cache_name
 
-    def _prefill(self, ids: Any, temperature: float, gen: Any, setup: Callable[[], None] | None = None
-                 ) -> tuple[Any, int]:
-        import torch
-
-        if setup is not None:
-            setup()
-        with torch.inference_mode():
-            out = self.model(input_ids=ids, use_cache=True)
-            return getattr(out, self._cache_kw()), self._pick(out.logits[0, -1], temperature, gen)
-
-    def _step(self, token: int, past: Any, temperature: float, gen: Any, setup: Callable[[], None] | None = None
-              ) -> tuple[Any, int]:
-        import torch
-
-        if setup is not None:
-            setup()
-        kw = self._cache_kw()
-        with torch.inference_mode():
-            out = self.model(input_ids=torch.tensor([[token]], device=self.opts.device), use_cache=True, **{kw: past})
-            return getattr(out, kw), self._pick(out.logits[0, -1], temperature, gen)
-
-    def generate_sync(self, req: GenerationRequest, emit: Callable[[Any], None]) -> Finished:
-        """Decode on the calling thread's behalf, one compute-thread call per token;
-        ``emit(text)`` for each new piece of text."""
-        import torch
-
-        if self.model is None:
-            raise BackendError(self.name, f"not loaded ({self._status[1]})")
-        ids = self.prompt_ids(req.messages)
-        gen = None
-        if req.temperature > 0:
-            gen = torch.Generator(device=self.opts.device)
-            gen.manual_seed(req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "little"))
-        stops = [s for s in req.stop if s]
-        hold = max((len(s) for s in stops), default=1) - 1
-        out_ids: list[int] = []
-        sent = 0
-        reason = FinishReason.LENGTH
-        t_first = None
-        setup = self._request_setup(req)
-        past, nxt = self._compute.run(self._prefill, ids, req.temperature, gen, setup)
-        for step in range(req.max_tokens):
-            if req.cancel.is_set():
-                reason = FinishReason.CANCELLED
-                break
-            if self.step_hook is not None:
-                self.step_hook(step)
-            if nxt in self._eos and not req.ignore_eos:
-                reason = FinishReason.STOP
-                break
-            out_ids.append(nxt)
-            if t_first is None:
-                t_first = time.perf_counter()
-            text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
-            cut = min((i for i in (text.find(s, max(0, sent - len(s))) for s in stops) if i >= 0), default=-1)
-            if cut >= 0:
-                if cut > sent:
-                    emit(text[sent:cut])
-                reason = FinishReason.STOP_SEQUENCE
-                break
-            # Hold back a possible start of a stop string, and a half-decoded UTF-8 character.
-            safe = len(text) - hold
-            if text.endswith("\ufffd"):
-                safe = min(safe, len(text) - 1)
-            if safe > sent:
-                emit(text[sent:safe])
-                sent = safe
-            if step + 1 == req.max_tokens:
-                break
-            past, nxt = self._compute.run(self._step, nxt, past, req.temperature, gen, setup)
-        if reason != FinishReason.CANCELLED and out_ids:
-            text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
-            if reason != FinishReason.STOP_SEQUENCE and len(text) > sent:
-                emit(text[sent:])
-        decode_s = time.perf_counter() - t_first if t_first else 0.0
-        return Finished(reason, int(ids.shape[1]), len(out_ids), decode_s)
+    def queue_stats(self) -> QueueStats | None:
+        return None if self._scheduler is None else self._scheduler.stats()
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[TextChunk | Finished]:
+        if self._scheduler is None or self.model is None:
+            raise BackendError(self.name, f"not loaded ({self._status[1]})")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
         def put(item: Any) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        def run() -> None:
-            with self._slots:
-                try:
-                    put(self.generate_sync(request, lambda t: put(TextChunk(t))))
-                except BackendError as e:
-                    put(e)
-                except Exception as e:  # surfaced to the caller as a backend failure
-                    log.exception("backend %s failed during generation", self.name)
-                    put(BackendError(self.name, f"{type(e).__name__}: {e}"))
-                finally:
-                    put(_DONE)
-
-        loop.run_in_executor(self._pool, run)
+        self._scheduler.submit(request, put)     # Overloaded at once when the queue is full
         try:
             while True:
                 item = await queue.get()
-                if item is _DONE:
-                    break
                 if isinstance(item, BaseException):
                     raise item
                 yield item
+                if isinstance(item, Finished):
+                    break
         finally:
-            # Caller gone (deadline, disconnect) or done: stop the decode loop between two tokens.
+            # Caller gone (deadline, disconnect) or done: the row leaves the batch at the next step.
             request.cancel.set()

@@ -1,0 +1,242 @@
+"""Continuous batching (backends/batching.py) on a tiny random Llama through the real
+TransformersBackend model operations: what a request gets does not depend on who it shares the
+batch with. The real SmolLM2 path is in test_transformers_backend.py and the gRPC tests."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from backends.base import Finished, FinishReason, GenerationRequest, TextChunk
+from backends.batching import DecodeScheduler
+from backends.transformers_backend import TransformersBackend
+from router.core.config import BackendConfig
+from router.core.errors import BackendError, DeadlineExceeded, Overloaded
+
+
+class CharTokenizer:
+    """Token i is the letter chr(97 + i % 26): enough for stop strings and streaming."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+def _prompt_ids(messages) -> list[int]:
+    # A deterministic prompt of the content's length (so prompts of unequal length pad).
+    text = " ".join(c for _, c in messages)
+    return [(ord(ch) * 7 + i) % 128 for i, ch in enumerate(text)]
+
+
+@pytest.fixture
+def ops(tiny):
+    b = TransformersBackend(BackendConfig(name="tiny", kind="transformers"), cost_unit="GFLOP", models_dir=".")
+    b.model, b.tokenizer, b.eos = tiny, CharTokenizer(), set()
+    b.tokenize = _prompt_ids
+    return b
+
+
+def _sched(ops, max_batch=8, max_queue=64, prefill_chunk=256) -> DecodeScheduler:
+    return DecodeScheduler("tiny", ops, ops._compute, max_batch=max_batch, max_queue=max_queue,
+                           prefill_chunk=prefill_chunk)
+
+
+def _req(content: str, n: int = 12, **kw) -> GenerationRequest:
+    return GenerationRequest(messages=[("user", content)], max_tokens=n, **kw)
+
+
+PROMPTS = ["hi", "a longer prompt here", "mid size one", "x" * 40, "what is seven and five", "q"]
+
+
+def test_batched_greedy_text_equals_each_request_alone(ops):
+    alone = [_sched(ops, max_batch=1).run_until_idle([_req(p)])[0] for p in PROMPTS]
+    together = _sched(ops).run_until_idle([_req(p) for p in PROMPTS])
+    assert [t for t, _ in together] == [t for t, _ in alone]
+    assert all(f.completion_tokens == 12 and f.reason == FinishReason.LENGTH for _, f in together)
+
+
+def test_requests_that_join_a_running_batch_mid_stream_get_the_same_text(ops):
+    alone = [_sched(ops, max_batch=1).run_until_idle([_req(p, 10)])[0][0] for p in PROMPTS]
+    s = _sched(ops)
+    got: dict[int, list[str]] = {i: [] for i in range(len(PROMPTS))}
+
+    def emit(i):
+        return lambda ev: got[i].append(ev.text) if isinstance(ev, TextChunk) else None
+    s.submit(_req(PROMPTS[0], 10), emit(0))
+    s.submit(_req(PROMPTS[1], 10), emit(1))
+    for step in range(40):
+        if 2 + step // 3 < len(PROMPTS) and step % 3 == 2:       # one newcomer every third step
+            i = 2 + step // 3
+            s.submit(_req(PROMPTS[i], 10), emit(i))
+        s.iterate()
+    assert ["".join(got[i]) for i in range(len(PROMPTS))] == alone
+
+
+def test_batched_logits_match_the_unbatched_ones_within_float_tolerance(ops):
+    """Where a near-tie could flip greedy text, the scores themselves agree: padded rows and their
+    own positions compute what each prompt computes alone."""
+    rows = [_prompt_ids([("user", p)]) for p in PROMPTS]
+    width = max(map(len, rows))
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
+    batched, cache = ops.forward(ids, mask, None, None)
+    nxt = batched.argmax(-1, keepdim=True)
+    step, _ = ops.forward(nxt, torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], 1), cache, None)
+    for i, r in enumerate(rows):
+        one, c1 = ops.forward(torch.tensor([r]), torch.ones((1, len(r)), dtype=torch.long), None, None)
+        torch.testing.assert_close(batched[i], one[0], atol=1e-5, rtol=1e-4)
+        two, _ = ops.forward(nxt[i:i + 1], torch.ones((1, len(r) + 1), dtype=torch.long), c1, None)
+        torch.testing.assert_close(step[i], two[0], atol=1e-5, rtol=1e-4)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_with_the_same_result(ops):
+    long = "the quick brown fox jumps over the lazy dog " * 2
+    whole = _sched(ops, prefill_chunk=1024).run_until_idle([_req(long)])
+    forwards: list[int] = []
+    s = _sched(ops, prefill_chunk=16)
+    real = ops.forward
+
+    def counting(ids, *a):
+        forwards.append(ids.shape[1])
+        return real(ids, *a)
+    ops.forward = counting
+    assert s.run_until_idle([_req(long)])[0][0] == whole[0][0]
+    assert forwards[:6] == [16] * 5 + [len(_prompt_ids([("user", long)])) - 80]
+
+
+def test_a_newcomer_prefill_does_not_stall_the_running_batch(ops):
+    """Each iteration decodes the running batch once, whatever long prompt is being prefilled."""
+    s = _sched(ops, prefill_chunk=16)
+    tokens: list[int] = []
+    s.submit(_req("hi", 30), lambda ev: tokens.append(1) if isinstance(ev, TextChunk) else None)
+    s.iterate()
+    s.submit(_req("z" * 100, 4), lambda ev: None)
+    before = len(tokens)
+    for _ in range(5):                 # the 100-token prompt needs 7 chunks
+        s.iterate()
+    assert len(tokens) - before == 5
+
+
+def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(ops):
+    kw = dict(temperature=1.0, seed=11)
+    alone = _sched(ops).run_until_idle([_req("sample me", **kw)])[0]
+    mixed = _sched(ops).run_until_idle([_req("other", temperature=0.7, seed=3), _req("sample me", **kw),
+                                        _req("greedy one")])
+    assert mixed[1][0] == alone[0]
+
+
+def test_stop_string_max_tokens_and_cancel(ops):
+    text, fin = _sched(ops).run_until_idle([_req("hi", 30)])[0]
+    stop = text[5:7]
+    got, fin2 = _sched(ops).run_until_idle([_req("hi", 30, stop=[stop])])[0]
+    assert fin2.reason == FinishReason.STOP_SEQUENCE and stop not in got and text.startswith(got)
+    req = _req("hi", 30)
+    req.cancel.set()
+    assert _sched(ops).run_until_idle([req])[0][1].reason == FinishReason.CANCELLED
+
+
+def test_a_finished_or_cancelled_request_frees_its_slot_at_once(ops):
+    s = _sched(ops, max_batch=1)
+    first, second = _req("one", 50), _req("two", 3)
+    done: list[Finished] = []
+    s.submit(first, lambda ev: done.append(ev) if isinstance(ev, Finished) else None)
+    s.submit(second, lambda ev: done.append(ev) if isinstance(ev, Finished) else None)
+    s.iterate()
+    assert s.stats().running == 1 and s.stats().waiting == 1
+    first.cancel.set()
+    s.iterate()                        # the cancelled row leaves...
+    s.iterate()                        # ...and the waiting one starts on the next iteration
+    assert done[0].reason == FinishReason.CANCELLED and s.stats().running == 1 and s.stats().waiting == 0
+
+
+def test_a_full_queue_refuses_at_once_with_the_expected_wait(ops):
+    s = _sched(ops, max_batch=2, max_queue=2)
+    for _ in range(2):
+        s.submit(_req("x"), lambda ev: None)
+    s.iterate()                         # those two run; the next two wait
+    for _ in range(2):
+        s.submit(_req("x"), lambda ev: None)
+    t = time.perf_counter()
+    with pytest.raises(Overloaded, match="saturated") as e:
+        s.submit(_req("x"), lambda ev: None)
+    assert time.perf_counter() - t < 0.05 and e.value.retry_after_s > 0
+    st = s.stats()
+    assert (st.running, st.waiting, st.max_queue, st.max_batch) == (2, 2, 2, 2) and st.expected_wait_s > 0
+
+
+def test_a_request_whose_deadline_passes_while_queued_never_starts(ops):
+    s = _sched(ops, max_batch=1)
+    started: list[int] = []
+    ops.step_hook = started.append
+    events: list[object] = []
+    s.submit(_req("runs", 5), lambda ev: None)
+    s.submit(_req("late", 5, deadline=time.monotonic() + 0.01), events.append)
+    time.sleep(0.02)
+    while s._waiting or s._prefilling or s._batches:
+        s.iterate()
+    assert len(events) == 1 and isinstance(events[0], DeadlineExceeded) and "not started" in str(events[0])
+    assert started == list(range(5))           # only the first request ever decoded
+
+
+def test_a_failing_row_fails_alone_and_a_failing_forward_fails_its_batch(ops):
+    s = _sched(ops)
+    calls = {"n": 0}
+
+    def hook(step):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("row boom")
+    ops.step_hook = hook
+    out: dict[int, list[object]] = {0: [], 1: []}
+    s.submit(_req("a", 4), out[0].append)
+    s.submit(_req("b", 4), out[1].append)
+    while s._waiting or s._prefilling or s._batches:
+        s.iterate()
+    ends = [evs[-1] for evs in out.values()]
+    assert sum(isinstance(e, BackendError) and "row boom" in str(e) for e in ends) == 1
+    assert sum(isinstance(e, Finished) for e in ends) == 1
+    ops.step_hook = None
+
+    def broken(*a):
+        raise RuntimeError("forward boom")
+    ops.forward = broken
+    got: list[object] = []
+    s.submit(_req("c"), got.append)
+    s.submit(_req("d"), got.append)
+    s.iterate()
+    assert len(got) == 2 and all(isinstance(e, BackendError) and "forward boom" in str(e) for e in got)
+    assert not s._batches and not s._prefilling
+
+
+def test_requests_with_other_keys_decode_in_their_own_batch_with_their_own_setup(ops):
+    installed: list[str] = []
+
+    def prepare(req):
+        key = "even" if len(req.messages[0][1]) % 2 == 0 else "odd"
+        return key, (lambda: installed.append(key))
+    ops.prepare = prepare
+    s = _sched(ops)
+    res = s.run_until_idle([_req("ab", 3), _req("abc", 3), _req("abcd", 3)])
+    assert all(f.completion_tokens == 3 for _, f in res)
+    # Prefill: the two even prompts together, the odd one alone; then one forward per batch and step.
+    assert installed.count("even") == installed.count("odd") == 3
+
+
+def test_the_driver_thread_serves_and_close_fails_what_is_left(ops):
+    s = _sched(ops, max_batch=1)
+    s.start(service_s=0.1)
+    done = threading.Event()
+    events: list[object] = []
+
+    def emit(ev):
+        events.append(ev)
+        if isinstance(ev, (Finished, Exception)):
+            done.set()
+    s.submit(_req("served by the driver", 5), emit)
+    assert done.wait(10) and isinstance(events[-1], Finished) and events[-1].completion_tokens == 5
+    s.close()
+    with pytest.raises(BackendError, match="shutting down"):
+        s.submit(_req("too late"), emit)
