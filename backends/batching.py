@@ -152,7 +152,9 @@ class DecodeScheduler:
         err = BackendError(self.name, "shutting down")
         with self._cond:
             rows = list(self._waiting) + self._prefilling + [r for b in self._batches.values() for r in b.rows]
-            self._waiting.clear(), self._prefilling.clear(), self._batches.clear()
+            self._waiting.clear()
+            self._prefilling.clear()
+            self._batches.clear()
         for r in rows:
             _send(r, err)
 

@@ -83,6 +83,7 @@ class TransformersBackend(Backend):
         # thread only orchestrates, one forward at a time.
         self._compute = compute or Inline()
         self._scheduler: DecodeScheduler | None = None
+        self._warm_s = 1.0
         # Test hook: a callable run before each decode step (lets tests inject faults on the real path).
         self.step_hook: Callable[[int], None] | None = None
 
@@ -131,11 +132,11 @@ class TransformersBackend(Backend):
         # Warm-up: the first forwards pay one-off allocation and kernel selection costs that
         # would otherwise land on the first requests; two prompts of unequal length take the
         # padded path too. Their time seeds the queue's expected wait.
-        t = time.monotonic()
+        t_warm = time.monotonic()
         self._scheduler.run_until_idle([GenerationRequest(messages=[("user", "Hi")], max_tokens=4, ignore_eos=True),
                                         GenerationRequest(messages=[("user", "Say hello to the world.")], max_tokens=4,
                                                           ignore_eos=True)])
-        self._warm_s = (time.monotonic() - t) * 16    # ~64 tokens at the warm-up's rate
+        self._warm_s = (time.monotonic() - t_warm) * 16    # ~64 tokens at the warm-up's rate
 
     def _prepare_model(self, base: Path) -> None:
         """Hook for kinds that reshape the loaded model (the MoE split)."""

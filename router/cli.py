@@ -64,6 +64,7 @@ def _add_knobs(p: argparse.ArgumentParser, *, prompt: bool = True) -> None:
     p.add_argument("--budget", type=float, help="average cost per request to keep to over the recent traffic "
                                                 "(replaces --cost-weight)")
     p.add_argument("--budget-key", default="", help="which traffic the budget window is shared by")
+    p.add_argument("--max-queue-ms", type=float, help="skip a backend whose queue would hold the request longer")
     p.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
     p.add_argument("--json", action="store_true", help="print the response as JSON")
 
@@ -92,7 +93,7 @@ def _pairs(messages: Any) -> list[tuple[str, str]]:
 def _knob_args(args: argparse.Namespace) -> dict[str, Any]:
     return {"cost_weight": args.cost_weight, "min_quality": args.min_quality, "max_cost": args.max_cost,
             "allowed": args.allow, "denied": args.deny, "budget_per_request": args.budget,
-            "budget_key": args.budget_key}
+            "budget_key": args.budget_key, "max_queue_ms": args.max_queue_ms}
 
 
 def _query(args: argparse.Namespace) -> dict[str, Any]:

@@ -176,10 +176,10 @@ class Retry:
 
 def _knobs(cost_weight: float | None = None, min_quality: float | None = None, max_cost: float | None = None,
            allowed: Sequence[str] = (), denied: Sequence[str] = (), budget_per_request: float | None = None,
-           budget_key: str = "") -> pb.RoutingKnobs:
+           budget_key: str = "", max_queue_ms: float | None = None) -> pb.RoutingKnobs:
     k = pb.RoutingKnobs(allowed_backends=list(allowed), denied_backends=list(denied), budget_key=budget_key)
     for name, v in (("cost_weight", cost_weight), ("min_quality", min_quality), ("max_cost", max_cost),
-                    ("budget_per_request", budget_per_request)):
+                    ("budget_per_request", budget_per_request), ("max_queue_ms", max_queue_ms)):
         if v is not None:
             setattr(k, name, v)
     return k

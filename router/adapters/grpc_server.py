@@ -85,13 +85,13 @@ class RouterServicer(pb_grpc.RouterServicer):
     @guarded
     async def Route(self, request: pb.RouteRequest, context: grpc.aio.ServicerContext) -> pb.RouteResponse:
         svc = self._svc()
-        return convert.route_response(svc, await off_loop(svc.route, convert.query(request)))
+        return convert.route_response(svc, await svc.route_async(convert.query(request)))
 
     @guarded
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
         svc = self._svc()
-        stream = svc.generate(convert.query(request), convert.gen_params(request.params))
+        stream = svc.generate(convert.query(request), convert.gen_params(request.params, context.time_remaining()))
         try:
             async for ev in stream:
                 yield convert.generate_chunk(svc, ev)

@@ -99,7 +99,8 @@ def knobs(request: web.Request, body: dict[str, Any], known: set[str]) -> KnobsI
                       min_quality=_number(raw.get("min_quality"), "min_quality"),
                       max_cost=_number(raw.get("max_cost"), "max_cost"), allowed=allowed,
                       denied=_names(raw.get("denied_backends"), "denied_backends"),
-                      budget=_number(raw.get("budget_per_request"), "budget_per_request"), budget_key=key)
+                      budget=_number(raw.get("budget_per_request"), "budget_per_request"), budget_key=key,
+                      max_queue_ms=_number(raw.get("max_queue_ms"), "max_queue_ms"))
 
 
 def _content(c: Any) -> str:

@@ -49,7 +49,8 @@ def knobs(k: pb.RoutingKnobs) -> KnobsInput:
         min_quality=k.min_quality if k.HasField("min_quality") else None,
         max_cost=k.max_cost if k.HasField("max_cost") else None,
         allowed=tuple(k.allowed_backends), denied=tuple(k.denied_backends),
-        budget=k.budget_per_request if k.HasField("budget_per_request") else None, budget_key=k.budget_key)
+        budget=k.budget_per_request if k.HasField("budget_per_request") else None, budget_key=k.budget_key,
+        max_queue_ms=k.max_queue_ms if k.HasField("max_queue_ms") else None)
 
 
 def query(req: Any) -> Query:
@@ -61,10 +62,12 @@ def messages(req: Any) -> tuple[tuple[str, str], ...]:
     return tuple((m.role, m.content) for m in req.messages)
 
 
-def gen_params(p: pb.GenerationParams) -> GenParams:
+def gen_params(p: pb.GenerationParams, time_remaining: float | None = None) -> GenParams:
+    """``time_remaining``: seconds left of the caller's deadline (None: none set)."""
     return GenParams(max_tokens=p.max_tokens if p.HasField("max_tokens") else None,
                      temperature=p.temperature if p.HasField("temperature") else None,
-                     stop=tuple(p.stop), seed=p.seed if p.HasField("seed") else None)
+                     stop=tuple(p.stop), seed=p.seed if p.HasField("seed") else None,
+                     deadline=None if time_remaining is None else time.monotonic() + time_remaining)
 
 
 def _candidates(d: Decision) -> list[pb.Candidate]:
@@ -140,6 +143,9 @@ def backend_info(v: BackendView) -> pb.BackendInfo:
                       output_per_million_tokens=c.output_per_million_tokens, active_parameters=c.active_parameters,
                       expected_output_tokens=c.expected_output_tokens, summary=c.summary(),
                       price_per_gflop=c.price_per_gflop if c.kind == "compute" else 0.0)
+    q = v.queue
+    queue = None if q is None else pb.QueueInfo(running=q.running, waiting=q.waiting, max_batch=q.max_batch,
+                                                max_queue=q.max_queue, expected_wait_ms=q.expected_wait_s * 1e3)
     return pb.BackendInfo(name=v.name, kind=v.kind, cost_model=cm, status=STATUS[v.status], description=v.description,
                           status_detail=v.detail, prior_quality=0.0 if math.isnan(v.prior_quality) else v.prior_quality,
-                          outcomes=v.outcomes)
+                          outcomes=v.outcomes, queue=queue)

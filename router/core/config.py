@@ -94,6 +94,15 @@ class RoutingConfig(_Model):
     decision_cache_size: int = Field(100_000, ge=1)
     # Requests per budget_key over which a budget_per_request knob is kept on Route / Generate.
     budget_window: int = Field(200, ge=1, le=100_000)
+    # Default of the max_queue_ms knob: skip a backend whose queue would hold a request longer
+    # (None: never skip for queueing; a full queue still answers RESOURCE_EXHAUSTED).
+    max_queue_ms: float | None = Field(None, ge=0)
+    # Batched routing (router/serving/route_batching.py): how long the batcher waits for callers
+    # already on their way in, prompts per encoder call, and prompts allowed to wait before
+    # Route answers RESOURCE_EXHAUSTED.
+    batch_window_ms: float = Field(2.0, ge=0, le=1000)
+    batch_max_prompts: int = Field(64, ge=1, le=4096)
+    max_pending: int = Field(512, ge=1, le=1_000_000)
 
 
 class LimitsConfig(_Model):

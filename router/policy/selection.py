@@ -24,6 +24,7 @@ class Knobs:
     denied: frozenset[str] = frozenset()
     budget: float | None = None          # average cost per request; replaces cost_weight when set
     budget_key: str = ""
+    max_queue_ms: float | None = None    # skip a backend whose queue would hold the request longer
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class KnobsInput:
     denied: Sequence[str] = ()
     budget: float | None = None
     budget_key: str = ""
+    max_queue_ms: float | None = None
 
     def resolve(self, defaults: Knobs, known: Sequence[str]) -> Knobs:
         """Validate against the configured backends and fill defaults; errors say what to fix."""
@@ -69,7 +71,13 @@ class KnobsInput:
                 raise InvalidArgument(f"budget_per_request must be >= 0, got {self.budget}")
         if len(self.budget_key) > 256:
             raise InvalidArgument("budget_key is longer than 256 characters")
-        return Knobs(lam, mq, mc, frozenset(self.allowed), frozenset(self.denied), self.budget, self.budget_key)
+        mqm = defaults.max_queue_ms if self.max_queue_ms is None else self.max_queue_ms
+        if mqm is not None:
+            finite("max_queue_ms", mqm)
+            if mqm < 0:
+                raise InvalidArgument(f"max_queue_ms must be >= 0, got {mqm}")
+        return Knobs(lam, mq, mc, frozenset(self.allowed), frozenset(self.denied), self.budget, self.budget_key,
+                     mqm)
 
 
 @dataclass(frozen=True)

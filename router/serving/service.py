@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from backends.base import Backend, Finished, GenerationRequest, Status, TextChunk
+from backends.base import Backend, Finished, GenerationRequest, QueueStats, Status, TextChunk
 from backends.route_only import RouteOnlyBackend
 from datastore.base import Datastore
 from datastore.log import AppendLog
@@ -46,6 +46,7 @@ from router.policy.selection import Knobs, KnobsInput, Selection, promote, selec
 from router.prediction.onboarding import fit_capability
 from router.prediction.predictor import Capability, Prediction, Predictor
 from router.serving import registrations as reg
+from router.serving.route_batching import RouteBatcher, Routed
 from router.serving.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -61,11 +62,24 @@ class Query:
 
 
 @dataclass(frozen=True)
+class _Routing:
+    """A validated routing request, waiting for its batch's embedding and prediction."""
+
+    t0: float
+    msgs: tuple[Message, ...]
+    backends: Mapping[str, Backend]
+    knobs: Knobs
+    text: str
+    chars: int
+
+
+@dataclass(frozen=True)
 class GenParams:
     max_tokens: int | None = None
     temperature: float | None = None
     stop: Sequence[str] = ()
     seed: int | None = None
+    deadline: float | None = None      # time.monotonic() when the caller stops waiting
 
 
 @dataclass(frozen=True)
@@ -122,12 +136,17 @@ class BackendView:
     cost_model: CostModel
     prior_quality: float
     outcomes: int
+    queue: QueueStats | None = None
 
 
 @dataclass(frozen=True)
 class FeedbackResult:
     record_id: str
     backend: str
+
+
+def _rpc(dispatch: bool) -> str:
+    return "Generate" if dispatch else "Route"
 
 
 class RouterService:
@@ -140,7 +159,9 @@ class RouterService:
         self.predictor = Predictor(datastore, capability)
         self.backends = dict(backends)
         r = config.routing
-        self.defaults = Knobs(r.cost_weight, r.min_quality, r.max_cost)
+        self.defaults = Knobs(r.cost_weight, r.min_quality, r.max_cost, max_queue_ms=r.max_queue_ms)
+        self.batcher = RouteBatcher(self.encoder.encode, self.predict, window_s=r.batch_window_ms / 1e3,
+                                    max_prompts=r.batch_max_prompts, max_pending=r.max_pending)
         self._decisions: OrderedDict[str, Decision] = OrderedDict()
         self._dlock = threading.Lock()
         self.version = __version__
@@ -206,11 +227,43 @@ class RouterService:
         return self.predictor.predict(X, list(backends), fallback)
 
     def route(self, query: Query, *, dispatch: bool = False) -> Decision:
-        """Decide for one prompt. dispatch: the decision is for Generate, so route-only backends
-        (which caprouter cannot call) are not eligible."""
-        rpc = "Generate" if dispatch else "Route"
+        """Decide for one prompt (blocking). dispatch: the decision is for Generate, so route-only
+        backends (which caprouter cannot call) are not eligible."""
+        p = self._begin(query, dispatch)
         try:
-            d = self._route(query, dispatch)
+            routed = self.batcher.submit([p.text], [p.chars], p.backends, arrived=True).result()
+        except CaprouterError as e:
+            self.telemetry.request(_rpc(dispatch), "", e.code.value.lower())
+            raise
+        return self._finish_observed(p, dispatch, routed)
+
+    async def route_async(self, query: Query, *, dispatch: bool = False) -> Decision:
+        """``route`` for the adapters: waits for its batch without holding a thread."""
+        p = self._begin(query, dispatch)
+        try:
+            routed = await asyncio.wrap_future(self.batcher.submit([p.text], [p.chars], p.backends, arrived=True))
+        except CaprouterError as e:
+            self.telemetry.request(_rpc(dispatch), "", e.code.value.lower())
+            raise
+        return self._finish_observed(p, dispatch, routed)
+
+    def _begin(self, query: Query, dispatch: bool) -> _Routing:
+        """Validate, telling the batcher a prompt is on its way (so it may wait the window for it)."""
+        self.batcher.arrive()
+        try:
+            return self._prepare(query, dispatch)
+        except CaprouterError as e:
+            self.batcher.left()
+            self.telemetry.request(_rpc(dispatch), "", e.code.value.lower())
+            raise
+        except BaseException:
+            self.batcher.left()
+            raise
+
+    def _finish_observed(self, p: _Routing, dispatch: bool, routed: Routed) -> Decision:
+        rpc = _rpc(dispatch)
+        try:
+            d = self._decide(p, dispatch, routed)
         except CaprouterError as e:
             self.telemetry.request(rpc, "", e.code.value.lower())
             raise
@@ -222,21 +275,25 @@ class RouterService:
                  extra={"decision_id": d.decision_id, "backend": d.backend, "rpc": rpc})
         return d
 
-    def _route(self, query: Query, dispatch: bool) -> Decision:
+    def _prepare(self, query: Query, dispatch: bool) -> _Routing:
         t0 = time.perf_counter()
         msgs = self._messages(query.prompt, query.messages)
         backends = self.backends      # one consistent set for this request, whatever Onboard does meanwhile
+        knobs = query.knobs.resolve(self.defaults, list(backends))
+        return _Routing(t0, msgs, backends, knobs, prompt_text(None, msgs), sum(len(c) for _, c in msgs))
+
+    def _decide(self, p: _Routing, dispatch: bool, routed: Routed) -> Decision:
+        backends, knobs = p.backends, p.knobs
         names = list(backends)
-        knobs = query.knobs.resolve(self.defaults, names)
-        text = prompt_text(None, msgs)
-        emb = self.encoder.encode([text])[0]
+        emb, pred = routed.embeddings[0], routed.prediction
         t1 = time.perf_counter()
-        pred = self.predict(emb[None, :], [sum(len(c) for _, c in msgs)], backends)
         quality, cost, support = (pred.quality[0].tolist(), pred.cost[0].tolist(), pred.support[0].tolist())
         unavailable = self.unavailable(backends)
         route_only = sorted(n for n, b in backends.items() if b.kind == "route-only") if dispatch else []
         if dispatch:
             unavailable.update({n: "route-only (caprouter chooses it, the app calls it)" for n in route_only})
+        if knobs.max_queue_ms is not None:
+            unavailable.update(self.saturated(backends, knobs.max_queue_ms, exclude=unavailable))
         try:
             selection = select(names, quality, cost, knobs, support=support, unavailable=unavailable)
             if knobs.budget is not None:
@@ -250,10 +307,23 @@ class RouterService:
                     "call them. Use Route and call the chosen model yourself") from None
             raise
         t2 = time.perf_counter()
-        decision = Decision(uuid.uuid4().hex, selection, Timings((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t2 - t0) * 1e3),
-                            msgs, text, emb)
+        # Embedding and prediction are the batch's; waiting for the batch counts in the total.
+        decision = Decision(uuid.uuid4().hex, selection,
+                            Timings(routed.embedding_ms, routed.prediction_ms + (t2 - t1) * 1e3, (t2 - p.t0) * 1e3),
+                            p.msgs, p.text, emb)
         self._remember(decision)
         return decision
+
+    def saturated(self, backends: Mapping[str, Backend], max_queue_ms: float,
+                  exclude: Mapping[str, str] = {}) -> dict[str, str]:
+        """Backends whose queue would hold a request now for longer than ``max_queue_ms``."""
+        out = {}
+        for name, b in backends.items():
+            q = b.queue_stats()
+            if name not in exclude and q is not None and q.expected_wait_s * 1e3 > max_queue_ms:
+                out[name] = (f"saturated: expected queue wait {q.expected_wait_s * 1e3:.0f} ms > max_queue_ms "
+                             f"{max_queue_ms:g} ({q.running} running, {q.waiting} waiting)")
+        return out
 
     def _window_budget(self, knobs: Knobs, budget: float, names: list[str], quality: list[float], cost: list[float],
                        support: list[float], unavailable: dict[str, str], eligible: Selection) -> Selection:
@@ -285,10 +355,10 @@ class RouterService:
         names = list(backends)
         knobs = knobs_in.resolve(self.defaults, names)
         texts = [prompt_text(None, m) for m in msgs]
-        embs = self.encoder.encode(texts)
+        routed = self.batcher.submit(texts, [sum(len(x) for _, x in m) for m in msgs], backends).result()
+        embs, pred = routed.embeddings, routed.prediction
         t1 = time.perf_counter()
         unavailable = self.unavailable(backends)
-        pred = self.predict(embs, [sum(len(x) for _, x in m) for m in msgs], backends)
         preds = list(zip(pred.quality.tolist(), pred.cost.tolist(), pred.support.tolist()))
         sels = []
         for i, (q, c, s) in enumerate(preds):
@@ -340,16 +410,15 @@ class RouterService:
         if any(not s for s in p.stop):
             raise InvalidArgument("stop sequences must be non-empty strings")
         return GenerationRequest(messages=list(msgs), max_tokens=mt, temperature=temp, stop=list(p.stop), seed=p.seed,
-                                 embedding=embedding)
+                                 embedding=embedding, deadline=p.deadline)
 
     async def generate(self, query: Query, params: GenParams) -> AsyncGenerator[GenStart | TextChunk | GenEnd]:
         """Route, then stream from the best backend; fall back down the ranking while nothing has
         been streamed yet. After the first chunk a failure ends the stream with BackendError."""
         t0 = time.perf_counter()
-        loop = asyncio.get_running_loop()
         msgs = self._messages(query.prompt, query.messages)
         self._gen_request(msgs, params)  # validate before spending time on routing
-        decision = await loop.run_in_executor(None, functools.partial(self.route, query, dispatch=True))
+        decision = await self.route_async(query, dispatch=True)
         fallbacks: list[tuple[str, str]] = []
         for cand in decision.selection.ranked:
             backend = self.backends[cand.backend]
@@ -491,10 +560,11 @@ class RouterService:
             st, detail = b.status()
             s = stats.get(name)
             out.append(BackendView(name, b.kind, b.description, st, detail, b.cost_model(),
-                                   s.mean_score if s else math.nan, s.outcomes if s else 0))
+                                   s.mean_score if s else math.nan, s.outcomes if s else 0, b.queue_stats()))
         return out
 
     async def close(self) -> None:
+        self.batcher.close()
         for b in self.backends.values():
             await b.close()
         self.datastore.close()

@@ -40,7 +40,7 @@ class Message(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class RoutingKnobs(_message.Message):
-    __slots__ = ("cost_weight", "min_quality", "max_cost", "allowed_backends", "denied_backends", "budget_per_request", "budget_key")
+    __slots__ = ("cost_weight", "min_quality", "max_cost", "allowed_backends", "denied_backends", "budget_per_request", "budget_key", "max_queue_ms")
     COST_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     MIN_QUALITY_FIELD_NUMBER: _ClassVar[int]
     MAX_COST_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,7 @@ class RoutingKnobs(_message.Message):
     DENIED_BACKENDS_FIELD_NUMBER: _ClassVar[int]
     BUDGET_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     BUDGET_KEY_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     cost_weight: float
     min_quality: float
     max_cost: float
@@ -55,7 +56,8 @@ class RoutingKnobs(_message.Message):
     denied_backends: _containers.RepeatedScalarFieldContainer[str]
     budget_per_request: float
     budget_key: str
-    def __init__(self, cost_weight: _Optional[float] = ..., min_quality: _Optional[float] = ..., max_cost: _Optional[float] = ..., allowed_backends: _Optional[_Iterable[str]] = ..., denied_backends: _Optional[_Iterable[str]] = ..., budget_per_request: _Optional[float] = ..., budget_key: _Optional[str] = ...) -> None: ...
+    max_queue_ms: float
+    def __init__(self, cost_weight: _Optional[float] = ..., min_quality: _Optional[float] = ..., max_cost: _Optional[float] = ..., allowed_backends: _Optional[_Iterable[str]] = ..., denied_backends: _Optional[_Iterable[str]] = ..., budget_per_request: _Optional[float] = ..., budget_key: _Optional[str] = ..., max_queue_ms: _Optional[float] = ...) -> None: ...
 
 class ResponseMetadata(_message.Message):
     __slots__ = ("request_id", "server_version", "api_version", "embedder", "datastore_records", "served_at_unix_ms")
@@ -310,7 +312,7 @@ class CostModel(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., unit: _Optional[str] = ..., per_request: _Optional[float] = ..., input_per_million_tokens: _Optional[float] = ..., output_per_million_tokens: _Optional[float] = ..., active_parameters: _Optional[int] = ..., expected_output_tokens: _Optional[int] = ..., summary: _Optional[str] = ..., price_per_gflop: _Optional[float] = ...) -> None: ...
 
 class BackendInfo(_message.Message):
-    __slots__ = ("name", "kind", "cost_model", "status", "description", "status_detail", "prior_quality", "outcomes")
+    __slots__ = ("name", "kind", "cost_model", "status", "description", "status_detail", "prior_quality", "outcomes", "queue")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     COST_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -319,6 +321,7 @@ class BackendInfo(_message.Message):
     STATUS_DETAIL_FIELD_NUMBER: _ClassVar[int]
     PRIOR_QUALITY_FIELD_NUMBER: _ClassVar[int]
     OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     cost_model: CostModel
@@ -327,7 +330,22 @@ class BackendInfo(_message.Message):
     status_detail: str
     prior_quality: float
     outcomes: int
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., cost_model: _Optional[_Union[CostModel, _Mapping]] = ..., status: _Optional[_Union[BackendStatus, str]] = ..., description: _Optional[str] = ..., status_detail: _Optional[str] = ..., prior_quality: _Optional[float] = ..., outcomes: _Optional[int] = ...) -> None: ...
+    queue: QueueInfo
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., cost_model: _Optional[_Union[CostModel, _Mapping]] = ..., status: _Optional[_Union[BackendStatus, str]] = ..., description: _Optional[str] = ..., status_detail: _Optional[str] = ..., prior_quality: _Optional[float] = ..., outcomes: _Optional[int] = ..., queue: _Optional[_Union[QueueInfo, _Mapping]] = ...) -> None: ...
+
+class QueueInfo(_message.Message):
+    __slots__ = ("running", "waiting", "max_batch", "max_queue", "expected_wait_ms")
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    running: int
+    waiting: int
+    max_batch: int
+    max_queue: int
+    expected_wait_ms: float
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queue: _Optional[int] = ..., expected_wait_ms: _Optional[float] = ...) -> None: ...
 
 class ListBackendsResponse(_message.Message):
     __slots__ = ("metadata", "backends")

@@ -1,0 +1,156 @@
+"""Batched routing: concurrent callers share encoder calls and predictions, and get the
+decisions they get alone; a lone caller is not held back; a full queue refuses at once."""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from backends.base import QueueStats
+from datastore.store import FaissKnnDatastore
+from router.core.config import AppConfig
+from router.core.errors import Overloaded
+from router.policy.selection import KnobsInput
+from router.prediction.predictor import Prediction
+from router.serving.route_batching import RouteBatcher
+from router.serving.service import Query, RouterService
+from tests.fakes import OUTCOMES, ScriptedBackend, WordEncoder, write_outcomes
+
+PROMPTS = ["What is 40 + 2?", "Write a poem about the stars.", "Compute 7 times 6.", "A haiku on rain, please.",
+           "Solve 3x = 12.", "Tell a story about a fox.", "What is 9 - 4?", "Describe the sea in verse."] * 2
+
+
+class CountingEncoder(WordEncoder):
+    def __init__(self, delay: float = 0.0) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+        self.delay = delay
+
+    def encode(self, texts):
+        self.batches.append(len(texts))
+        time.sleep(self.delay)         # a real encoder's time, so that callers pile up behind it
+        return super().encode(texts)
+
+
+@pytest.fixture
+def make_service(tmp_path):
+    def make(encoder, backends=None, **routing):
+        src = write_outcomes(tmp_path / "o.jsonl", OUTCOMES)
+        ds = FaissKnnDatastore.open(tmp_path / "state", WordEncoder(), [src], k=8, progress=False)
+        cfg = AppConfig.model_validate({"routing": {"cost_unit": "USD", **routing}})
+        backends = backends or [ScriptedBackend("mathy"), ScriptedBackend("wordy", per_request=0.5)]
+        return RouterService(cfg, encoder, ds, {b.name: b for b in backends})
+    return make
+
+
+def _summary(d):
+    return [(c.backend, round(c.quality, 5), round(c.cost, 9), c.rank) for c in d.selection.ranked]
+
+
+def test_concurrent_routes_share_encoder_calls_and_decide_as_alone(make_service):
+    alone_svc = make_service(CountingEncoder())
+    alone = [_summary(alone_svc.route(Query(prompt=p, knobs=KnobsInput(cost_weight=0.1)))) for p in PROMPTS]
+    enc = CountingEncoder(delay=0.02)
+    svc = make_service(enc, batch_window_ms=5)
+    with ThreadPoolExecutor(16) as ex:
+        got = list(ex.map(lambda p: _summary(svc.route(Query(prompt=p, knobs=KnobsInput(cost_weight=0.1)))),
+                          PROMPTS))
+    assert got == alone
+    assert sum(enc.batches) == len(PROMPTS) and max(enc.batches) > 1 and len(enc.batches) < len(PROMPTS)
+
+
+def test_route_batch_and_async_routes_ride_the_same_batcher(make_service):
+    import asyncio
+
+    enc = CountingEncoder(delay=0.02)
+    svc = make_service(enc)
+    alone = [_summary(make_service(CountingEncoder()).route(Query(prompt=p))) for p in PROMPTS[:4]]
+
+    async def many():
+        return await asyncio.gather(*(svc.route_async(Query(prompt=p)) for p in PROMPTS[:4]))
+    ds = asyncio.run(many())
+    assert [_summary(d) for d in ds] == alone
+    assert enc.batches[0] == 1 and sum(enc.batches) == 4          # the first ran at once, the rest together
+    b = svc.route_batch([Query(prompt=p) for p in PROMPTS[:4]], KnobsInput())
+    assert [d.backend for d in b.decisions] == [a[0][0] for a in alone]
+
+
+def test_a_lone_caller_is_not_held_for_the_window(make_service):
+    svc = make_service(CountingEncoder(), batch_window_ms=500)
+    svc.route(Query(prompt="warm up"))
+    t = time.perf_counter()
+    svc.route(Query(prompt="What is 40 + 2?"))
+    assert time.perf_counter() - t < 0.25          # nobody else was arriving: no 500 ms wait
+
+
+def _pred(X, chars, backends):
+    n = len(chars)
+    return Prediction(tuple(backends), np.zeros((n, len(backends)), np.float32),
+                      np.zeros((n, len(backends))), np.zeros((n, len(backends)), np.float32))
+
+
+def test_the_window_waits_for_callers_on_their_way_in():
+    calls: list[int] = []
+
+    def encode(texts):
+        calls.append(len(texts))
+        return np.zeros((len(texts), 4), np.float32)
+    b = RouteBatcher(encode, _pred, window_s=0.5, max_prompts=64, max_pending=100)
+    b.arrive()
+    b.arrive()
+    f1 = b.submit(["a"], [1], {"x": None}, arrived=True)
+    time.sleep(0.05)                    # the second caller is still validating
+    f2 = b.submit(["b"], [1], {"x": None}, arrived=True)
+    assert f1.result(5).batch_prompts == f2.result(5).batch_prompts == 2 and calls == [2]
+    b.close()
+
+
+def test_a_full_routing_queue_refuses_at_once_and_errors_reach_every_caller():
+    gate = threading.Event()
+
+    def encode(texts):
+        gate.wait(5)
+        if "boom" in texts:
+            raise RuntimeError("encoder boom")
+        return np.zeros((len(texts), 4), np.float32)
+    b = RouteBatcher(encode, _pred, window_s=0.0, max_prompts=4, max_pending=3)
+    first = b.submit(["a"], [1], {"x": None})
+    time.sleep(0.05)                    # "a" is being encoded; the next three wait
+    waiting = [b.submit([t], [1], {"x": None}) for t in ("boom", "c", "d")]
+    t = time.perf_counter()
+    with pytest.raises(Overloaded, match="routing is saturated") as e:
+        b.submit(["e"], [1], {"x": None})
+    assert time.perf_counter() - t < 0.05 and e.value.retry_after_s > 0
+    gate.set()
+    assert first.result(5).embeddings.shape == (1, 4)
+    for f in waiting:                   # one batch of three, failed together
+        with pytest.raises(RuntimeError, match="encoder boom"):
+            f.result(5)
+    assert b.submit(["later"], [1], {"x": None}).result(5).batch_prompts == 1     # the thread goes on
+    b.close()
+
+
+class QueuedBackend(ScriptedBackend):
+    def __init__(self, name, wait_s, **kw):
+        super().__init__(name, **kw)
+        self.wait_s = wait_s
+
+    def queue_stats(self):
+        return QueueStats(4, 6, 4, 32, self.wait_s)
+
+
+def test_max_queue_ms_skips_a_saturated_backend_for_the_next_best(make_service):
+    svc = make_service(CountingEncoder(), [QueuedBackend("mathy", 2.0), QueuedBackend("wordy", 0.01)])
+    q = "What is 40 + 2?"
+    assert svc.route(Query(prompt=q)).backend == "mathy"
+    d = svc.route(Query(prompt=q, knobs=KnobsInput(max_queue_ms=500)))
+    assert d.backend == "wordy"
+    why = dict((e.backend, e.reason) for e in d.selection.excluded)
+    assert "saturated" in why["mathy"] and "2000 ms > max_queue_ms 500" in why["mathy"]
+    assert make_service(CountingEncoder(), [QueuedBackend("mathy", 2.0), QueuedBackend("wordy", 0.01)],
+                        max_queue_ms=100).route(Query(prompt=q)).backend == "wordy"      # the config default
+    views = {v.name: v for v in svc.list_backends()}
+    assert views["mathy"].queue.expected_wait_s == 2.0
