@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import pytest
@@ -224,8 +225,12 @@ def test_deadline_is_honoured_and_generation_stops(stub, live_server, hooked):
                                      knobs=pb.RoutingKnobs(allowed_backends=[DENSE]),
                                      params=pb.GenerationParams(max_tokens=600), timeout=1.5))
     assert got == grpc.StatusCode.DEADLINE_EXCEEDED
-    # The dense backend serves one request at a time, so this one runs after the cancelled loop
-    # has let go; had that loop gone on, it would have decoded all 600 steps first.
+    # The cancelled request leaves the batch at its next step (bounded wait, then the check below).
+    for _ in range(100):
+        if hooked[DENSE].queue_stats().running == 0:
+            break
+        time.sleep(0.05)
+    assert hooked[DENSE].queue_stats().running == 0
     chunks = _generate(stub, prompt="Say hi.", knobs=pb.RoutingKnobs(allowed_backends=[DENSE]),
                        params=pb.GenerationParams(max_tokens=3), timeout=120)
     assert chunks[-1].HasField("end")
@@ -233,6 +238,87 @@ def test_deadline_is_honoured_and_generation_stops(stub, live_server, hooked):
     # The long request decoded for about its 1.5 s (~20 tokens/s here), not towards its 600 tokens.
     assert 0 < second and max(steps[:second]) < 150 and steps[second:] == list(range(len(steps) - second))
     assert _health(live_server.address) == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.fixture
+def tight(hooked):
+    """The dense backend with room for one running and one waiting request."""
+    sched = hooked[DENSE]._scheduler
+    saved = sched.max_batch, sched.max_queue
+    sched.max_batch, sched.max_queue = 1, 1
+    yield hooked[DENSE]
+    sched.max_batch, sched.max_queue = saved
+
+
+def _until(cond, what):
+    for _ in range(200):                          # at most 10 s
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _background(stub, req, timeout):
+    """Start a Generate in a thread; its outcome lands in the returned dict."""
+    import threading
+
+    out: dict = {}
+
+    def go():
+        try:
+            out["chunks"] = list(stub.Generate(req, timeout=timeout))
+        except grpc.RpcError as e:
+            out["code"] = e.code()
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    out["thread"] = t
+    return out
+
+
+def test_a_full_queue_answers_resource_exhausted_at_once_with_a_retry_hint(stub, tight):
+    long = pb.GenerateRequest(prompt="Write a very long story about a dragon.", params=pb.GenerationParams(
+        max_tokens=400), knobs=pb.RoutingKnobs(allowed_backends=[DENSE]))
+    first = _background(stub, long, 60)
+    _until(lambda: tight.queue_stats().running == 1, "the first request to run")
+    second = _background(stub, long, 60)
+    _until(lambda: tight.queue_stats().waiting == 1, "the second request to wait")
+    t = time.perf_counter()
+    with pytest.raises(grpc.RpcError) as ei:
+        _generate(stub, prompt="Hi", knobs=pb.RoutingKnobs(allowed_backends=[DENSE]), timeout=30)
+    took = time.perf_counter() - t
+    assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "saturated" in ei.value.details()
+    assert took < 1.0                             # refused, not queued (routing included)
+    hint = dict(ei.value.trailing_metadata())["retry-after-ms"]
+    assert int(hint) > 0
+    # With max_queue_ms the same request goes to the next-best backend instead, listed as excluded.
+    chunks = _generate(stub, prompt="Hi", params=pb.GenerationParams(max_tokens=4),
+                       knobs=pb.RoutingKnobs(max_queue_ms=50), timeout=60)
+    assert chunks[0].start.backend == PRUNED
+    assert any(e.backend == DENSE and "saturated" in e.reason for e in chunks[0].start.excluded)
+    info = {b.name: b for b in stub.ListBackends(pb.ListBackendsRequest(), timeout=10).backends}
+    assert info[DENSE].queue.running == 1 and info[DENSE].queue.waiting == 1 and info[DENSE].queue.max_queue == 1
+    assert info[DENSE].queue.expected_wait_ms > 50
+    tight._scheduler.max_batch = 4                # let them finish quickly
+    for r in (first, second):
+        r["thread"].join(60)
+        assert "chunks" in r
+
+
+def test_a_request_whose_deadline_passes_in_the_queue_never_starts(stub, tight):
+    steps: list[int] = []
+    tight.step_hook = steps.append
+    long = pb.GenerateRequest(prompt="Write a very long story about a dragon.", params=pb.GenerationParams(
+        max_tokens=60, temperature=0.0), knobs=pb.RoutingKnobs(allowed_backends=[DENSE]))
+    first = _background(stub, long, 60)
+    _until(lambda: tight.queue_stats().running == 1, "the first request to run")
+    queued = _background(stub, pb.GenerateRequest(prompt="Say hi.", knobs=pb.RoutingKnobs(allowed_backends=[DENSE])),
+                         0.5)
+    queued["thread"].join(30)
+    assert queued["code"] == grpc.StatusCode.DEADLINE_EXCEEDED
+    first["thread"].join(60)
+    assert first["chunks"][-1].HasField("end")
+    _until(lambda: tight.queue_stats().waiting == 0, "the queue to empty")
+    assert steps == list(range(len(steps)))       # only the first request ever decoded
 
 
 def test_fallback_when_the_chosen_backend_fails_before_streaming(stub, hooked):
