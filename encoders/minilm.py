@@ -11,6 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 from encoders.base import ENCODERS
+from encoders.padding import length_groups
 from router.core.compute import Inline
 from router.core.errors import ConfigError
 
@@ -70,15 +71,18 @@ class MiniLMEncoder:
         """texts: n strings -> float32 (n, 384), unit rows."""
         torch = self._torch
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        for start in range(0, len(texts), self.batch_size):
-            chunk = [self._ids(t) for t in texts[start:start + self.batch_size]]
+        all_ids = [self._ids(t) for t in texts]
+        # Prompts of similar length share a forward (encoders/padding.py: one long prompt would
+        # otherwise pad every other one to its length).
+        for group in length_groups([len(c) for c in all_ids], max_batch=self.batch_size):
+            chunk = [all_ids[i] for i in group]
             width = max(len(c) for c in chunk)
             ids = torch.full((len(chunk), width), self.tokenizer.pad_token_id, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
             for i, c in enumerate(chunk):
                 ids[i, :len(c)] = torch.tensor(c)
                 mask[i, :len(c)] = 1
-            out[start:start + len(chunk)] = self._compute.run(self._forward, ids, mask)
+            out[group] = self._compute.run(self._forward, ids, mask)
         return out
 
     def _forward(self, ids, mask) -> npt.NDArray[np.float32]:
