@@ -253,13 +253,12 @@ class DecodeScheduler:
         ids = torch.tensor([chunk], dtype=torch.long)
         mask = torch.ones((1, total), dtype=torch.long)
         last = total == len(row.ids)
-        logits, row.cache = self.compute.run(self.ops.forward, ids, mask, row.cache, row.setup)
+        toks, row.cache = self.compute.run(self._forward, ids, mask, row.cache, row.setup, [row] if last else None)
         row.prefilled = total
         if not last:
             return False
         cache, row.cache = row.cache, None
-        tok = self.compute.run(self.ops.pick, logits, [row])[0]
-        self._join(Batch(row.key, row.setup, [row], cache, mask), [tok])
+        self._join(Batch(row.key, row.setup, [row], cache, mask), toks)
         return True
 
     def _prefill_together(self, rows: list[Row]) -> None:
@@ -271,8 +270,7 @@ class DecodeScheduler:
         for i, r in enumerate(rows):
             ids[i, width - len(r.ids):] = torch.tensor(r.ids)
             mask[i, width - len(r.ids):] = 1
-        logits, cache = self.compute.run(self.ops.forward, ids, mask, None, rows[0].setup)
-        toks = self.compute.run(self.ops.pick, logits, rows)
+        toks, cache = self.compute.run(self._forward, ids, mask, None, rows[0].setup, rows)
         for r in rows:
             r.prefilled = len(r.ids)
         self._join(Batch(rows[0].key, rows[0].setup, list(rows), cache, mask), toks)
@@ -301,9 +299,8 @@ class DecodeScheduler:
         try:
             ids = torch.tensor([[r.last] for r in b.rows], dtype=torch.long)
             mask = torch.cat([b.mask, torch.ones((len(b.rows), 1), dtype=torch.long)], dim=1)
-            logits, b.cache = self.compute.run(self.ops.forward, ids, mask, b.cache, b.setup)
+            toks, b.cache = self.compute.run(self._forward, ids, mask, b.cache, b.setup, b.rows)
             b.mask = mask
-            toks = self.compute.run(self.ops.pick, logits, b.rows)
         except Exception as e:
             with self._cond:
                 self._batches.pop(b.key, None)
@@ -317,6 +314,12 @@ class DecodeScheduler:
                 _select(b, keep)
             else:
                 self._batches.pop(b.key, None)
+
+    def _forward(self, ids: Any, mask: Any, cache: Any, setup: Callable[[], None] | None,
+                 rows: Sequence[Row] | None) -> tuple[list[int], Any]:
+        """One forward and, when ``rows`` are given, their next tokens: one compute-thread call."""
+        logits, cache = self.ops.forward(ids, mask, cache, setup)
+        return ([] if rows is None else self.ops.pick(logits, rows)), cache
 
     def _take(self, r: Row, tok: int) -> bool:
         """Give a row its next token: stream what is safe to show; False when it finished

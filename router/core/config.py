@@ -130,7 +130,9 @@ class DeploymentOptions(_Model):
     num_replicas: int | None = Field(None, ge=1)
     # {min_replicas, max_replicas, target_ongoing_requests, ...}; excludes num_replicas.
     autoscaling_config: dict[str, Any] | None = None
-    max_ongoing_requests: int = Field(4, ge=1)
+    # A replica batches continuously (backends/batching.py): it should see enough requests to fill
+    # its batch (max_batch, 16 by default) and keep its own bounded queue (max_queue) behind it.
+    max_ongoing_requests: int = Field(48, ge=1)
     # Ray resources per replica: {num_cpus, num_gpus, memory, resources}. num_cpus 0 by default so
     # that every replica fits on a small machine; set it to pin replicas to capacity.
     ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0})
