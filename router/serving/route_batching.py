@@ -110,6 +110,10 @@ class RouteBatcher:
             self._arriving -= 1
             self._cond.notify()
 
+    @property
+    def pending(self) -> int:
+        return self._pending
+
     def expected_wait_s(self) -> float:
         with self._cond:
             return self._pending * self._s_per_prompt

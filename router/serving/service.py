@@ -37,6 +37,7 @@ from router.core.errors import (
     InvalidArgument,
     NoEligibleBackend,
     NotFound,
+    Overloaded,
     Unavailable,
     UnknownBackend,
 )
@@ -173,6 +174,15 @@ class RouterService:
         self._budgets = BudgetWindows(r.budget_window)
         self.telemetry = telemetry or Telemetry()
         self.telemetry.watch_datastore(lambda: len(self.datastore))
+        self.telemetry.watch_queues(self._queue_figures, lambda: (self.batcher.pending, self.batcher.expected_wait_s()))
+
+    def _queue_figures(self) -> dict[str, tuple[int, int, float]]:
+        out = {}
+        for name, b in self.backends.items():
+            q = b.queue_stats()
+            if q is not None:
+                out[name] = (q.running, q.waiting, q.expected_wait_s)
+        return out
 
     @property
     def names(self) -> list[str]:
@@ -444,6 +454,9 @@ class RouterService:
                 if not started:
                     raise BackendError(cand.backend, "ended without a result")
                 raise BackendError(cand.backend, "stream ended without a finish event", tokens_streamed=1)
+            except Overloaded:
+                self.telemetry.request("Generate", cand.backend, "resource_exhausted")
+                raise
             except BackendError as e:
                 if started:
                     self.telemetry.request("Generate", cand.backend, "unavailable")

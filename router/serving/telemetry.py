@@ -11,6 +11,12 @@ its own registry (no process globals), exposed by the HTTP adapter on ``/metrics
     caprouter_decode_tokens_per_second{backend}         per generation
     caprouter_fallbacks_total{backend}                  dispatches that failed before the first token
     caprouter_datastore_records                         outcomes the predictions draw on
+    caprouter_queue_running{backend}                    requests decoding in a local backend's batch
+    caprouter_queue_waiting{backend}                    requests queued behind it
+    caprouter_queue_expected_wait_seconds{backend}      how long a request arriving now would wait
+    caprouter_routing_pending                           prompts waiting for the routing batcher
+    caprouter_routing_expected_wait_seconds
+Refusals under overload count in caprouter_requests_total with status="resource_exhausted".
 """
 from __future__ import annotations
 
@@ -29,6 +35,11 @@ class Telemetry:
     def fallback(self, backend: str) -> None: ...
 
     def watch_datastore(self, size: Callable[[], int]) -> None: ...
+
+    def watch_queues(self, backends: Callable[[], dict[str, tuple[int, int, float]]],
+                     routing: Callable[[], tuple[int, float]]) -> None:
+        """backends(): {name: (running, waiting, expected wait s)} of the backends that queue;
+        routing(): (prompts pending, expected wait s). Read at scrape time."""
 
     def exposition(self) -> tuple[bytes, str]:
         return b"", "text/plain"
@@ -73,6 +84,26 @@ class PrometheusTelemetry(Telemetry):
 
     def watch_datastore(self, size: Callable[[], int]) -> None:
         self._ds.set_function(lambda: float(size()))
+
+    def watch_queues(self, backends: Callable[[], dict[str, tuple[int, int, float]]],
+                     routing: Callable[[], tuple[int, float]]) -> None:
+        from prometheus_client.metrics_core import GaugeMetricFamily
+
+        class Queues:
+            def collect(self):
+                names = ("running", "waiting", "expected_wait_seconds")
+                fams = [GaugeMetricFamily(f"caprouter_queue_{n}", f"Local backend queue: {n.replace('_', ' ')}",
+                                          labels=["backend"]) for n in names]
+                for b, values in backends().items():
+                    for fam, v in zip(fams, values):
+                        fam.add_metric([b], float(v))
+                pending, wait = routing()
+                yield from fams
+                yield GaugeMetricFamily("caprouter_routing_pending", "Prompts waiting for the routing batcher",
+                                        value=float(pending))
+                yield GaugeMetricFamily("caprouter_routing_expected_wait_seconds",
+                                        "Expected wait of a prompt arriving at the routing batcher now", value=wait)
+        self.registry.register(Queues())
 
     def exposition(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

@@ -123,8 +123,40 @@ def test_bad_json_and_metrics(http):
     assert "caprouter_routing_seconds_count" in text and "caprouter_generated_tokens_total" in text
     ds = [line for line in text.splitlines() if line.startswith("caprouter_datastore_records ")]
     assert ds and float(ds[0].split()[1]) > 0
+    assert f'caprouter_queue_running{{backend="{DENSE}"}}' in text and "caprouter_queue_expected_wait_seconds" in text
+    assert "caprouter_routing_pending " in text
     with urllib.request.urlopen(f"http://{http.address}/healthz", timeout=10) as r:
         assert json.loads(r.read())["status"] == "ok"
+
+
+def test_a_full_queue_is_429_with_retry_after(http, live_server):
+    import threading
+    import time
+
+    dense = live_server.app.service.backends[DENSE]
+    sched = dense._scheduler
+    saved = sched.max_batch, sched.max_queue
+    sched.max_batch, sched.max_queue = 1, 0
+    body = {"model": DENSE, "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
+            "max_tokens": 300}
+    busy = threading.Thread(target=_post, args=(http, "/v1/chat/completions", body), daemon=True)
+    try:
+        busy.start()
+        for _ in range(200):
+            if dense.queue_stats().running == 1:
+                break
+            time.sleep(0.05)
+        req = urllib.request.Request(f"http://{http.address}/v1/chat/completions", data=json.dumps(
+            {**body, "max_tokens": 4}).encode(), headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as ei:
+            urllib.request.urlopen(req, timeout=30)
+        err = json.loads(ei.value.read())
+        assert ei.value.code == 429 and int(ei.value.headers["Retry-After"]) >= 1
+        assert err["error"]["type"] == "rate_limit_error" and "saturated" in err["error"]["message"]
+    finally:
+        sched.max_batch = 8                                  # let the long one finish quickly
+        busy.join(120)
+        sched.max_batch, sched.max_queue = saved
 
 
 def test_json_logs_carry_the_decision_id(live_server, caplog):
