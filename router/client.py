@@ -160,7 +160,8 @@ class OnboardResult:
 
 @dataclass(frozen=True)
 class Retry:
-    """Backoff on UNAVAILABLE: attempts in all, first delay, factor, cap (seconds); jittered."""
+    """Backoff on UNAVAILABLE and RESOURCE_EXHAUSTED: attempts in all, first delay, factor, cap
+    (seconds); jittered; after a refusal, at least the server's retry-after hint."""
 
     attempts: int = 4
     initial_s: float = 0.2
@@ -286,13 +287,26 @@ def _unavailable(e: grpc.RpcError) -> bool:
     return isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.UNAVAILABLE
 
 
+def _retry_after_s(e: grpc.RpcError) -> float | None:
+    """The server's hint on a RESOURCE_EXHAUSTED refusal (trailer ``retry-after-ms``), if any."""
+    try:
+        meta = dict(e.trailing_metadata() or ())
+        return int(meta["retry-after-ms"]) / 1e3
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return None
+
+
 def _backoff(e: grpc.RpcError, delays: Iterator[float], *, started: bool = False) -> float:
-    """How long to wait before trying again after ``e``, or ``e`` re-raised: only UNAVAILABLE is
-    retried, only before a stream has yielded anything, and only while the policy has delays."""
+    """How long to wait before trying again after ``e``, or ``e`` re-raised. Retried: UNAVAILABLE
+    (loading, restarting) and RESOURCE_EXHAUSTED (a full queue refused the call before doing
+    anything; the wait is at least the server's hint), only before a stream has yielded anything,
+    and only while the policy has delays."""
     delay = next(delays, None)
-    if started or not _unavailable(e) or delay is None:
+    overloaded = isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    if started or not (_unavailable(e) or overloaded) or delay is None:
         raise e
-    return delay
+    hint = _retry_after_s(e) if overloaded else None
+    return delay if hint is None else max(delay, hint)
 
 
 class Client:
