@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import yaml
 
 from router.client import AptitudeResult, Client, CostModel, Decision, Retry
 from router.core.config import AppConfig, builtin_data, load_config
@@ -48,6 +49,14 @@ def _config(args: argparse.Namespace) -> AppConfig:
         if not args.config:
             # The artifact names the backends; the embedded default's local models are not among them.
             overrides["backends"] = []
+    for item in getattr(args, "set", None) or []:
+        key, eq, raw = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"--set takes KEY=VALUE (a dotted key, a YAML value), got {item!r}")
+        try:
+            overrides[key] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {key}: the value is not valid YAML: {e}") from None
     return load_config(args.config, overrides)
 
 
@@ -431,6 +440,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--log-format", choices=["json", "text"], default="json")
     s.add_argument("--http-port", type=int, help="also serve the OpenAI-compatible HTTP API on this port (0: any free)")
     s.add_argument("--ready-file", help="write the bound address here once serving")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config value: dotted key, YAML value; in a list a number or * picks "
+                        "(--set routing.max_pending=64 --set 'backends.*.options.max_queue=16'); repeatable")
     s.add_argument("--ray", action="store_true", help="dispatch through Ray Serve, starting a local Ray instance")
     s.add_argument("--ray-address", help="dispatch through Ray Serve on this cluster (e.g. auto, ray://head:10001)")
     s.add_argument("--artifact", dest="artifact_serve",

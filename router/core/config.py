@@ -208,13 +208,33 @@ class AppConfig(_Model):
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in nested mappings; in a list, a number picks an element and ``*`` every one
+    (``backends.*.options.max_queue``)."""
     keys = dotted.split(".")
-    node = data
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
+
+    def put(node: Any, i: int) -> None:
+        k = keys[i]
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            if k == "*":
+                targets = list(range(len(node)))
+            elif k.isdigit() and int(k) < len(node):
+                targets = [int(k)]
+            else:
+                raise ConfigError(f"cannot override {dotted}: {k!r} is not an index of its list (0..{len(node) - 1} or *)")
+            for t in targets:
+                if last:
+                    node[t] = value
+                else:
+                    put(node[t], i + 1)
+            return
         if not isinstance(node, dict):
-            raise ConfigError(f"cannot override {dotted}: {k} is not a section")
-    node[keys[-1]] = value
+            raise ConfigError(f"cannot override {dotted}: {keys[i - 1]} is not a section")
+        if last:
+            node[k] = value
+        else:
+            put(node.setdefault(k, {}), i + 1)
+    put(data, 0)
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> AppConfig:

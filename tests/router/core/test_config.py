@@ -46,3 +46,17 @@ def test_unknown_backend_kind_is_a_config_error():
     cfg = AppConfig.model_validate({"backends": [{"name": "a", "kind": "warp-drive"}]})
     with pytest.raises(ConfigError, match="unknown backend kind 'warp-drive'"):
         build_backends(cfg)
+
+
+def test_overrides_reach_list_elements_by_index_or_all():
+    import pytest
+
+    from router.core.errors import ConfigError
+
+    cfg = load_config(None, {"backends.*.options.max_queue": 16, "backends.0.options.max_batch": 4,
+                             "routing.max_pending": 64})
+    assert [b.options["max_queue"] for b in cfg.backends] == [16] * len(cfg.backends) and len(cfg.backends) >= 2
+    assert cfg.backends[0].options["max_batch"] == 4 and "max_batch" not in cfg.backends[1].options
+    assert cfg.routing.max_pending == 64
+    with pytest.raises(ConfigError, match="not an index"):
+        load_config(None, {"backends.9.options.max_queue": 1})
