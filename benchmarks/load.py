@@ -19,7 +19,8 @@ attention mask, position ids), 32 tokens at batch 1 and 8 (tokens/s of the decod
 Closed-loop phases over grpc.aio (N callers, each request -> response -> next request, one channel
 per 16 callers, a per-call deadline, every loop bounded in time and count): Route at each of
 --route-levels, Generate (temperature 0, --max-tokens) at each of --generate-levels, Feedback by
-decision id (the ids the Route phases got), and overload: --overload callers, 1 in 8 on Generate,
+decision id (the ids the Route phases got), and overload (on a second server whose routing and
+backend queues hold --overload-queue, 16 by default): --overload callers, 1 in 8 on Generate,
 the rest on Route, counting answers, RESOURCE_EXHAUSTED rejections (the caller then waits the
 retry-after-ms trailer, at most 1 s) and any other error apart. Each level runs a warm-up, then
 a window of --duration seconds: throughput counts completions inside the window (output tokens
@@ -237,8 +238,9 @@ def reference(prompts: list[str], tokens: int, runs: int, seconds: float) -> dic
 class Server:
     """``caprouter serve`` as a child process on loopback, or a running server (``address``)."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, extra_args: str = "") -> None:
         self.args = args
+        self.extra_args = extra_args
         self.proc: subprocess.Popen | None = None
         self.state: Path | None = None
         self.log = OUT / "load-server.log"
@@ -257,7 +259,7 @@ class Server:
             self.address = f"{host}:{port}"
             self.state = Path(tempfile.mkdtemp(prefix="caprouter-load-state-"))
             cmd = [str(exe), "serve", "--host", host, "--port", str(port), "--state-dir", str(self.state),
-                   "--log-format", "text", *shlex.split(self.args.server_args)]
+                   "--log-format", "text", *shlex.split(self.args.server_args), *shlex.split(self.extra_args)]
             env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
             OUT.mkdir(parents=True, exist_ok=True)
             with open(self.log, "w") as logf:
@@ -650,55 +652,65 @@ async def run_phases(server: Server, args: argparse.Namespace, ref: dict[str, An
         elif args.feedback_levels:
             print("\nFeedback: skipped (a running server's datastore; --write-feedback to run it)")
 
-        # Overload
-        if args.overload > 0:
-            n_gen = args.overload_generate if args.overload_generate is not None else max(1, args.overload // 8)
-            n_gen = min(n_gen, args.overload)
-            n_route = args.overload - n_gen
+    finally:
+        await calls.close()
 
-            def ov_caller(i: int, seq: int) -> Awaitable[Rec]:
-                stub = calls.stub(i, args.overload)
-                if i < n_gen:
-                    return calls.generate(stub, PROMPTS[(i * 5 + seq) % len(PROMPTS)])
-                return calls.route(stub, PROMPTS[(i * 7 + seq) % len(PROMPTS)])
-            print(f"\nOverload: {args.overload} callers ({n_route} Route + {n_gen} Generate), {window}; a rejected "
-                  "caller waits the retry-after-ms trailer (at most 1 s):")
-            w = await closed_loop(server, [ov_caller] * args.overload, args.warmup, args.duration, args.deadline,
-                                  args.max_requests)
-            st = w.measured()
-            rej = [r for r in st if r.code == "RESOURCE_EXHAUSTED"]
-            other = Counter(r.code for r in st if not r.ok and r.code != "RESOURCE_EXHAUSTED")
-            rej_ms = [r.ms for r in rej]
-            retry = [r.retry_after_s for r in rej if r.retry_after_s is not None]
-            ov: dict[str, Any] = {"callers": args.overload, "route_callers": n_route, "generate_callers": n_gen,
-                                  "requests": w.issued, "rejected": len(rej),
-                                  "reject_p50_ms": pct(rej_ms, 50), "reject_p99_ms": pct(rej_ms, 99),
-                                  "retry_after_p50_s": pct(retry, 50), "other_errors": dict(other),
-                                  "server_rss_mb": w.rss_end_mb, "server_cpu_s": w.server_cpu_s,
-                                  "client_cpu_s": w.client_cpu_s, "wall_s": w.wall_s,
-                                  "cancelled_at_cap": w.extra["cancelled_at_cap"]}
-            print(f"  {'':<9} {'seen':>8} {'ok':>6} {'ok/s':>7} {'ok p50':>9} {'ok p99':>9} {'rejected':>9} "
-                  f"{'other errors':>13}")
-            for kind, unit, scale in (("route", "ms", 1e3), ("generate", "s", 1.0)):
-                ks = w.measured(kind)
-                ok = [(r.t1 - r.t0) * scale for r in ks if r.ok]
-                krej = sum(r.code == "RESOURCE_EXHAUSTED" for r in ks)
-                koth = sum(not r.ok and r.code != "RESOURCE_EXHAUSTED" for r in ks)
-                ov[kind] = {"seen": len(ks), "ok": len(ok), "ok_per_s": w.rate(kind), f"ok_p50_{unit}": pct(ok, 50),
-                            f"ok_p99_{unit}": pct(ok, 99), "rejected": krej, "other_errors": koth}
-                print(f"  {kind:<9} {len(ks):>8} {len(ok):>6} {w.rate(kind):>7.1f} "
-                      f"{fmt(pct(ok, 50), 1 if unit == 'ms' else 2) + ' ' + unit:>9} "
-                      f"{fmt(pct(ok, 99), 1 if unit == 'ms' else 2) + ' ' + unit:>9} {krej:>9} {koth:>13}")
-            print(f"  RESOURCE_EXHAUSTED: {len(rej)} (answered in p50 {fmt(pct(rej_ms, 50))} ms, "
-                  f"p99 {fmt(pct(rej_ms, 99))} ms; retry-after p50 {fmt(pct(retry, 50), 2)} s); "
-                  f"other errors: {sum(other.values())} ({codes_text(other)}) (should be 0); "
-                  f"server/client CPU {cpu_share(w)} %; the phase took {w.wall_s:.0f} s with the last answers")
-            report["overload"] = ov
-            fig["overload_ok"] = sum(r.ok for r in st)
-            fig["overload_rejected"] = len(rej)
-            fig["overload_other_errors"] = sum(other.values())
-            fig["overload_reject_p99_ms"] = pct(rej_ms, 99)
-            fig["overload_route_ok_p99_ms"] = ov["route"]["ok_p99_ms"]
+
+async def run_overload(server: Server, args: argparse.Namespace, fig: dict[str, Any], report: dict[str, Any]) -> None:
+    """Overload: --overload callers against the server (restarted with queues of --overload-queue
+    when this run started it)."""
+    calls = Calls(server.address, math.ceil(args.overload / 16), args)
+    window = f"{args.duration:g} s after {args.warmup:g} s of warm-up"
+    try:
+        await calls.route(calls.stubs[0], PROMPTS[0])
+        await calls.generate(calls.stubs[0], PROMPTS[0])
+        n_gen = args.overload_generate if args.overload_generate is not None else max(1, args.overload // 8)
+        n_gen = min(n_gen, args.overload)
+        n_route = args.overload - n_gen
+
+        def ov_caller(i: int, seq: int) -> Awaitable[Rec]:
+            stub = calls.stub(i, args.overload)
+            if i < n_gen:
+                return calls.generate(stub, PROMPTS[(i * 5 + seq) % len(PROMPTS)])
+            return calls.route(stub, PROMPTS[(i * 7 + seq) % len(PROMPTS)])
+        print(f"\nOverload: {args.overload} callers ({n_route} Route + {n_gen} Generate), {window}; a rejected "
+              "caller waits the retry-after-ms trailer (at most 1 s):")
+        w = await closed_loop(server, [ov_caller] * args.overload, args.warmup, args.duration, args.deadline,
+                              args.max_requests)
+        st = w.measured()
+        rej = [r for r in st if r.code == "RESOURCE_EXHAUSTED"]
+        other = Counter(r.code for r in st if not r.ok and r.code != "RESOURCE_EXHAUSTED")
+        rej_ms = [r.ms for r in rej]
+        retry = [r.retry_after_s for r in rej if r.retry_after_s is not None]
+        ov: dict[str, Any] = {"callers": args.overload, "route_callers": n_route, "generate_callers": n_gen,
+                              "requests": w.issued, "rejected": len(rej),
+                              "reject_p50_ms": pct(rej_ms, 50), "reject_p99_ms": pct(rej_ms, 99),
+                              "retry_after_p50_s": pct(retry, 50), "other_errors": dict(other),
+                              "server_rss_mb": w.rss_end_mb, "server_cpu_s": w.server_cpu_s,
+                              "client_cpu_s": w.client_cpu_s, "wall_s": w.wall_s,
+                              "cancelled_at_cap": w.extra["cancelled_at_cap"]}
+        print(f"  {'':<9} {'seen':>8} {'ok':>6} {'ok/s':>7} {'ok p50':>9} {'ok p99':>9} {'rejected':>9} "
+              f"{'other errors':>13}")
+        for kind, unit, scale in (("route", "ms", 1e3), ("generate", "s", 1.0)):
+            ks = w.measured(kind)
+            ok = [(r.t1 - r.t0) * scale for r in ks if r.ok]
+            krej = sum(r.code == "RESOURCE_EXHAUSTED" for r in ks)
+            koth = sum(not r.ok and r.code != "RESOURCE_EXHAUSTED" for r in ks)
+            ov[kind] = {"seen": len(ks), "ok": len(ok), "ok_per_s": w.rate(kind), f"ok_p50_{unit}": pct(ok, 50),
+                        f"ok_p99_{unit}": pct(ok, 99), "rejected": krej, "other_errors": koth}
+            print(f"  {kind:<9} {len(ks):>8} {len(ok):>6} {w.rate(kind):>7.1f} "
+                  f"{fmt(pct(ok, 50), 1 if unit == 'ms' else 2) + ' ' + unit:>9} "
+                  f"{fmt(pct(ok, 99), 1 if unit == 'ms' else 2) + ' ' + unit:>9} {krej:>9} {koth:>13}")
+        print(f"  RESOURCE_EXHAUSTED: {len(rej)} (answered in p50 {fmt(pct(rej_ms, 50))} ms, "
+              f"p99 {fmt(pct(rej_ms, 99))} ms; retry-after p50 {fmt(pct(retry, 50), 2)} s); "
+              f"other errors: {sum(other.values())} ({codes_text(other)}) (should be 0); "
+              f"server/client CPU {cpu_share(w)} %; the phase took {w.wall_s:.0f} s with the last answers")
+        report["overload"] = ov
+        fig["overload_ok"] = sum(r.ok for r in st)
+        fig["overload_rejected"] = len(rej)
+        fig["overload_other_errors"] = sum(other.values())
+        fig["overload_reject_p99_ms"] = pct(rej_ms, 99)
+        fig["overload_route_ok_p99_ms"] = ov["route"]["ok_p99_ms"]
     finally:
         await calls.close()
 
@@ -826,6 +838,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--feedback-levels", help="Feedback callers (default 1,16; '' to skip)")
     ap.add_argument("--overload", type=int, help="callers of the overload phase (default 128; 0 to skip)")
     ap.add_argument("--overload-generate", type=int, help="of those, on Generate (default 1 in 8)")
+    ap.add_argument("--overload-queue", type=int, default=16,
+                    help="the overload phase runs on a server whose routing and backend queues hold this many "
+                         "(0: the same server as the other phases)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--deadline", type=float, default=60.0, help="per-call deadline, seconds")
     ap.add_argument("--max-requests", type=int, default=200_000, help="cap on the requests of one level")
@@ -901,6 +916,20 @@ def main() -> int:
             asyncio.run(run_soak(server, args, fig, report))
         else:
             asyncio.run(run_phases(server, args, ref, fig, report))
+        if args.overload > 0 and not args.soak:
+            if server.proc is not None and args.overload_queue:
+                # Queues sized for --overload-queue callers: a fresh server, the same models.
+                q = args.overload_queue
+                tight = Server(args, f"--set routing.max_pending={q} --set 'backends.*.options.max_queue={q}'")
+                print(f"\noverload server: routing.max_pending={q}, every backend's max_queue={q} "
+                      f"(max_batch as configured)", flush=True)
+                try:
+                    tight.start()
+                    asyncio.run(run_overload(tight, args, fig, report))
+                finally:
+                    tight.stop()
+            else:
+                asyncio.run(run_overload(server, args, fig, report))
         rss1 = rss_mb(server.pid)
         report["server"]["rss_end_mb"] = rss1
         if not server.alive():
