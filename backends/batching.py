@@ -219,6 +219,11 @@ class DecodeScheduler:
     def _prefill(self) -> None:
         """Prefill the oldest newcomers within ``prefill_chunk`` prompt tokens: whole short prompts
         of one key together, or the next chunk of one long prompt."""
+        for r in [r for r in self._prefilling if r.req.cancel.is_set()]:
+            self._prefilling.remove(r)        # gone before its first token: drop its partial cache
+            _send(r, Finished(FinishReason.CANCELLED, len(r.ids), 0, 0.0))
+        if not self._prefilling:
+            return
         head = self._prefilling[0]
         group = [head]
         budget = self.prefill_chunk - (len(head.ids) - head.prefilled)

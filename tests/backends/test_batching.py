@@ -240,3 +240,16 @@ def test_the_driver_thread_serves_and_close_fails_what_is_left(ops):
     s.close()
     with pytest.raises(BackendError, match="shutting down"):
         s.submit(_req("too late"), emit)
+
+
+def test_a_request_cancelled_while_its_long_prompt_is_prefilled_stops_there(ops):
+    s = _sched(ops, prefill_chunk=16)
+    req = _req("z" * 100, 4)
+    got: list[object] = []
+    s.submit(req, got.append)
+    s.iterate()
+    s.iterate()                                 # two of its seven chunks are in
+    req.cancel.set()
+    s.iterate()
+    assert isinstance(got[-1], Finished) and got[-1].reason == FinishReason.CANCELLED
+    assert not s._prefilling and not s._batches and s.stats().running == 0
