@@ -24,5 +24,6 @@ class PromptEncoder(Protocol):
     def encode(self, texts: Sequence[str]) -> npt.NDArray[np.float32]: ...
 
 
-# An encoder kind: built from (model_path, *, max_tokens, batch_size, device, compute).
+# An encoder kind: built from (model_path, *, max_tokens, batch_size, device, compute), plus
+# (runtime, cache_dir) when the encoder config asks for a runtime other than torch.
 ENCODERS: Registry[Callable[..., PromptEncoder]] = Registry("prompt encoder")

@@ -43,9 +43,17 @@ def build_encoder(config: AppConfig, compute: Compute | None = None) -> PromptEn
     """The configured PromptEncoder, found in the registry by kind (loads the model)."""
     register_builtin_encoders()
     e = config.encoder
+    extra = {} if e.runtime == "torch" else {"runtime": e.runtime, "cache_dir": config.models_dir()}
     encoder: PromptEncoder = ENCODERS.get(e.kind)(e.model_path, max_tokens=e.max_tokens, batch_size=e.batch_size,
-                                                  device=e.device, compute=compute)
+                                                  device=e.device, compute=compute, **extra)
     return encoder
+
+
+def encoder_settings(config: AppConfig) -> str:
+    """What, besides the encoder's model id, makes its embeddings differ: part of the key of the
+    datastore snapshot, so a change re-embeds the outcomes (torch keeps its historical key)."""
+    e = config.encoder
+    return f"max_tokens={e.max_tokens}" + ("" if e.runtime == "torch" else f"|runtime={e.runtime}")
 
 
 def open_datastore(config: AppConfig, encoder: PromptEncoder, *, progress: bool = False,
@@ -59,7 +67,7 @@ def open_datastore(config: AppConfig, encoder: PromptEncoder, *, progress: bool 
                 f"{artifact.manifest['data']['sha256']}|{artifact.manifest['created_unix']}")
     return DATASTORES.get("faiss-knn").open(
         state_dir(config), encoder, [] if base else outcome_files(config), k=ds.k, prior_strength=ds.prior_strength,
-        temperature=ds.temperature, encoder_settings=f"max_tokens={config.encoder.max_tokens}", progress=progress,
+        temperature=ds.temperature, encoder_settings=encoder_settings(config), progress=progress,
         base=base)
 
 
