@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -23,17 +24,19 @@ from backends.base import Backend, Finished, FinishReason, GenerationRequest, St
 from router.core.compute import Compute, ComputeThread
 from router.core.config import BackendConfig, RayConfig
 from router.core.costs import CostModel
-from router.core.errors import BackendError, ConfigError
+from router.core.errors import BackendError, ConfigError, Overloaded
 
 log = logging.getLogger(__name__)
 
 
 def _request_dict(req: GenerationRequest) -> dict[str, Any]:
-    """What crosses the process boundary (the cancel event does not: cancellation is the stream's)."""
+    """What crosses the process boundary (the cancel event does not: cancellation is the stream's).
+    The deadline travels as seconds left: monotonic clocks of two processes (or machines) differ."""
     emb = None if req.embedding is None else [float(x) for x in req.embedding]
+    left = None if req.deadline is None else max(0.0, req.deadline - time.monotonic())
     return {"messages": [list(m) for m in req.messages], "max_tokens": req.max_tokens,
             "temperature": req.temperature, "stop": list(req.stop), "seed": req.seed,
-            "ignore_eos": req.ignore_eos, "embedding": emb}
+            "ignore_eos": req.ignore_eos, "embedding": emb, "seconds_left": left}
 
 
 class BackendReplica:
@@ -73,14 +76,18 @@ class BackendReplica:
         import numpy as np
 
         emb = request.pop("embedding", None)
+        left = request.pop("seconds_left", None)
         req = GenerationRequest(messages=[tuple(m) for m in request.pop("messages")],
-                                embedding=None if emb is None else np.asarray(emb, dtype=np.float32), **request)
+                                embedding=None if emb is None else np.asarray(emb, dtype=np.float32),
+                                deadline=None if left is None else time.monotonic() + left, **request)
         try:
             async for ev in self.backend.generate(req):
                 if isinstance(ev, TextChunk):
                     yield ("text", ev.text)
                 else:
                     yield ("end", ev.reason.value, ev.prompt_tokens, ev.completion_tokens, ev.decode_s)
+        except Overloaded as e:       # the replica's queue is full: refused, nothing started
+            yield ("overloaded", str(e), e.retry_after_s)
         except BackendError as e:
             yield ("error", str(e))
         finally:
@@ -158,6 +165,9 @@ class RayBackend(Backend):
                     finished = True
                     yield Finished(FinishReason(ev[1]), ev[2], ev[3], ev[4])
                     return
+                elif ev[0] == "overloaded":
+                    finished = True
+                    raise Overloaded(ev[1], retry_after_s=ev[2])
                 else:
                     raise BackendError(self.name, ev[1], tokens_streamed=streamed)
         finally:
