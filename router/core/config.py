@@ -42,10 +42,11 @@ class EncoderConfig(_Model):
     max_tokens: int = Field(256, ge=16, le=512)
     batch_size: int = Field(32, ge=1)
     device: str = "cpu"
-    # What computes MiniLM: torch, or ONNX Runtime on an export cached under the models directory
-    # (fp32: the same embeddings; int8: ~2x faster than fp32, cosine >= 0.985 to torch's). See
-    # encoders/minilm.py.
-    runtime: Literal["torch", "onnx", "onnx-int8"] = "torch"
+    # What computes MiniLM: ONNX Runtime on an export cached under the models directory (fp32:
+    # torch's embeddings to 2e-7, the same AIQ on the shared data sets, Route 1.7-1.8x faster:
+    # benchmarks/encoder_runtime.py, benchmarks/load.py), torch, or onnx-int8 (an approximation:
+    # cosine >= 0.985 to torch's). See encoders/minilm.py and docs/serving.md.
+    runtime: Literal["torch", "onnx", "onnx-int8"] = "onnx"
 
 
 class DatastoreConfig(_Model):

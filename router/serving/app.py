@@ -51,9 +51,10 @@ def build_encoder(config: AppConfig, compute: Compute | None = None) -> PromptEn
 
 def encoder_settings(config: AppConfig) -> str:
     """What, besides the encoder's model id, makes its embeddings differ: part of the key of the
-    datastore snapshot, so a change re-embeds the outcomes (torch keeps its historical key)."""
+    datastore snapshot, so a change re-embeds the outcomes."""
     e = config.encoder
-    return f"max_tokens={e.max_tokens}" + ("" if e.runtime == "torch" else f"|runtime={e.runtime}")
+    # ONNX fp32 computes torch's embeddings (to 2e-7): both share a snapshot. int8 does not.
+    return f"max_tokens={e.max_tokens}" + (f"|runtime={e.runtime}" if e.runtime == "onnx-int8" else "")
 
 
 def open_datastore(config: AppConfig, encoder: PromptEncoder, *, progress: bool = False,

@@ -13,11 +13,11 @@ from encoders.minilm import cached_folder, onnx_cache_key
 # ---- fast: no model ---------------------------------------------------------------------------------
 
 
-def test_runtime_config_defaults_to_torch_and_validates():
+def test_runtime_config_defaults_to_onnx_and_validates():
     from router.core.config import EncoderConfig, load_config
     from router.core.errors import ConfigError
 
-    assert EncoderConfig().runtime == "torch"
+    assert EncoderConfig().runtime == "onnx"
     assert load_config(None, {"encoder.runtime": "onnx-int8"}).encoder.runtime == "onnx-int8"
     with pytest.raises((ConfigError, ValueError)):
         load_config(None, {"encoder.runtime": "tensorrt"})
@@ -31,21 +31,20 @@ def test_build_encoder_passes_runtime_and_models_dir(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(ENCODERS, "get", lambda kind: lambda *a, **kw: seen.append(kw) or "encoder")
     monkeypatch.setattr(app, "register_builtin_encoders", lambda: None)
-    app.build_encoder(load_config(None, {"cache_dir": str(tmp_path)}))
+    app.build_encoder(load_config(None, {"cache_dir": str(tmp_path), "encoder.runtime": "torch"}))
     assert "runtime" not in seen[-1] and "cache_dir" not in seen[-1]     # torch: the call as before
     app.build_encoder(load_config(None, {"cache_dir": str(tmp_path), "encoder.runtime": "onnx-int8"}))
     assert seen[-1]["runtime"] == "onnx-int8" and seen[-1]["cache_dir"] == tmp_path
 
 
-def test_datastore_key_changes_with_runtime_but_not_for_torch():
+def test_datastore_key_changes_for_int8_only():
     from router.core.config import load_config
     from router.serving.app import encoder_settings
 
-    torch_key = encoder_settings(load_config(None, {}))
+    torch_key = encoder_settings(load_config(None, {"encoder.runtime": "torch"}))
     assert torch_key == "max_tokens=256"        # the key snapshots built before runtimes existed
+    assert encoder_settings(load_config(None, {"encoder.runtime": "onnx"})) == torch_key   # same embeddings
     assert encoder_settings(load_config(None, {"encoder.runtime": "onnx-int8"})) != torch_key
-    assert encoder_settings(load_config(None, {"encoder.runtime": "onnx"})) != \
-        encoder_settings(load_config(None, {"encoder.runtime": "onnx-int8"}))
 
 
 def test_cache_key_follows_model_files_and_runtime(tmp_path):

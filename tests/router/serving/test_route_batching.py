@@ -73,7 +73,7 @@ def test_route_batch_and_async_routes_ride_the_same_batcher(make_service):
         return await asyncio.gather(*(svc.route_async(Query(prompt=p)) for p in PROMPTS[:4]))
     ds = asyncio.run(many())
     assert [_summary(d) for d in ds] == alone
-    assert enc.batches[0] == 1 and sum(enc.batches) == 4          # the first ran at once, the rest together
+    assert sum(enc.batches) == 4 and len(enc.batches) < 4       # they shared encoder calls
     b = svc.route_batch([Query(prompt=p) for p in PROMPTS[:4]], KnobsInput())
     assert [d.backend for d in b.decisions] == [a[0][0] for a in alone]
 
