@@ -45,7 +45,7 @@ class EncoderConfig(_Model):
     # What computes MiniLM: ONNX Runtime on an export cached under the models directory (fp32:
     # torch's embeddings to 2e-7, the same AIQ on the shared data sets, Route 1.7-1.8x faster:
     # benchmarks/encoder_runtime.py, benchmarks/load.py), torch, or onnx-int8 (an approximation:
-    # cosine >= 0.985 to torch's). See encoders/minilm.py and docs/serving.md.
+    # cosine >= 0.978 to torch's). See encoders/minilm.py and docs/serving.md.
     runtime: Literal["torch", "onnx", "onnx-int8"] = "onnx"
 
 
