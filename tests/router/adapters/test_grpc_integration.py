@@ -223,7 +223,7 @@ def test_deadline_is_honoured_and_generation_stops(stub, live_server, hooked):
     hooked[DENSE].step_hook = steps.append        # the decode loop's step index, every token
     got, _ = _code(lambda: _generate(stub, prompt="Write a very long story about a dragon.",
                                      knobs=pb.RoutingKnobs(allowed_backends=[DENSE]),
-                                     params=pb.GenerationParams(max_tokens=600), timeout=1.5))
+                                     params=pb.GenerationParams(max_tokens=600), timeout=3.0))
     assert got == grpc.StatusCode.DEADLINE_EXCEEDED
     # The cancelled request leaves the batch at its next step (bounded wait, then the check below).
     for _ in range(100):
@@ -235,8 +235,8 @@ def test_deadline_is_honoured_and_generation_stops(stub, live_server, hooked):
                        params=pb.GenerationParams(max_tokens=3), timeout=120)
     assert chunks[-1].HasField("end")
     second = max(i for i, s in enumerate(steps) if s == 0)    # where the short request's steps begin
-    # The long request decoded for about its 1.5 s (~20 tokens/s here), not towards its 600 tokens.
-    assert 0 < second and max(steps[:second]) < 150 and steps[second:] == list(range(len(steps) - second))
+    # The long request decoded for about its 3 s (~10-20 tokens/s here), not towards its 600 tokens.
+    assert 0 < second and max(steps[:second]) < 200 and steps[second:] == list(range(len(steps) - second))
     assert _health(live_server.address) == health_pb2.HealthCheckResponse.SERVING
 
 
