@@ -169,15 +169,17 @@ class TransformersBackend(Backend):
 
     # ---- generation: the model operations the scheduler calls (backends/batching.py) --------------
     def tokenize(self, messages: Any) -> list[int]:
-        return [int(t) for t in self.prompt_ids(messages)[0].tolist()]
+        """The chat-templated prompt's token ids, the most recent ``max_prompt_tokens`` (plain
+        lists: this runs on the scheduler's thread, which must not touch torch)."""
+        ids = self.tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages],
+                                                 add_generation_prompt=True, return_dict=True)["input_ids"]
+        return [int(t) for t in ids[-self.opts.max_prompt_tokens:]]
 
     def prompt_ids(self, messages: Any) -> Any:
-        ids = self.tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages],
-                                                 add_generation_prompt=True, return_tensors="pt",
-                                                 return_dict=True)["input_ids"]
-        if ids.shape[1] > self.opts.max_prompt_tokens:
-            ids = ids[:, -self.opts.max_prompt_tokens:]
-        return ids
+        """``tokenize`` as a (1, n) tensor on the model's device."""
+        import torch
+
+        return torch.tensor([self.tokenize(messages)], dtype=torch.long, device=self.opts.device)
 
     def prepare(self, req: GenerationRequest) -> tuple[Hashable, Callable[[], None] | None]:
         """(batch key, setup): requests with equal keys decode in one batch; setup runs on the
