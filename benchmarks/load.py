@@ -395,10 +395,12 @@ class Calls:
     async def generate(self, stub: Any, prompt: str) -> Rec:
         rec = Rec("generate", time.perf_counter())
         params = self.pb.GenerationParams(max_tokens=self.args.max_tokens, temperature=0.0)
+        knobs = self.pb.RoutingKnobs(allowed_backends=self.args.generate_allow.split(",")
+                                     if self.args.generate_allow else [])
 
         async def go() -> None:
             ended = False
-            async for chunk in stub.Generate(self.pb.GenerateRequest(prompt=prompt, params=params),
+            async for chunk in stub.Generate(self.pb.GenerateRequest(prompt=prompt, params=params, knobs=knobs),
                                              timeout=self.args.deadline):
                 if chunk.text and rec.t_first is None:
                     rec.t_first = time.perf_counter()
@@ -838,6 +840,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--feedback-levels", help="Feedback callers (default 1,16; '' to skip)")
     ap.add_argument("--overload", type=int, help="callers of the overload phase (default 128; 0 to skip)")
     ap.add_argument("--overload-generate", type=int, help="of those, on Generate (default 1 in 8)")
+    ap.add_argument("--generate-allow", default="",
+                    help="Generate only on these backends (comma-separated; default: wherever the router sends "
+                         "each prompt, which splits the callers over the backends, each batching its share)")
     ap.add_argument("--overload-queue", type=int, default=16,
                     help="the overload phase runs on a server whose routing and backend queues hold this many "
                          "(0: the same server as the other phases)")
