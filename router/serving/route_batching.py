@@ -40,7 +40,7 @@ class Routed:
     """What one submission gets back: its rows of the batch's embeddings and predictions."""
 
     embeddings: npt.NDArray[np.float32]     # (n, d), unit rows
-    prediction: Prediction                   # n prompts over the submission's backends
+    prediction: Prediction                   # n prompts over the submission's backends (empty when none)
     embedding_ms: float                      # the batch's encoder call
     prediction_ms: float                     # the batch's prediction
     batch_prompts: int                       # prompts in the batch it rode in
@@ -50,7 +50,7 @@ class Routed:
 class _Item:
     texts: Sequence[str]
     chars: Sequence[int]
-    backends: Mapping[str, Any]
+    backends: Mapping[str, Any] | None      # None: embed only (Feedback)
     future: Future[Routed]
 
 
@@ -72,6 +72,7 @@ class RouteBatcher:
         self._arriving = 0              # callers between arrive() and submit()
         self._closed = False
         self._s_per_prompt = 0.005      # EWMA of batch seconds per prompt, for the expected wait
+        self._last_batch = 1            # prompts in the last batch taken
         self.batches = 0
         self.prompts = 0
         self._thread: threading.Thread | None = None     # started by the first submission
@@ -82,9 +83,10 @@ class RouteBatcher:
         with self._cond:
             self._arriving += 1
 
-    def submit(self, texts: Sequence[str], chars: Sequence[int], backends: Mapping[str, Any], *,
+    def submit(self, texts: Sequence[str], chars: Sequence[int], backends: Mapping[str, Any] | None, *,
                arrived: bool = False) -> Future[Routed]:
-        """Queue prompts for the next batch. ``arrived``: this caller called ``arrive`` first."""
+        """Queue prompts for the next batch (``backends`` None: embeddings only, no prediction).
+        ``arrived``: this caller called ``arrive`` first."""
         fut: Future[Routed] = Future()
         with self._cond:
             if arrived:
@@ -132,8 +134,13 @@ class RouteBatcher:
                 self._cond.wait()
             if self._closed and not self._queue:
                 return None
+            # Wait up to the window while more prompts are on their way: callers already inside
+            # the service, or, under load, as many as the last batch held (closed-loop callers
+            # come back within a millisecond or two of their answer). A lone caller (last batch
+            # of one, nobody arriving) never waits.
             until = time.monotonic() + self.window_s
-            while self._arriving > 0 and self._pending < self.max_prompts:
+            expect = min(self.max_prompts, self._last_batch)
+            while (self._arriving > 0 or self._pending < expect) and self._pending < self.max_prompts:
                 left = until - time.monotonic()
                 if left <= 0:
                     break
@@ -145,6 +152,7 @@ class RouteBatcher:
                 items.append(it)
                 n += len(it.texts)
             self._pending -= n
+            self._last_batch = n
             return items
 
     def _run(self) -> None:
@@ -171,9 +179,15 @@ class RouteBatcher:
         starts = np.cumsum([0] + [len(it.texts) for it in items])
         preds: dict[int, Prediction] = {}
         for idx in groups.values():
+            backends = items[idx[0]].backends
             rows = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in idx])
+            if backends is None:
+                n = len(rows)
+                preds[idx[0]] = Prediction((), np.empty((n, 0), np.float32), np.empty((n, 0)),
+                                           np.empty((n, 0), np.float32))
+                continue
             chars = [c for i in idx for c in items[i].chars]
-            preds[idx[0]] = self._predict(X[rows], chars, items[idx[0]].backends)
+            preds[idx[0]] = self._predict(X[rows], chars, backends)
         t2 = time.perf_counter()
         with self._cond:
             self._s_per_prompt = 0.8 * self._s_per_prompt + 0.2 * (t2 - t0) / len(texts)
