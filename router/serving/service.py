@@ -163,10 +163,15 @@ class RouterService:
         self.defaults = Knobs(r.cost_weight, r.min_quality, r.max_cost, max_queue_ms=r.max_queue_ms)
         self.batcher = RouteBatcher(self.encoder.encode, self.predict, window_s=r.batch_window_ms / 1e3,
                                     max_prompts=r.batch_max_prompts, max_pending=r.max_pending)
-        # decision id -> (embedded text, chosen backend): what Feedback by id needs, and no more.
-        # Measured in a 7-minute soak at 154 routes/s: whole Decisions (embedding, candidates,
-        # messages) took 2.8 KB each, RSS +11%; the embedding is recomputed on Feedback instead.
-        self._decisions: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        # decision id -> (embedded text, chosen backend, row of _embeddings): what Feedback by id
+        # needs, and no more. Whole Decisions took 2.8 KB each (RSS +16% in a 10-minute soak at
+        # 154 routes/s, the cache filling); embedding again on Feedback instead capped Feedback at
+        # the encoder's rate (191/s at 16 callers against 793). So the embeddings sit in a ring
+        # of decision_cache_size rows, written at start: its memory is taken once, not as it fills.
+        self._decisions: OrderedDict[str, tuple[str, str, int]] = OrderedDict()
+        self._embeddings = np.zeros((r.decision_cache_size, encoder.dim), dtype=np.float32)
+        self._embeddings.fill(0.0)     # touch every page now
+        self._next_row = 0
         self._dlock = threading.Lock()
         self.version = __version__
         # Backends the config defines (and can dispatch to) cannot be replaced by Onboard.
@@ -403,7 +408,11 @@ class RouterService:
 
     def _remember(self, d: Decision) -> None:
         with self._dlock:
-            self._decisions[d.decision_id] = (d.text, d.backend)
+            # FIFO eviction and round-robin rows: the row taken is the evicted decision's.
+            row = self._next_row
+            self._next_row = (row + 1) % len(self._embeddings)
+            self._embeddings[row] = d.embedding
+            self._decisions[d.decision_id] = (d.text, d.backend, row)
             while len(self._decisions) > self.config.routing.decision_cache_size:
                 self._decisions.popitem(last=False)
 
@@ -491,15 +500,17 @@ class RouterService:
             if remembered is None:
                 raise NotFound(f"unknown decision_id {decision_id!r} (expired or never issued); "
                                "send the prompt and backend instead")
-            text, chosen = remembered
+            text, chosen, row = remembered
             backend = backend or chosen
+            with self._dlock:
+                emb = self._embeddings[row].copy()
         else:
             if not backend:
                 raise InvalidArgument("Feedback needs a decision_id, or a prompt/messages and a backend")
             msgs = self._messages(prompt, messages)
             text = prompt_text(None, msgs)
-        # Embedded with the concurrent Routes and Feedbacks (the same embedding as at routing).
-        emb = self.batcher.submit([text], [len(text)], None).result().embeddings[0]
+            # Embedded with the concurrent Routes (one encoder call for all).
+            emb = self.batcher.submit([text], [len(text)], None).result().embeddings[0]
         if backend not in self.backends:
             raise UnknownBackend(f"unknown backend {backend!r}; configured: {', '.join(self.names)}")
         rec: dict[str, Any] = {"prompt": text, "scores": {backend: float(score)}, "source": "feedback"}
