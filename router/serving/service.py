@@ -332,6 +332,19 @@ class RouterService:
         self._remember(decision)
         return decision
 
+    def _refuse_if_all_full(self, knobs: KnobsInput) -> None:
+        """Overloaded at once, before routing, when every backend the request may go to keeps a
+        queue and every such queue is full: under overload, routing first made refusals wait for
+        a routing batch (p99 62 ms measured, against 5 ms at the p50)."""
+        names = [n for n in (knobs.allowed or self.backends) if n in self.backends and n not in knobs.denied]
+        stats = [self.backends[n].queue_stats() for n in names]
+        if not names or any(q is None or q.waiting < q.max_queue for q in stats):
+            return
+        wait = min(q.expected_wait_s for q in stats if q is not None)
+        self.telemetry.request("Generate", "", "resource_exhausted")
+        raise Overloaded(f"every eligible backend is saturated ({', '.join(names)}: queues full); "
+                         f"expected wait {wait:.1f} s; retry later", retry_after_s=wait)
+
     def saturated(self, backends: Mapping[str, Backend], max_queue_ms: float,
                   exclude: Mapping[str, str] = {}) -> dict[str, str]:
         """Backends whose queue would hold a request now for longer than ``max_queue_ms``."""
@@ -440,6 +453,7 @@ class RouterService:
         t0 = time.perf_counter()
         msgs = self._messages(query.prompt, query.messages)
         self._gen_request(msgs, params)  # validate before spending time on routing
+        self._refuse_if_all_full(query.knobs)
         decision = await self.route_async(query, dispatch=True)
         fallbacks: list[tuple[str, str]] = []
         for cand in decision.selection.ranked:

@@ -134,12 +134,12 @@ def test_a_full_routing_queue_refuses_at_once_and_errors_reach_every_caller():
 
 
 class QueuedBackend(ScriptedBackend):
-    def __init__(self, name, wait_s, **kw):
+    def __init__(self, name, wait_s, waiting=6, **kw):
         super().__init__(name, **kw)
-        self.wait_s = wait_s
+        self.wait_s, self.waiting = wait_s, waiting
 
     def queue_stats(self):
-        return QueueStats(4, 6, 4, 32, self.wait_s)
+        return QueueStats(4, self.waiting, 4, 32, self.wait_s)
 
 
 def test_max_queue_ms_skips_a_saturated_backend_for_the_next_best(make_service):
@@ -154,3 +154,24 @@ def test_max_queue_ms_skips_a_saturated_backend_for_the_next_best(make_service):
                         max_queue_ms=100).route(Query(prompt=q)).backend == "wordy"      # the config default
     views = {v.name: v for v in svc.list_backends()}
     assert views["mathy"].queue.expected_wait_s == 2.0
+
+
+def test_generate_is_refused_before_routing_when_every_eligible_queue_is_full(make_service):
+    import asyncio
+
+    from router.serving.service import GenParams
+
+    enc = CountingEncoder()
+    full, free = QueuedBackend("mathy", 2.0, waiting=32), QueuedBackend("wordy", 0.1, waiting=32)
+    svc = make_service(enc, [full, free])
+
+    async def gen(**knobs):
+        return [ev async for ev in svc.generate(Query(prompt="What is 40 + 2?", knobs=KnobsInput(**knobs)),
+                                                GenParams(max_tokens=2))]
+    with pytest.raises(Overloaded, match="every eligible backend is saturated") as e:
+        asyncio.run(gen())
+    assert enc.batches == [] and e.value.retry_after_s == 0.1          # refused before any embedding
+    free.waiting = 0
+    assert asyncio.run(gen())                                          # one with room: served
+    with pytest.raises(Overloaded):
+        asyncio.run(gen(allowed=("mathy",)))                          # only the full one allowed
