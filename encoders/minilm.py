@@ -104,7 +104,8 @@ class MiniLMEncoder:
             cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
             # The export is torch work: on the compute thread, like every other torch call.
             folder = self._compute.run(onnx_model_folder, path, cache, runtime)
-            self._session = onnx_session(folder / "model.onnx")
+            # Created on the compute thread, whose priority its worker threads inherit.
+            self._session = self._compute.run(onnx_session, folder / "model.onnx")
 
     def _ids(self, text: str) -> list[int]:
         body = self.max_tokens - 2  # [CLS] and [SEP]
