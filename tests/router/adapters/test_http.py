@@ -138,7 +138,7 @@ def test_a_full_queue_is_429_with_retry_after(http, live_server):
     saved = sched.max_batch, sched.max_queue
     sched.max_batch, sched.max_queue = 1, 0
     body = {"model": DENSE, "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
-            "max_tokens": 300}
+            "max_tokens": 120}
     busy = threading.Thread(target=_post, args=(http, "/v1/chat/completions", body), daemon=True)
     try:
         busy.start()
