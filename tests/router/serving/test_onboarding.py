@@ -29,7 +29,7 @@ def open_service(tmp_path, any_encoder):
     def make(capability=None):
         src = write_outcomes(tmp_path / "o.jsonl", OUTCOMES)
         ds = FaissKnnDatastore.open(tmp_path / "state", any_encoder, [src], k=8, progress=False)
-        cfg = AppConfig.model_validate({"routing": {"cost_unit": "USD"}})
+        cfg = AppConfig.model_validate({"routing": {"cost_unit": "USD", "decision_cache_size": 1000}})
         svc = RouterService(cfg, any_encoder, ds, {b.name: b for b in (ScriptedBackend("mathy"), ScriptedBackend("wordy"))},
                             capability=capability)
         svc.attach_registry(AppendLog.open(log_path(tmp_path / "state")))

@@ -40,7 +40,7 @@ def make_service(tmp_path):
     def make(encoder, backends=None, **routing):
         src = write_outcomes(tmp_path / "o.jsonl", OUTCOMES)
         ds = FaissKnnDatastore.open(tmp_path / "state", WordEncoder(), [src], k=8, progress=False)
-        cfg = AppConfig.model_validate({"routing": {"cost_unit": "USD", **routing}})
+        cfg = AppConfig.model_validate({"routing": {"cost_unit": "USD", "decision_cache_size": 1000, **routing}})
         backends = backends or [ScriptedBackend("mathy"), ScriptedBackend("wordy", per_request=0.5)]
         return RouterService(cfg, encoder, ds, {b.name: b for b in backends})
     return make
@@ -109,16 +109,17 @@ def test_the_window_waits_for_callers_on_their_way_in():
 
 
 def test_a_full_routing_queue_refuses_at_once_and_errors_reach_every_caller():
-    gate = threading.Event()
+    gate, entered = threading.Event(), threading.Event()
 
     def encode(texts):
+        entered.set()
         gate.wait(5)
         if "boom" in texts:
             raise RuntimeError("encoder boom")
         return np.zeros((len(texts), 4), np.float32)
     b = RouteBatcher(encode, _pred, window_s=0.0, max_prompts=4, max_pending=3)
     first = b.submit(["a"], [1], {"x": None})
-    time.sleep(0.05)                    # "a" is being encoded; the next three wait
+    assert entered.wait(5)              # "a" is being encoded; the next three wait
     waiting = [b.submit([t], [1], {"x": None}) for t in ("boom", "c", "d")]
     t = time.perf_counter()
     with pytest.raises(Overloaded, match="routing is saturated") as e:

@@ -20,7 +20,7 @@ def make_service(tmp_path, any_encoder):
     def make(backends, **routing):
         src = write_outcomes(tmp_path / "o.jsonl", OUTCOMES)
         ds = FaissKnnDatastore.open(tmp_path / "state", any_encoder, [src], k=8, progress=False)
-        cfg = AppConfig.model_validate({"routing": {"cost_unit": "USD", **routing},
+        cfg = AppConfig.model_validate({"routing": {"cost_unit": "USD", "decision_cache_size": 1000, **routing},
                                         "limits": {"max_prompt_chars": 2000, "max_messages": 4}})
         return RouterService(cfg, any_encoder, ds, {b.name: b for b in backends})
     return make
@@ -242,7 +242,7 @@ def test_window_budget_spends_where_it_pays_and_keeps_the_average(make_service):
 def test_window_budget_on_route_reports_the_solved_lambda(tmp_path, encoder):
     src = write_outcomes(tmp_path / "o.jsonl", OUTCOMES)
     ds = FaissKnnDatastore.open(tmp_path / "state", encoder, [src], k=8, progress=False)
-    cfg = AppConfig.model_validate({"routing": {"cost_unit": "USD"}})
+    cfg = AppConfig.model_validate({"routing": {"cost_unit": "USD", "decision_cache_size": 1000}})
     svc = RouterService(cfg, encoder, ds, {b.name: b for b in (ScriptedBackend("mathy", per_request=10.0),
                                                                 ScriptedBackend("wordy", per_request=1.0))})
     prompts = [f"What is {i} + {i + 5}?" for i in range(20)]
