@@ -509,15 +509,14 @@ class RouterService:
         if decision_id:
             if prompt or messages:
                 raise InvalidArgument("send either decision_id or prompt/messages with Feedback, not both")
-            with self._dlock:
+            with self._dlock:      # one hold: a newer decision may take the row once this is evicted
                 remembered = self._decisions.get(decision_id)
-            if remembered is None:
+                emb = None if remembered is None else self._embeddings[remembered[2]].copy()
+            if remembered is None or emb is None:
                 raise NotFound(f"unknown decision_id {decision_id!r} (expired or never issued); "
                                "send the prompt and backend instead")
-            text, chosen, row = remembered
+            text, chosen, _ = remembered
             backend = backend or chosen
-            with self._dlock:
-                emb = self._embeddings[row].copy()
         else:
             if not backend:
                 raise InvalidArgument("Feedback needs a decision_id, or a prompt/messages and a backend")
