@@ -80,9 +80,10 @@ class DecodeScheduler:
     """The continuous-batching loop of one local backend (see the module docstring).
 
     ``model_ops`` is the backend: it supplies ``tokenize(messages) -> list[int]``,
-    ``forward(ids, mask, cache, setup) -> (last-position logits (B, V), cache)`` (run on the
-    compute thread), ``eos`` (token ids), ``decode(ids) -> str``, ``prepare(req) -> (key, setup)``
-    and ``step_hook``.
+    ``prepare(req) -> (key, setup)``, ``generator(req)`` (its sampler state),
+    ``forward(ids, mask, cache, setup) -> (last-position logits (B, V), cache)`` and
+    ``pick(logits, rows) -> tokens`` (both run on the compute thread), ``eos`` (token ids),
+    ``decode(ids) -> str`` and ``step_hook``.
     """
 
     def __init__(self, name: str, model_ops: Any, compute: Any, *, max_batch: int, max_queue: int,
@@ -117,9 +118,15 @@ class DecodeScheduler:
             self._waiting.append(Row(req, emit, time.monotonic()))
             self._cond.notify()
 
+    def _running(self) -> int:
+        return len(self._prefilling) + sum(len(b.rows) for b in self._batches.values())
+
+    def _busy(self) -> bool:
+        return bool(self._waiting or self._prefilling or self._batches)
+
     def stats(self) -> QueueStats:
         with self._cond:
-            running = len(self._prefilling) + sum(len(b.rows) for b in self._batches.values())
+            running = self._running()
             waiting = len(self._waiting)
             wait = self._expected_wait_locked(waiting + 1) if running + waiting >= self.max_batch else 0.0
             return QueueStats(running, waiting, self.max_batch, self.max_queue, wait)
@@ -144,19 +151,29 @@ class DecodeScheduler:
     def _drive(self) -> None:
         while True:
             with self._cond:
-                while not self._closed and not (self._waiting or self._prefilling or self._batches):
+                while not self._closed and not self._busy():
                     self._cond.wait()
                 if self._closed:
                     break
-            self.iterate()
-        err = BackendError(self.name, "shutting down")
+            try:
+                self.iterate()
+            except Exception as e:
+                # The step's own failures are handled where they happen; this is what escaped
+                # them (cache surgery running out of memory, say). The started requests fail,
+                # the queued ones stay, and the driver goes on: a dead driver would hang them all.
+                _fail(self._drop(waiting=False), self.name, e)
+        _fail(self._drop(waiting=True), self.name, BackendError(self.name, "shutting down"))
+
+    def _drop(self, *, waiting: bool) -> list[Row]:
+        """Take the started requests (and, with ``waiting``, the queued ones) out of the scheduler."""
         with self._cond:
-            rows = list(self._waiting) + self._prefilling + [r for b in self._batches.values() for r in b.rows]
-            self._waiting.clear()
+            rows = self._prefilling + [r for b in self._batches.values() for r in b.rows]
+            if waiting:
+                rows += list(self._waiting)
+                self._waiting.clear()
             self._prefilling.clear()
             self._batches.clear()
-        for r in rows:
-            _send(r, err)
+        return rows
 
     def run_until_idle(self, requests: Sequence[GenerationRequest] = ()) -> list[tuple[str, Finished]]:
         """Serve ``requests`` together on the calling thread (warm-up, tests, benchmarks; never
@@ -174,7 +191,7 @@ class DecodeScheduler:
             return emit
         for i, req in enumerate(requests):
             self._waiting.append(Row(req, collect(i), time.monotonic()))
-        while self._waiting or self._prefilling or self._batches:
+        while self._busy():
             self.iterate()
         for _, ev in out:
             if isinstance(ev, BaseException):
@@ -193,8 +210,7 @@ class DecodeScheduler:
         now = time.monotonic()
         while True:
             with self._cond:
-                running = len(self._prefilling) + sum(len(b.rows) for b in self._batches.values())
-                if running >= self.max_batch or not self._waiting:
+                if self._running() >= self.max_batch or not self._waiting:
                     return
                 row = self._waiting.popleft()
             req = row.req
@@ -394,7 +410,7 @@ class DecodeScheduler:
         return None
 
 
-# ---- cache surgery (driver thread; tensors only, no model call) ----------------------------------
+# ---- cache surgery (on the compute thread; tensors only, no model call) ---------------------------
 def _layers(cache: Any) -> list[Any]:
     return list(cache.layers)
 

@@ -175,7 +175,7 @@ def test_a_request_whose_deadline_passes_while_queued_never_starts(ops):
     s.submit(_req("runs", 5), lambda ev: None)
     s.submit(_req("late", 5, deadline=time.monotonic() + 0.01), events.append)
     time.sleep(0.02)
-    while s._waiting or s._prefilling or s._batches:
+    while s._busy():
         s.iterate()
     assert len(events) == 1 and isinstance(events[0], DeadlineExceeded) and "not started" in str(events[0])
     assert started == list(range(5))           # only the first request ever decoded
@@ -193,7 +193,7 @@ def test_a_failing_row_fails_alone_and_a_failing_forward_fails_its_batch(ops):
     out: dict[int, list[object]] = {0: [], 1: []}
     s.submit(_req("a", 4), out[0].append)
     s.submit(_req("b", 4), out[1].append)
-    while s._waiting or s._prefilling or s._batches:
+    while s._busy():
         s.iterate()
     ends = [evs[-1] for evs in out.values()]
     assert sum(isinstance(e, BackendError) and "row boom" in str(e) for e in ends) == 1
@@ -253,3 +253,31 @@ def test_a_request_cancelled_while_its_long_prompt_is_prefilled_stops_there(ops)
     s.iterate()
     assert isinstance(got[-1], Finished) and got[-1].reason == FinishReason.CANCELLED
     assert not s._prefilling and not s._batches and s.stats().running == 0
+
+
+def test_a_failure_that_escapes_a_step_fails_the_started_requests_and_the_driver_goes_on(ops):
+    s = _sched(ops)
+    real = s._decode
+    calls = {"n": 0}
+
+    def once_broken(b):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise MemoryError("cache surgery ran out of memory")
+        real(b)
+    s._decode = once_broken
+    s.start(service_s=0.1)
+    done = threading.Event()
+    first: list[object] = []
+
+    def emit(ev):
+        first.append(ev)
+        if isinstance(ev, (Finished, Exception)):
+            done.set()
+    s.submit(_req("hit by the failure", 20), emit)
+    assert done.wait(10) and isinstance(first[-1], BackendError) and "MemoryError" in str(first[-1])
+    after: list[object] = []
+    ok = threading.Event()
+    s.submit(_req("served after it", 3), lambda ev: (after.append(ev), isinstance(ev, Finished) and ok.set()))
+    assert ok.wait(10) and after[-1].completion_tokens == 3
+    s.close()
