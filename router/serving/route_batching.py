@@ -8,8 +8,9 @@ capability blend are matrix operations that cost about the same for 1 or 64 rows
 How (dynamic batching, as Triton's dynamic batcher or TF Serving's batching session): callers
 submit their prompts and get a future; one thread takes whatever is queued, waits up to
 ``window_s`` for more while other callers are known to be on their way in (between entering the
-service and submitting), then embeds and predicts the lot. A lone caller is never held back:
-with nobody else arriving it runs at once. While a batch computes, newcomers queue and form the
+service and submitting) or fewer are queued than the last batch held, then embeds and predicts
+the lot. A lone caller is never held back: with nobody else arriving and a last batch of one, it
+runs at once. While a batch computes, newcomers queue and form the
 next one, so under load batches grow by themselves.
 
 Bounded: at most ``max_pending`` prompts wait; beyond that a caller is refused at once with
@@ -94,7 +95,7 @@ class RouteBatcher:
             if self._closed:
                 raise RuntimeError("the route batcher is closed")
             if self._pending + len(texts) > self.max_pending and self._pending:
-                wait = self._pending * self._s_per_prompt
+                wait = self._wait_locked()
                 raise Overloaded(f"routing is saturated: {self._pending} prompts wait to be embedded "
                                  f"(max_pending {self.max_pending}), expected wait {wait * 1e3:.0f} ms; retry later",
                                  retry_after_s=wait)
@@ -118,7 +119,10 @@ class RouteBatcher:
 
     def expected_wait_s(self) -> float:
         with self._cond:
-            return self._pending * self._s_per_prompt
+            return self._wait_locked()
+
+    def _wait_locked(self) -> float:
+        return self._pending * self._s_per_prompt
 
     def close(self) -> None:
         with self._cond:
