@@ -9,6 +9,8 @@
     caprouter backends --address HOST:PORT
     caprouter onboard  --address HOST:PORT NAME --results FILE [--cost-per-request X | --price-in X --price-out Y
                        | --active-parameters N] [--description TEXT]
+    caprouter keys create NAME [--tenant T] [--scopes route,generate,...] [--rps R] [--tokens-per-min N]
+                       [--budget B --period day|month]  |  keys list  |  keys revoke ID|NAME
     caprouter aptitude [--config FILE] [--out FILE] [--backends A,B] [--limit N]
     caprouter build-datastore [--config FILE]
     caprouter train --data FILE.jsonl[.gz] --out DIR [--costs FILE] [--seed N]
@@ -28,7 +30,7 @@ from typing import Any
 import grpc
 import yaml
 
-from router.client import AptitudeResult, Client, CostModel, Decision, Retry
+from router.client import AptitudeResult, Client, CostModel, Decision, Retry, Tls
 from router.core.config import AppConfig, builtin_data, load_config
 from router.core.errors import CaprouterError, ConfigError, InvalidArgument
 from router.core.logs import setup_logging
@@ -41,7 +43,11 @@ def _config(args: argparse.Namespace) -> AppConfig:
     overrides = {"server.host": getattr(args, "host", None), "server.port": getattr(args, "port", None),
                  "server.http_port": getattr(args, "http_port", None),
                  "routing.cost_weight": getattr(args, "default_cost_weight", None),
-                 "cache_dir": getattr(args, "cache_dir", None), "log_level": getattr(args, "log_level", None)}
+                 "cache_dir": getattr(args, "cache_dir", None), "log_level": getattr(args, "log_level", None),
+                 "server.tls_cert": getattr(args, "tls_cert_serve", None),
+                 "server.tls_key": getattr(args, "tls_key_serve", None),
+                 "server.tls_client_ca": getattr(args, "tls_client_ca", None),
+                 "auth.keys_file": getattr(args, "keys_file", None)}
     if getattr(args, "state_dir", None):
         overrides["datastore.state_dir"] = args.state_dir
     if getattr(args, "artifact_serve", None):
@@ -76,11 +82,29 @@ def _add_knobs(p: argparse.ArgumentParser, *, prompt: bool = True) -> None:
     p.add_argument("--max-queue-ms", type=float, help="skip a backend whose queue would hold the request longer")
     p.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
     p.add_argument("--json", action="store_true", help="print the response as JSON")
+    _add_connection(p)
+
+
+def _add_connection(p: argparse.ArgumentParser) -> None:
+    """How a client command reaches a server: TLS and the API key (read from a file or the
+    environment, never from the command line, where every user of the machine could read it)."""
+    p.add_argument("--api-key-file", help="file holding the API key (default: $CAPROUTER_API_KEY)")
+    p.add_argument("--tls", action="store_true", help="connect with TLS, verifying against the system's roots")
+    p.add_argument("--tls-ca", help="connect with TLS, verifying the server against this CA (PEM)")
+    p.add_argument("--tls-cert", help="client certificate (PEM), for a server that requires one")
+    p.add_argument("--tls-key", help="the client certificate's private key (PEM)")
+    p.add_argument("--tls-server-name", help="the name the server's certificate must carry (default: the host)")
 
 
 def _client(args: argparse.Namespace) -> Client:
+    key = os.environ.get("CAPROUTER_API_KEY") or None
+    if args.api_key_file:
+        key = Path(args.api_key_file).read_text().strip() or None
+    tls = None
+    if args.tls or args.tls_ca or args.tls_cert:
+        tls = Tls(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, server_name=args.tls_server_name)
     # One attempt, as a shell tool makes: the caller (a person, a script) decides whether to retry.
-    return Client(args.address, timeout=args.timeout, retry=Retry(attempts=1))
+    return Client(args.address, timeout=args.timeout, retry=Retry(attempts=1), api_key=key, tls=tls)
 
 
 def _read_messages(path: str | None) -> list[tuple[str, str]] | None:
@@ -335,6 +359,44 @@ def _serve_ray(cfg: AppConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from router.serving.access import AuditLog
+    from router.serving.keys import OPEN, KeyFile, Limits
+
+    cfg = _config(args)
+    keys = KeyFile(cfg.auth.keys_path())
+    audit = AuditLog(cfg.auth.audit_path())
+    if args.keys_cmd == "create":
+        limits = Limits(requests_per_s=args.rps, output_tokens_per_min=args.tokens_per_min, budget=args.budget,
+                        budget_period=args.period)
+        scopes = tuple(x.strip() for x in args.scopes.split(",") if x.strip())
+        rec, token = keys.create(args.name, tenant=args.tenant, scopes=scopes, limits=limits)
+        audit.write(OPEN, "key.create", key_id=rec.id, name=rec.name, tenant=rec.tenant, scopes=list(rec.scopes),
+                    by=os.environ.get("USER", ""))
+        print(f"created key {rec.id} ({rec.name}, tenant {rec.tenant}, scopes {','.join(rec.scopes)}) in {keys.path}",
+              file=sys.stderr)
+        print("store it now; it is not shown again:", file=sys.stderr)
+        print(token)
+    elif args.keys_cmd == "revoke":
+        rec = keys.revoke(args.ref)
+        audit.write(OPEN, "key.revoke", key_id=rec.id, name=rec.name, by=os.environ.get("USER", ""))
+        print(f"revoked key {rec.id} ({rec.name})")
+    else:
+        rows = keys.keys()
+        if args.json:
+            print(json.dumps([{k: v for k, v in r.to_json().items() if k != "sha256"} for r in rows], indent=1))
+            return 0
+        print(f"{'id':<13} {'name':<20} {'tenant':<16} {'scopes':<34} {'limits':<28} status")
+        for r in rows:
+            lim = r.limits
+            parts = [f"{lim.requests_per_s:g} rps" if lim.requests_per_s else "",
+                     f"{lim.output_tokens_per_min} tok/min" if lim.output_tokens_per_min else "",
+                     f"{lim.budget:g}/{lim.budget_period}" if lim.budget else ""]
+            print(f"{r.id:<13} {r.name:<20} {r.tenant:<16} {','.join(r.scopes):<34} "
+                  f"{', '.join(p for p in parts if p) or '-':<28} {'active' if r.active else 'revoked'}")
+    return 0
+
+
 def cmd_aptitude(args: argparse.Namespace) -> int:
     from router.offline.aptitude.cli_run import run
 
@@ -440,6 +502,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--log-format", choices=["json", "text"], default="json")
     s.add_argument("--http-port", type=int, help="also serve the OpenAI-compatible HTTP API on this port (0: any free)")
     s.add_argument("--ready-file", help="write the bound address here once serving")
+    s.add_argument("--tls-cert", dest="tls_cert_serve", help="serve both ports over TLS with this certificate chain (PEM)")
+    s.add_argument("--tls-key", dest="tls_key_serve", help="the certificate's private key (PEM)")
+    s.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mutual TLS)")
+    s.add_argument("--keys-file", help="the API key file (default: auth.keys_file, else $CAPROUTER_HOME/keys.json); "
+                                       "keys are required when it exists")
     s.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value: dotted key, YAML value; in a list a number or * picks "
                         "(--set routing.max_pending=64 --set 'backends.*.options.max_queue=16'); repeatable")
@@ -473,11 +540,13 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--score", type=float, required=True)
     f.add_argument("--cost", type=float, help="the observed cost of the answer (server's cost unit)")
     f.add_argument("--timeout", type=float, default=30.0)
+    _add_connection(f)
     f.set_defaults(fn=cmd_feedback)
 
     b = sub.add_parser("backends", help="list a server's backends")
     b.add_argument("--address", default="127.0.0.1:50051")
     b.add_argument("--timeout", type=float, default=30.0)
+    _add_connection(b)
     b.set_defaults(fn=cmd_backends)
 
     o = sub.add_parser("onboard", help="register (or update) a backend on a running server from its aptitude results")
@@ -493,6 +562,7 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--expected-output-tokens", type=int)
     o.add_argument("--timeout", type=float, default=120.0)
     o.add_argument("--json", action="store_true")
+    _add_connection(o)
     o.set_defaults(fn=cmd_onboard)
 
     a = sub.add_parser("aptitude", help="run the backends on the aptitude suite and write outcomes")
@@ -534,6 +604,26 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--answer-tokens", type=int, default=48, help="length of the dense answers the codes are scored on")
     c.add_argument("--max-prompts", type=int, help="use about this many calibration prompts (quick builds)")
     c.set_defaults(fn=cmd_codes)
+
+    k = sub.add_parser("keys", help="manage the API keys of a server (its key file)")
+    ksub = k.add_subparsers(dest="keys_cmd", required=True)
+    kc = ksub.add_parser("create", help="create a key; prints it once")
+    kc.add_argument("name", help="who holds the key (an app, a team)")
+    kc.add_argument("--tenant", help="whose traffic and budget it counts as (default: the name)")
+    kc.add_argument("--scopes", default="route,generate",
+                    help="comma-separated: route, generate, feedback, onboard, admin (all of them)")
+    kc.add_argument("--rps", type=float, help="requests per second (token bucket)")
+    kc.add_argument("--tokens-per-min", type=int, help="Generate output tokens per minute (token bucket)")
+    kc.add_argument("--budget", type=float, help="spend per period in the server's cost unit")
+    kc.add_argument("--period", choices=["day", "month"], default="day", help="the budget's period (UTC)")
+    kr = ksub.add_parser("revoke", help="revoke a key by id or name (takes effect on the next request)")
+    kr.add_argument("ref", help="key id or name")
+    kl = ksub.add_parser("list", help="list keys (never the keys themselves)")
+    kl.add_argument("--json", action="store_true")
+    for sp in (kc, kr, kl):
+        sp.add_argument("--config", help="YAML config whose auth.keys_file to use")
+        sp.add_argument("--keys-file", help="the key file (default: auth.keys_file, else $CAPROUTER_HOME/keys.json)")
+    k.set_defaults(fn=cmd_keys)
 
     d = sub.add_parser("build-datastore", help="build the datastore snapshot from the configured outcomes")
     with_config(d)

@@ -15,6 +15,9 @@ ListBackends), Feedback by decision id (idempotent per decision for the router's
 prompt it is not, and is not retried) and Onboard (a second registration under the same name
 replaces the first) are retried with exponential backoff on UNAVAILABLE (a server still loading, a restart); Generate is retried only until the
 first chunk arrived, never after.
+
+On a server with API keys: ``Client(address, api_key=...)`` (sent as ``authorization: Bearer``);
+over TLS: ``tls=Tls(ca="ca.pem")``, with ``cert``/``key`` for mutual TLS.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -306,15 +310,49 @@ def _backoff(e: grpc.RpcError, delays: Iterator[float], *, started: bool = False
     if started or not (_unavailable(e) or overloaded) or delay is None:
         raise e
     hint = _retry_after_s(e) if overloaded else None
+    if hint is not None and hint > _LONGEST_HINT_S:
+        raise e                     # a spent budget renews in hours: waiting here helps nobody
     return delay if hint is None else max(delay, hint)
+
+
+_LONGEST_HINT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Tls:
+    """TLS to the server: ``ca`` (PEM file) verifies the server's certificate (None: the system's
+    roots); ``cert`` and ``key`` present a client certificate (mutual TLS); ``server_name``
+    overrides the name checked against the certificate (when connecting by IP address)."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    server_name: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(p: str | None) -> bytes | None:
+            return Path(p).read_bytes() if p else None
+        return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
+
+    def options(self) -> list[tuple[str, str]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
+def _auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    """Every call's metadata: the API key as a bearer token (caprouter keys are ASCII)."""
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
 
 class Client:
     """Synchronous client. ``timeout``: default deadline of every call, in seconds."""
 
     def __init__(self, address: str = "127.0.0.1:50051", *, timeout: float = 30.0, retry: Retry = Retry(),
-                 channel: grpc.Channel | None = None) -> None:
-        self._channel = channel or grpc.insecure_channel(address)
+                 channel: grpc.Channel | None = None, api_key: str | None = None, tls: Tls | None = None) -> None:
+        if channel is None:
+            channel = (grpc.secure_channel(address, tls.credentials(), tls.options()) if tls
+                       else grpc.insecure_channel(address))
+        self._channel = channel
+        self._md = _auth_metadata(api_key)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
         self.timeout = timeout
         self.retry = retry
@@ -339,14 +377,14 @@ class Client:
     def route(self, prompt: str | None = None, *, messages: Messages | None = None, timeout: float | None = None,
               **knobs: Any) -> Decision:
         req = pb.RouteRequest(knobs=_knobs(**knobs), **_input(prompt, messages))
-        return _route_decision(self._call(lambda: self._stub.Route(req, timeout=timeout or self.timeout)))
+        return _route_decision(self._call(lambda: self._stub.Route(req, timeout=timeout or self.timeout, metadata=self._md)))
 
     def route_batch(self, items: Sequence[str | Messages], *, timeout: float | None = None,
                     **knobs: Any) -> BatchDecision:
         """items: prompts, or chats as (role, content) pairs; knobs bind every item (with
         ``budget_per_request``, the batch's average)."""
         req = _batch_request(items, knobs)
-        return _batch(self._call(lambda: self._stub.RouteBatch(req, timeout=timeout or self.timeout)))
+        return _batch(self._call(lambda: self._stub.RouteBatch(req, timeout=timeout or self.timeout, metadata=self._md)))
 
     def generate(self, prompt: str | None = None, *, messages: Messages | None = None, max_tokens: int | None = None,
                  temperature: float | None = None, stop: Sequence[str] = (), seed: int | None = None,
@@ -355,7 +393,7 @@ class Client:
         delays = self.retry.delays()
         while True:
             started = False
-            call = self._stub.Generate(req, timeout=timeout or self.timeout)
+            call = self._stub.Generate(req, timeout=timeout or self.timeout, metadata=self._md)
             try:
                 for c in call:
                     started = True
@@ -374,26 +412,29 @@ class Client:
         one), or for a ``prompt`` / ``messages`` answered by ``backend`` (decision_id ""). Only the
         first is retried: a second record for the same prompt would count it twice."""
         req = _feedback_request(decision_id, score, backend, prompt, messages, cost)
-        r = self._call(lambda: self._stub.Feedback(req, timeout=timeout or self.timeout), retry=bool(decision_id))
+        r = self._call(lambda: self._stub.Feedback(req, timeout=timeout or self.timeout, metadata=self._md), retry=bool(decision_id))
         return FeedbackResult(r.record_id, r.backend)
 
     def list_backends(self, *, timeout: float | None = None) -> list[BackendInfo]:
         return _backends(self._call(lambda: self._stub.ListBackends(pb.ListBackendsRequest(),
-                                                                    timeout=timeout or self.timeout)))
+                                                                    timeout=timeout or self.timeout, metadata=self._md)))
 
     def onboard(self, name: str, results: Sequence[AptitudeResult], *, cost: CostModel | None = None,
                 description: str = "", timeout: float | None = None) -> OnboardResult:
         """Register (or update) a route-only backend from its aptitude results, with its cost model
         (default: free per request)."""
         req = _onboard_request(name, results, cost or CostModel(), description)
-        return _onboarded(self._call(lambda: self._stub.Onboard(req, timeout=timeout or self.timeout)))
+        return _onboarded(self._call(lambda: self._stub.Onboard(req, timeout=timeout or self.timeout, metadata=self._md)))
 
 
 class AsyncClient:
     """The same calls for asyncio (``grpc.aio``); ``generate`` is an async iterator."""
 
-    def __init__(self, address: str = "127.0.0.1:50051", *, timeout: float = 30.0, retry: Retry = Retry()) -> None:
-        self._channel = grpc.aio.insecure_channel(address)
+    def __init__(self, address: str = "127.0.0.1:50051", *, timeout: float = 30.0, retry: Retry = Retry(),
+                 api_key: str | None = None, tls: Tls | None = None) -> None:
+        self._channel = (grpc.aio.secure_channel(address, tls.credentials(), tls.options()) if tls
+                         else grpc.aio.insecure_channel(address))
+        self._md = _auth_metadata(api_key)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
         self.timeout = timeout
         self.retry = retry
@@ -418,12 +459,12 @@ class AsyncClient:
     async def route(self, prompt: str | None = None, *, messages: Messages | None = None,
                     timeout: float | None = None, **knobs: Any) -> Decision:
         req = pb.RouteRequest(knobs=_knobs(**knobs), **_input(prompt, messages))
-        return _route_decision(await self._call(lambda: self._stub.Route(req, timeout=timeout or self.timeout)))
+        return _route_decision(await self._call(lambda: self._stub.Route(req, timeout=timeout or self.timeout, metadata=self._md)))
 
     async def route_batch(self, items: Sequence[str | Messages], *, timeout: float | None = None,
                           **knobs: Any) -> BatchDecision:
         req = _batch_request(items, knobs)
-        return _batch(await self._call(lambda: self._stub.RouteBatch(req, timeout=timeout or self.timeout)))
+        return _batch(await self._call(lambda: self._stub.RouteBatch(req, timeout=timeout or self.timeout, metadata=self._md)))
 
     async def generate(self, prompt: str | None = None, *, messages: Messages | None = None,
                        max_tokens: int | None = None, temperature: float | None = None, stop: Sequence[str] = (),
@@ -432,7 +473,7 @@ class AsyncClient:
         delays = self.retry.delays()
         while True:
             started = False
-            call = self._stub.Generate(req, timeout=timeout or self.timeout)
+            call = self._stub.Generate(req, timeout=timeout or self.timeout, metadata=self._md)
             try:
                 async for c in call:
                     started = True
@@ -447,15 +488,15 @@ class AsyncClient:
                        messages: Messages | None = None, cost: float | None = None,
                        timeout: float | None = None) -> FeedbackResult:
         req = _feedback_request(decision_id, score, backend, prompt, messages, cost)
-        r = await self._call(lambda: self._stub.Feedback(req, timeout=timeout or self.timeout),
+        r = await self._call(lambda: self._stub.Feedback(req, timeout=timeout or self.timeout, metadata=self._md),
                              retry=bool(decision_id))
         return FeedbackResult(r.record_id, r.backend)
 
     async def list_backends(self, *, timeout: float | None = None) -> list[BackendInfo]:
         return _backends(await self._call(lambda: self._stub.ListBackends(pb.ListBackendsRequest(),
-                                                                          timeout=timeout or self.timeout)))
+                                                                          timeout=timeout or self.timeout, metadata=self._md)))
 
     async def onboard(self, name: str, results: Sequence[AptitudeResult], *, cost: CostModel | None = None,
                       description: str = "", timeout: float | None = None) -> OnboardResult:
         req = _onboard_request(name, results, cost or CostModel(), description)
-        return _onboarded(await self._call(lambda: self._stub.Onboard(req, timeout=timeout or self.timeout)))
+        return _onboarded(await self._call(lambda: self._stub.Onboard(req, timeout=timeout or self.timeout, metadata=self._md)))

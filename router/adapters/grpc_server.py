@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import ipaddress
 import logging
 import math
 import signal
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -26,8 +28,10 @@ from router.adapters import guard
 from router.adapters import proto_convert as convert
 from router.adapters.http_server import HttpServer
 from router.core.compute import off_loop
+from router.core.config import ServerConfig
 from router.core.errors import GRPC_STATUS, ConfigError
 from router.serving.app import App
+from router.serving.keys import Caller
 from router.serving.service import RouterService
 
 log = logging.getLogger(__name__)
@@ -44,35 +48,51 @@ async def _abort(context: grpc.aio.ServicerContext, e: Exception, rpc: str) -> N
     await context.abort(getattr(grpc.StatusCode, GRPC_STATUS[code]), message, trailing_metadata=trailers)
 
 
-def guarded(fn: F) -> F:
+def _authorization(context: grpc.aio.ServicerContext) -> str | None:
+    for k, v in context.invocation_metadata() or ():
+        if k == "authorization":
+            return v if isinstance(v, str) else v.decode("latin-1")
+    return None
+
+
+def guarded(scope: str | None) -> Callable[[F], F]:
     """The guard for a servicer method, unary (a coroutine) or streaming (an async generator):
-    errors become status codes; cancellation and aborts pass through."""
-    rpc = fn.__name__
-    if inspect.isasyncgenfunction(fn):
+    the caller is authorized for ``scope`` (None: any valid key) and handed to the method as its
+    last argument; errors become status codes; cancellation and aborts pass through."""
+    def wrap(fn: F) -> F:
+        rpc = fn.__name__
+        if inspect.isasyncgenfunction(fn):
+            @functools.wraps(fn)
+            async def stream(self: RouterServicer, request: Any,
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                try:
+                    caller = guard.authorize(self.app, _authorization(context), scope)
+                except Exception as e:
+                    await _abort(context, e, rpc)       # raises AbortError
+                    return
+                items = fn(self, request, context, caller)
+                try:
+                    async for item in items:
+                        yield item
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception as e:
+                    await _abort(context, e, rpc)
+                finally:
+                    # Closed now, not when collected: a caller that leaves stops the work at once.
+                    await items.aclose()
+            return stream  # type: ignore[return-value]
+
         @functools.wraps(fn)
-        async def stream(self: RouterServicer, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            items = fn(self, request, context)
+        async def unary(self: RouterServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
-                async for item in items:
-                    yield item
+                return await fn(self, request, context, guard.authorize(self.app, _authorization(context), scope))
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception as e:
                 await _abort(context, e, rpc)
-            finally:
-                # Closed now, not when collected: a caller that leaves stops the work at once.
-                await items.aclose()
-        return stream  # type: ignore[return-value]
-
-    @functools.wraps(fn)
-    async def unary(self: RouterServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await fn(self, request, context)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as e:
-            await _abort(context, e, rpc)
-    return unary  # type: ignore[return-value]
+        return unary  # type: ignore[return-value]
+    return wrap
 
 
 class RouterServicer(pb_grpc.RouterServicer):
@@ -82,16 +102,18 @@ class RouterServicer(pb_grpc.RouterServicer):
     def _svc(self) -> RouterService:
         return guard.ready(self.app)
 
-    @guarded
-    async def Route(self, request: pb.RouteRequest, context: grpc.aio.ServicerContext) -> pb.RouteResponse:
+    @guarded("route")
+    async def Route(self, request: pb.RouteRequest, context: grpc.aio.ServicerContext,
+                    caller: Caller) -> pb.RouteResponse:
         svc = self._svc()
-        return convert.route_response(svc, await svc.route_async(convert.query(request)))
+        return convert.route_response(svc, await svc.route_async(convert.query(request, caller)))
 
-    @guarded
-    async def Generate(self, request: pb.GenerateRequest,
-                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
+    @guarded("generate")
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext,
+                       caller: Caller) -> AsyncIterator[pb.GenerateChunk]:
         svc = self._svc()
-        stream = svc.generate(convert.query(request), convert.gen_params(request.params, context.time_remaining()))
+        stream = svc.generate(convert.query(request, caller),
+                              convert.gen_params(request.params, context.time_remaining()))
         try:
             async for ev in stream:
                 yield convert.generate_chunk(svc, ev)
@@ -100,31 +122,35 @@ class RouterServicer(pb_grpc.RouterServicer):
             # backend's decode loop between two tokens.
             await stream.aclose()
 
-    @guarded
-    async def Feedback(self, request: pb.FeedbackRequest, context: grpc.aio.ServicerContext) -> pb.FeedbackResponse:
+    @guarded("feedback")
+    async def Feedback(self, request: pb.FeedbackRequest, context: grpc.aio.ServicerContext,
+                       caller: Caller) -> pb.FeedbackResponse:
         svc = self._svc()
         res = await off_loop(
             svc.feedback, request.decision_id, request.score, backend=request.backend, prompt=request.prompt,
-            messages=convert.messages(request), cost=request.cost if request.HasField("cost") else None)
+            messages=convert.messages(request), cost=request.cost if request.HasField("cost") else None,
+            caller=caller)
         return pb.FeedbackResponse(metadata=convert.metadata(svc), record_id=res.record_id, backend=res.backend)
 
-    @guarded
-    async def ListBackends(self, request: pb.ListBackendsRequest,
-                           context: grpc.aio.ServicerContext) -> pb.ListBackendsResponse:
+    @guarded(None)
+    async def ListBackends(self, request: pb.ListBackendsRequest, context: grpc.aio.ServicerContext,
+                           caller: Caller) -> pb.ListBackendsResponse:
         svc = self._svc()
         return pb.ListBackendsResponse(metadata=convert.metadata(svc),
                                        backends=[convert.backend_info(v) for v in svc.list_backends()])
 
-    @guarded
-    async def Onboard(self, request: pb.OnboardRequest, context: grpc.aio.ServicerContext) -> pb.OnboardResponse:
+    @guarded("onboard")
+    async def Onboard(self, request: pb.OnboardRequest, context: grpc.aio.ServicerContext,
+                      caller: Caller) -> pb.OnboardResponse:
         svc = self._svc()
-        return convert.onboard_response(svc, await off_loop(svc.onboard, convert.onboard_spec(request)))
+        return convert.onboard_response(svc, await off_loop(svc.onboard, convert.onboard_spec(request), caller=caller))
 
-    @guarded
-    async def RouteBatch(self, request: pb.RouteBatchRequest,
-                         context: grpc.aio.ServicerContext) -> pb.RouteBatchResponse:
+    @guarded("route")
+    async def RouteBatch(self, request: pb.RouteBatchRequest, context: grpc.aio.ServicerContext,
+                         caller: Caller) -> pb.RouteBatchResponse:
         svc = self._svc()
-        res = await off_loop(svc.route_batch, convert.batch_items(request), convert.knobs(request.knobs))
+        res = await off_loop(svc.route_batch, convert.batch_items(request), convert.knobs(request.knobs),
+                             caller=caller)
         return convert.batch_response(svc, res)
 
 
@@ -140,8 +166,10 @@ class GrpcServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server)
+        creds = server_credentials(app.config.server)
         try:
-            self.port = self.server.add_insecure_port(f"{host}:{port}")
+            self.port = (self.server.add_secure_port(f"{host}:{port}", creds) if creds
+                         else self.server.add_insecure_port(f"{host}:{port}"))
         except RuntimeError:            # grpc raises where older versions returned 0
             self.port = 0
         if self.port == 0:
@@ -167,6 +195,47 @@ class GrpcServer:
         await self.app.close()
 
 
+def server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS for the gRPC port from the configured PEM files (None: plain text); with a client CA,
+    callers must present a certificate it signed."""
+    if not cfg.tls:
+        return None
+    assert cfg.tls_cert is not None and cfg.tls_key is not None
+    try:
+        pair = (Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())
+        ca = Path(cfg.tls_client_ca).read_bytes() if cfg.tls_client_ca else None
+    except OSError as e:
+        raise ConfigError(f"cannot read a TLS file: {e}") from None
+    return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_if_exposed(app: App) -> str:
+    """Say at start-up what protects the ports; returns the line for the console."""
+    cfg = app.config.server
+    keys = app.keys.enabled()
+    if not keys:
+        log.warning("no API keys (%s does not exist): every caller may route, generate, send feedback and "
+                    "onboard backends; create keys with `caprouter keys create` to require them", app.keys.path)
+    if not is_loopback(cfg.host):
+        if not cfg.tls:
+            log.warning("serving on %s in plain text: prompts, answers and API keys cross the network readable; "
+                        "set server.tls_cert and server.tls_key", cfg.host)
+        if not keys:
+            log.warning("serving on %s without API keys: anyone who reaches the port can steer routing with "
+                        "Feedback and register backends", cfg.host)
+    return (f"API keys required ({app.keys.path})" if keys else "open: no API keys") + \
+        (", TLS" + (" with client certificates" if cfg.tls_client_ca else "") if cfg.tls else ", plain text")
+
+
 async def serve(app: App, *, ready_file: str | None = None, progress: bool = True) -> None:
     """Run until SIGINT/SIGTERM. A failure while loading stops both servers before it propagates,
     so that the caller can report it as one line (nothing is left running on a closed loop)."""
@@ -189,8 +258,9 @@ async def serve(app: App, *, ready_file: str | None = None, progress: bool = Tru
     if ready_file:
         with open(ready_file, "w") as f:
             f.write(srv.address)
-    print(f"caprouter serving on {srv.address}" + (f", OpenAI-compatible HTTP on http://{http.address}/v1" if http else ""),
-          flush=True)
+    scheme = "https" if cfg.tls else "http"
+    print(f"caprouter serving on {srv.address}" + (f", OpenAI-compatible HTTP on {scheme}://{http.address}/v1"
+                                                    if http else "") + f" ({warn_if_exposed(app)})", flush=True)
     await stop.wait()
     log.info("shutting down")
     if http is not None:

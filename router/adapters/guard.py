@@ -1,8 +1,10 @@
 """The one guard of the adapters: readiness and the exception ladder, shared by gRPC (unary and
 streaming) and HTTP.
 
-Every adapter handler runs its body through ``ready`` (the service, or Unavailable while it loads)
-and turns whatever escapes into a wire error with ``failure``: a CaprouterError keeps its code
+Every adapter handler first names its caller with ``authorize`` (the API key in the request and
+the scope the call needs; an open server lets everyone in), then runs its body through ``ready``
+(the service, or Unavailable while it loads) and turns whatever escapes into a wire error with
+``failure``: a CaprouterError keeps its code
 (mapped by ``router.core.errors``' tables), anything else becomes INTERNAL with a logged
 traceback. Cancellation and the framework's own control flow pass through untouched; no request
 can take the server down or make it unhealthy.
@@ -13,9 +15,30 @@ import logging
 
 from router.core.errors import CaprouterError, ErrorCode, Overloaded, Unavailable
 from router.serving.app import App
+from router.serving.keys import OPEN, Caller, require
 from router.serving.service import RouterService
 
 log = logging.getLogger(__name__)
+
+
+def bearer(header: str | None) -> str | None:
+    """The key of an ``Authorization: Bearer <key>`` header (gRPC: ``authorization`` metadata)."""
+    if not header:
+        return None
+    scheme, _, token = header.strip().partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def authorize(app: App, authorization: str | None, scope: str | None) -> Caller:
+    """Who calls, checked before anything else: Unauthenticated without a valid key,
+    PermissionDenied when its key lacks ``scope`` (None: any valid key will do). On a server
+    without a key file everyone may do everything."""
+    if not app.keys.enabled():
+        return OPEN
+    caller = app.keys.authenticate(bearer(authorization))
+    if scope is not None:
+        require(caller, scope)
+    return caller
 
 
 def ready(app: App) -> RouterService:

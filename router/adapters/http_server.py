@@ -20,6 +20,7 @@ import functools
 import json
 import logging
 import math
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -30,21 +31,30 @@ from backends.base import TextChunk
 from router.adapters import guard
 from router.adapters import openai_convert as oa
 from router.core.compute import off_loop
+from router.core.config import ServerConfig
 from router.core.errors import CaprouterError, ConfigError, InvalidArgument
 from router.serving.app import App
+from router.serving.keys import Caller
 from router.serving.service import GenEnd, GenStart, Query, RouterService
 from router.serving.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[["HttpServer", web.Request], Awaitable[web.StreamResponse]]
+Handler = Callable[["HttpServer", web.Request, Caller], Awaitable[web.StreamResponse]]
+Endpoint = Callable[["HttpServer", web.Request], Awaitable[web.StreamResponse]]
 
 
-def _guard(fn: Handler) -> Handler:
+def _guard(scope: str | None) -> Callable[[Handler], Endpoint]:
+    """The caller is authorized for ``scope`` (None: any valid key) from the Authorization header
+    and handed to the handler; errors become OpenAI error bodies."""
+    return lambda fn: _guarded(fn, scope)
+
+
+def _guarded(fn: Handler, scope: str | None) -> Endpoint:
     @functools.wraps(fn)
     async def wrapper(self: HttpServer, request: web.Request) -> web.StreamResponse:
         try:
-            return await fn(self, request)
+            return await fn(self, request, guard.authorize(self.app, request.headers.get("Authorization"), scope))
         except (asyncio.CancelledError, web.HTTPException):
             raise
         except Exception as e:
@@ -57,6 +67,23 @@ def _guard(fn: Handler) -> Handler:
                 return resp
             return oa.error_response(500, message, "server_error")     # no error code of ours to name
     return wrapper
+
+
+def ssl_context(cfg: ServerConfig) -> ssl.SSLContext | None:
+    """TLS for the HTTP port from the same PEM files as gRPC's (None: plain text)."""
+    if not cfg.tls:
+        return None
+    assert cfg.tls_cert is not None and cfg.tls_key is not None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+        if cfg.tls_client_ca:
+            ctx.load_verify_locations(cfg.tls_client_ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"cannot load the TLS files: {e}") from None
+    return ctx
 
 
 class HttpServer:
@@ -73,7 +100,7 @@ class HttpServer:
 
     async def start(self) -> None:
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=ssl_context(self.app.config.server))
         try:
             await site.start()
         except OSError as e:
@@ -92,15 +119,15 @@ class HttpServer:
         return guard.ready(self.app)
 
     # ---- endpoints ------------------------------------------------------------------------------
-    @_guard
-    async def chat(self, request: web.Request) -> web.StreamResponse:
+    @_guard("generate")
+    async def chat(self, request: web.Request, caller: Caller) -> web.StreamResponse:
         svc = self._svc()
         body = await oa.json_body(request)
-        q = Query(messages=oa.chat_messages(body), knobs=oa.knobs(request, body, set(svc.backends)))
+        q = Query(messages=oa.chat_messages(body), knobs=oa.knobs(request, body, set(svc.backends)), caller=caller)
         return await self._generate(request, svc, body, q, chat=True)
 
-    @_guard
-    async def completions(self, request: web.Request) -> web.StreamResponse:
+    @_guard("generate")
+    async def completions(self, request: web.Request, caller: Caller) -> web.StreamResponse:
         svc = self._svc()
         body = await oa.json_body(request)
         prompt = body.get("prompt")
@@ -108,7 +135,7 @@ class HttpServer:
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
             raise InvalidArgument("prompt must be a non-empty string")
-        q = Query(prompt=prompt, knobs=oa.knobs(request, body, set(svc.backends)))
+        q = Query(prompt=prompt, knobs=oa.knobs(request, body, set(svc.backends)), caller=caller)
         return await self._generate(request, svc, body, q, chat=False)
 
     async def _generate(self, request: web.Request, svc: RouterService, body: dict[str, Any], q: Query, *,
@@ -186,8 +213,8 @@ class HttpServer:
         finally:
             await events.aclose()
 
-    @_guard
-    async def models(self, request: web.Request) -> web.Response:
+    @_guard(None)
+    async def models(self, request: web.Request, caller: Caller) -> web.Response:
         svc = self._svc()
         now = int(time.time())
         data = [{"id": "caprouter", "object": "model", "created": now, "owned_by": "caprouter",
@@ -198,8 +225,8 @@ class HttpServer:
                                        "description": v.description, "cost": v.cost_model.summary()}})
         return web.json_response({"object": "list", "data": data})
 
-    @_guard
-    async def feedback(self, request: web.Request) -> web.Response:
+    @_guard("feedback")
+    async def feedback(self, request: web.Request, caller: Caller) -> web.Response:
         svc = self._svc()
         body = await oa.json_body(request)
         score = body.get("score")
@@ -209,14 +236,16 @@ class HttpServer:
         if not isinstance(did, str) or not did:
             raise InvalidArgument("decision_id is required (from a response's caprouter.decision_id)")
         did = did.removeprefix("chatcmpl-").removeprefix("cmpl-")
-        res = await off_loop(svc.feedback, did, float(score), backend=body.get("backend") or "")
+        res = await off_loop(svc.feedback, did, float(score), backend=body.get("backend") or "", caller=caller)
         return web.json_response({"object": "feedback", "record_id": res.record_id, "backend": res.backend})
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok" if self.app.ready else "loading", "detail": self.app.loading_detail},
                                  status=200 if self.app.ready else 503)
 
-    async def metrics_text(self, request: web.Request) -> web.Response:
+    @_guard("admin")
+    async def metrics_text(self, request: web.Request, caller: Caller) -> web.StreamResponse:
+        """Prometheus text; with API keys on, scrapers send a key with the admin scope."""
         if self.metrics is None:
             return oa.error_response(404, "metrics are not enabled", "invalid_request_error")
         body, ctype = self.metrics.exposition()

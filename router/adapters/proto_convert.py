@@ -10,6 +10,7 @@ from typing import Any
 from backends.base import FinishReason, Status, TextChunk
 from caprouter.v1 import router_pb2 as pb
 from router.policy.selection import KnobsInput
+from router.serving.keys import OPEN, Caller
 from router.serving.registrations import AptitudeResult, OnboardResult, OnboardSpec
 from router.serving.service import (
     BackendView,
@@ -53,9 +54,9 @@ def knobs(k: pb.RoutingKnobs) -> KnobsInput:
         max_queue_ms=k.max_queue_ms if k.HasField("max_queue_ms") else None)
 
 
-def query(req: Any) -> Query:
-    """RouteRequest or GenerateRequest -> Query."""
-    return Query(prompt=req.prompt, messages=messages(req), knobs=knobs(req.knobs))
+def query(req: Any, caller: Caller = OPEN) -> Query:
+    """RouteRequest or GenerateRequest (and who sent it) -> Query."""
+    return Query(prompt=req.prompt, messages=messages(req), knobs=knobs(req.knobs), caller=caller)
 
 
 def messages(req: Any) -> tuple[tuple[str, str], ...]:

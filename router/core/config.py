@@ -34,6 +34,52 @@ class ServerConfig(_Model):
     http_port: int | None = Field(None, ge=0, le=65535)
     # Seconds a stopping server lets in-flight requests finish.
     grace_s: float = Field(5.0, ge=0)
+    # TLS on both ports: the server's certificate chain and private key (PEM files). With
+    # tls_client_ca, callers must present a certificate that CA signed (mutual TLS).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("set server.tls_cert and server.tls_key together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("server.tls_client_ca (mutual TLS) needs server.tls_cert and server.tls_key")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
+class AuthConfig(_Model):
+    """API keys (router/serving/keys.py), their limits and budgets, and the audit trail."""
+
+    # The key file `caprouter keys` manages; None: $CAPROUTER_HOME/keys.json. Authentication is
+    # on when the file exists; without it every caller may do everything (local development).
+    keys_file: str | None = None
+    # Where each budgeted key's spend is recorded (durable); None: the key file's folder.
+    spend_dir: str | None = None
+    # A key over its spend budget: "refuse" answers RESOURCE_EXHAUSTED until the period ends;
+    # "fit" routes to the backends whose predicted cost fits what is left of it (refused once
+    # nothing is left or nothing fits).
+    over_budget: Literal["refuse", "fit"] = "refuse"
+    # Key names whose Feedback is acknowledged and audited but not learned from.
+    ignore_feedback_from: list[str] = Field(default_factory=list)
+    # The audit trail (one JSON line per authenticated write); None: audit.jsonl beside the keys.
+    audit_file: str | None = None
+    # Prompts are left out of audit lines unless this is set.
+    audit_prompts: bool = False
+
+    def keys_path(self) -> Path:
+        return Path(self.keys_file).expanduser() if self.keys_file else caprouter_home() / "keys.json"
+
+    def spend_path(self) -> Path:
+        return (Path(self.spend_dir).expanduser() if self.spend_dir else self.keys_path().parent) / "spend.log"
+
+    def audit_path(self) -> Path:
+        return Path(self.audit_file).expanduser() if self.audit_file else self.keys_path().parent / "audit.jsonl"
 
 
 class EncoderConfig(_Model):
@@ -181,6 +227,7 @@ class AppConfig(_Model):
     datastore: DatastoreConfig = Field(default_factory=DatastoreConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     aptitude: AptitudeConfig = Field(default_factory=AptitudeConfig)
     ray: RayConfig = Field(default_factory=RayConfig)

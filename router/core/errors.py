@@ -18,6 +18,9 @@ Unavailable            UNAVAILABLE (503)       not ready yet, or every backend f
 BackendError           UNAVAILABLE (503)       a backend failed while generating
 DeadlineExceeded       DEADLINE_EXCEEDED (504) the caller's deadline passed
 Overloaded             RESOURCE_EXHAUSTED (429) a queue is full: retry after ``retry_after_s``
+RateLimited            RESOURCE_EXHAUSTED (429) a key's rate limit or spend budget is used up
+Unauthenticated        UNAUTHENTICATED (401)   no API key, or an unknown or revoked one
+PermissionDenied       PERMISSION_DENIED (403) the key lacks the scope the call needs
 ConfigError            (not on the wire)       invalid configuration at start-up
 ArtifactError          (not on the wire)       a stored artifact is missing or inconsistent
 =====================  ======================  ===========================================
@@ -34,6 +37,8 @@ class ErrorCode(str, enum.Enum):
     UNAVAILABLE = "UNAVAILABLE"
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
     INTERNAL = "INTERNAL"
 
 
@@ -94,6 +99,18 @@ class Overloaded(CaprouterError):
         self.retry_after_s = max(0.0, float(retry_after_s))
 
 
+class RateLimited(Overloaded):
+    """A key's request rate, output-token rate or spend budget is used up until ``retry_after_s``."""
+
+
+class Unauthenticated(CaprouterError):
+    code = ErrorCode.UNAUTHENTICATED
+
+
+class PermissionDenied(CaprouterError):
+    code = ErrorCode.PERMISSION_DENIED
+
+
 class ConfigError(CaprouterError):
     """Invalid configuration; raised at start-up, never on a request."""
 
@@ -110,6 +127,8 @@ GRPC_STATUS: dict[ErrorCode, str] = {
     ErrorCode.UNAVAILABLE: "UNAVAILABLE",
     ErrorCode.DEADLINE_EXCEEDED: "DEADLINE_EXCEEDED",
     ErrorCode.RESOURCE_EXHAUSTED: "RESOURCE_EXHAUSTED",
+    ErrorCode.UNAUTHENTICATED: "UNAUTHENTICATED",
+    ErrorCode.PERMISSION_DENIED: "PERMISSION_DENIED",
     ErrorCode.INTERNAL: "INTERNAL",
 }
 
@@ -124,6 +143,8 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.UNAVAILABLE: 503,
     ErrorCode.DEADLINE_EXCEEDED: 504,
     ErrorCode.RESOURCE_EXHAUSTED: 429,
+    ErrorCode.UNAUTHENTICATED: 401,
+    ErrorCode.PERMISSION_DENIED: 403,
     ErrorCode.INTERNAL: 500,
 }
 
@@ -135,5 +156,7 @@ OPENAI_ERROR_TYPE: dict[ErrorCode, str] = {
     ErrorCode.UNAVAILABLE: "server_error",
     ErrorCode.DEADLINE_EXCEEDED: "timeout_error",
     ErrorCode.RESOURCE_EXHAUSTED: "rate_limit_error",
+    ErrorCode.UNAUTHENTICATED: "authentication_error",
+    ErrorCode.PERMISSION_DENIED: "permission_error",
     ErrorCode.INTERNAL: "server_error",
 }

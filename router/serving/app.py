@@ -20,6 +20,8 @@ from router.core.compute import Compute, ComputeThread
 from router.core.config import AppConfig, BackendConfig, CostModelConfig, builtin_data, caprouter_home
 from router.prediction import artifact as art
 from router.prediction.predictor import Capability
+from router.serving.access import Access, AuditLog
+from router.serving.keys import KeyFile
 from router.serving.registrations import log_path
 from router.serving.service import RouterService
 from router.serving.telemetry import PrometheusTelemetry, Telemetry
@@ -127,7 +129,11 @@ class App:
     # passes one that returns adapters around Serve deployment handles.
     backend_factory: BackendFactory | None = None
     telemetry: Telemetry = field(default_factory=default_telemetry)
+    keys: KeyFile = field(init=False)    # API keys (config.auth); read on every authentication
     _backends: dict[str, Backend] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.keys = KeyFile(self.config.auth.keys_path())
 
     @property
     def ready(self) -> bool:
@@ -156,7 +162,11 @@ class App:
         for b in self._backends.values():
             self.loading_detail = f"loading backend {b.name}"
             await b.load()
-        service = RouterService(cfg, encoder, store, self._backends, capability=capability, telemetry=self.telemetry)
+        access = Access(cfg.auth, cfg.auth.spend_path(), AuditLog(cfg.auth.audit_path()))
+        if self.keys.enabled():
+            await loop.run_in_executor(None, lambda: access.ledger)     # replay what keys spent, now
+        service = RouterService(cfg, encoder, store, self._backends, capability=capability, telemetry=self.telemetry,
+                                access=access)
         self.loading_detail = "restoring onboarded backends"
         restored = await loop.run_in_executor(None, service.attach_registry, open_registry(cfg))
         if restored:

@@ -77,6 +77,7 @@ class Registration:
     scores: tuple[float, ...]
     costs: tuple[float | None, ...]
     item_ids: tuple[str, ...]
+    key: str = ""                  # the API key's name that registered it (provenance)
 
     def record_ids(self) -> list[str]:
         return [f"onboard-{self.entry_id}-{i}" for i in range(len(self.prompts))]
@@ -93,14 +94,15 @@ class Registration:
                 "results": [{"prompt": p, "score": s, **({"cost": c} if c is not None else {}),
                              **({"item_id": i} if i else {})}
                             for p, s, c, i in zip(self.prompts, self.scores, self.costs, self.item_ids)],
-                "embedder": embedder, "embeddings": [encode_vector(e) for e in embeddings]}
+                "embedder": embedder, "embeddings": [encode_vector(e) for e in embeddings],
+                **({"key": self.key} if self.key else {})}
 
     @classmethod
     def from_entry(cls, e: dict[str, Any]) -> Registration:
         res = e["results"]
         return cls(e["id"], e["backend"], e.get("description", ""), CostModelConfig(**e["cost"]),
                    tuple(r["prompt"] for r in res), tuple(float(r["score"]) for r in res),
-                   tuple(r.get("cost") for r in res), tuple(r.get("item_id", "") for r in res))
+                   tuple(r.get("cost") for r in res), tuple(r.get("item_id", "") for r in res), e.get("key", ""))
 
 
 def validate(spec: OnboardSpec, suite: dict[str, str], *, max_prompt_chars: int) -> Registration:

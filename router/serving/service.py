@@ -47,6 +47,8 @@ from router.policy.selection import Knobs, KnobsInput, Selection, promote, selec
 from router.prediction.onboarding import fit_capability
 from router.prediction.predictor import Capability, Prediction, Predictor
 from router.serving import registrations as reg
+from router.serving.access import Access
+from router.serving.keys import OPEN, Caller
 from router.serving.route_batching import RouteBatcher, Routed
 from router.serving.telemetry import Telemetry
 
@@ -60,6 +62,7 @@ class Query:
     prompt: str = ""
     messages: Sequence[Message] = ()
     knobs: KnobsInput = field(default_factory=KnobsInput)
+    caller: Caller = OPEN
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,7 @@ class _Routing:
     knobs: Knobs
     text: str
     chars: int
+    caller: Caller
 
 
 @dataclass(frozen=True)
@@ -153,8 +157,9 @@ def _rpc(dispatch: bool) -> str:
 class RouterService:
     def __init__(self, config: AppConfig, encoder: PromptEncoder, datastore: Datastore,
                  backends: Mapping[str, Backend], *, capability: Capability | None = None,
-                 telemetry: Telemetry | None = None) -> None:
+                 telemetry: Telemetry | None = None, access: Access | None = None) -> None:
         self.config = config
+        self.access = access or Access(config.auth)
         self.encoder = encoder
         self.datastore = datastore
         self.predictor = Predictor(datastore, capability)
@@ -253,7 +258,10 @@ class RouterService:
         except CaprouterError as e:
             self.telemetry.request(_rpc(dispatch), "", e.code.value.lower())
             raise
-        return self._finish_observed(p, dispatch, routed)
+        d = self._finish_observed(p, dispatch, routed)
+        if not dispatch and p.caller.limits.budget is not None:
+            self.access.charge(p.caller, d.selection.chosen.cost)     # a route-only decision: its predicted cost
+        return d
 
     async def route_async(self, query: Query, *, dispatch: bool = False) -> Decision:
         """``route`` for the adapters: waits for its batch without holding a thread."""
@@ -263,7 +271,11 @@ class RouterService:
         except CaprouterError as e:
             self.telemetry.request(_rpc(dispatch), "", e.code.value.lower())
             raise
-        return self._finish_observed(p, dispatch, routed)
+        d = self._finish_observed(p, dispatch, routed)
+        if not dispatch and p.caller.limits.budget is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.access.charge, p.caller,
+                                                             d.selection.chosen.cost)
+        return d
 
     def _begin(self, query: Query, dispatch: bool) -> _Routing:
         """Validate, telling the batcher a prompt is on its way (so it may wait the window for it)."""
@@ -298,7 +310,10 @@ class RouterService:
         msgs = self._messages(query.prompt, query.messages)
         backends = self.backends      # one consistent set for this request, whatever Onboard does meanwhile
         knobs = query.knobs.resolve(self.defaults, list(backends))
-        return _Routing(t0, msgs, backends, knobs, prompt_text(None, msgs), sum(len(c) for _, c in msgs))
+        self.access.admit(query.caller, tokens=dispatch)
+        knobs = self.access.budgeted(query.caller, knobs)
+        return _Routing(t0, msgs, backends, knobs, prompt_text(None, msgs), sum(len(c) for _, c in msgs),
+                        query.caller)
 
     def _decide(self, p: _Routing, dispatch: bool, routed: Routed) -> Decision:
         backends, knobs = p.backends, p.knobs
@@ -366,7 +381,7 @@ class RouterService:
         self._budgets.commit(knobs.budget_key, names, sel.chosen.cost)
         return sel
 
-    def route_batch(self, items: Sequence[Query], knobs_in: KnobsInput) -> BatchDecision:
+    def route_batch(self, items: Sequence[Query], knobs_in: KnobsInput, *, caller: Caller = OPEN) -> BatchDecision:
         """Route prompts together. With a budget, the batch's average predicted cost keeps to it:
         one assignment problem over the batch (router.policy.budget.assign), each prompt's assigned
         backend ranked first, the rest by utility at the batch's lambda."""
@@ -384,7 +399,8 @@ class RouterService:
                 raise InvalidArgument(f"items[{i}]: {e}") from None
         backends = self.backends
         names = list(backends)
-        knobs = knobs_in.resolve(self.defaults, names)
+        self.access.admit(caller)
+        knobs = self.access.budgeted(caller, knobs_in.resolve(self.defaults, names))
         texts = [prompt_text(None, m) for m in msgs]
         routed = self.batcher.submit(texts, [sum(len(x) for _, x in m) for m in msgs], backends).result()
         embs, pred = routed.embeddings, routed.prediction
@@ -416,6 +432,8 @@ class RouterService:
             self._remember(d)
             decisions.append(d)
         chosen = [d.selection.chosen for d in decisions]
+        if caller.limits.budget is not None:
+            self.access.charge(caller, float(sum(x.cost for x in chosen)))
         return BatchDecision(tuple(decisions), float(lam), float(np.mean([x.cost for x in chosen])),
                              float(np.mean([x.quality for x in chosen])))
 
@@ -468,6 +486,11 @@ class RouterService:
                         ttft = (time.perf_counter() - t0) * 1e3
                         yield GenStart(decision, cand.backend, tuple(fallbacks))
                     if isinstance(ev, Finished):
+                        if self.access.charges(query.caller):
+                            # What the answer really cost: its prompt and the tokens it produced.
+                            cost = backend.cost_model().predict(len(decision.text), output_tokens=ev.completion_tokens)
+                            await asyncio.get_running_loop().run_in_executor(
+                                None, self.access.charge, query.caller, cost, ev.completion_tokens)
                         total = (time.perf_counter() - t0) * 1e3
                         self.telemetry.generation(cand.backend, total / 1e3, ttft / 1e3, ev.completion_tokens,
                                                   ev.tokens_per_second)
@@ -501,7 +524,7 @@ class RouterService:
 
     # ---- Feedback ------------------------------------------------------------------------------
     def feedback(self, decision_id: str, score: float, *, backend: str = "", prompt: str = "",
-                 messages: Sequence[Message] = (), cost: float | None = None) -> FeedbackResult:
+                 messages: Sequence[Message] = (), cost: float | None = None, caller: Caller = OPEN) -> FeedbackResult:
         if isinstance(score, bool) or not math.isfinite(score) or not 0.0 <= score <= 1.0:
             raise InvalidArgument(f"score must be in [0, 1], got {score}")
         if cost is not None and (not math.isfinite(cost) or cost < 0):
@@ -526,12 +549,24 @@ class RouterService:
             emb = self.batcher.submit([text], [len(text)], None).result().embeddings[0]
         if backend not in self.backends:
             raise UnknownBackend(f"unknown backend {backend!r}; configured: {', '.join(self.names)}")
+        self.access.admit(caller)
         rec: dict[str, Any] = {"prompt": text, "scores": {backend: float(score)}, "source": "feedback"}
         if decision_id:
             rec["decision_id"] = decision_id
         if cost is not None:
             rec["cost"] = {backend: float(cost)}
-        rid = self.datastore.add(emb[None, :], [rec])[0]
+        if caller.key is not None:        # provenance: which key taught the router this
+            rec["key"] = caller.name
+            rec["key_id"] = caller.key.id
+            rec["t"] = round(time.time(), 3)
+        if caller.key is not None and caller.name in self.config.auth.ignore_feedback_from:
+            rid = ""
+        else:
+            rid = self.datastore.add(emb[None, :], [rec])[0]
+        if caller.key is not None:
+            self.access.audit.write(caller, "feedback", decision_id=decision_id, backend=backend, score=float(score),
+                                    record_id=rid, learned=bool(rid),
+                                    **({"prompt": text} if self.config.auth.audit_prompts else {}))
         self.telemetry.request("Feedback", backend, "ok")
         return FeedbackResult(rid, backend)
 
@@ -550,7 +585,7 @@ class RouterService:
         self._registry_log = registry
         return n
 
-    def onboard(self, spec: reg.OnboardSpec) -> reg.OnboardResult:
+    def onboard(self, spec: reg.OnboardSpec, *, caller: Caller = OPEN) -> reg.OnboardResult:
         """Register a backend, or replace an earlier registration, from its aptitude results.
         Durable once it returns; routable at once."""
         if self._registry_log is None:
@@ -558,7 +593,10 @@ class RouterService:
         if spec.backend in self._configured:
             raise FailedPrecondition(f"backend {spec.backend!r} is defined in the server's config; onboarding "
                                      "registers new route-only backends (send its outcomes with Feedback instead)")
+        self.access.admit(caller)
         r = reg.validate(spec, self._suite, max_prompt_chars=self.config.limits.max_prompt_chars)
+        if caller.key is not None:
+            r = replace(r, key=caller.name)
         emb = self.encoder.encode(list(r.prompts))
         with self._olock:
             created = r.backend not in self.backends
@@ -566,6 +604,8 @@ class RouterService:
             fitted = self._apply(r, emb)
         log.info("onboarded backend %s (%s) from %d aptitude results, mean score %.3f", r.backend,
                  "new" if created else "updated", len(r.scores), float(np.mean(r.scores)))
+        if caller.key is not None:
+            self.access.audit.write(caller, "onboard", backend=r.backend, created=created, results=len(r.scores))
         return reg.OnboardResult(r.backend, created, len(r.scores), float(np.mean(r.scores)), fitted)
 
     def _apply(self, r: reg.Registration, emb: npt.NDArray[np.float32]) -> bool:
@@ -606,6 +646,7 @@ class RouterService:
 
     async def close(self) -> None:
         self.batcher.close()
+        self.access.close()
         for b in self.backends.values():
             await b.close()
         self.datastore.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -13,14 +14,19 @@ from router.adapters.grpc_server import guarded
 from router.core.config import AppConfig
 from router.core.errors import ErrorCode, NoEligibleBackend, Overloaded, Unavailable
 from router.serving.app import App
+from router.serving.keys import KeyFile
 
 
 class Context:
     """What the guard uses of grpc.aio.ServicerContext: ``abort`` records and raises, as grpc's does."""
 
-    def __init__(self) -> None:
+    def __init__(self, metadata: tuple = ()) -> None:
         self.aborted: tuple[grpc.StatusCode, str] | None = None
         self.trailers: tuple[tuple[str, str], ...] = ()
+        self.metadata = metadata
+
+    def invocation_metadata(self) -> tuple:
+        return self.metadata
 
     async def abort(self, code: grpc.StatusCode, details: str, trailing_metadata: tuple = ()) -> None:
         self.aborted = (code, details)
@@ -29,15 +35,16 @@ class Context:
 
 
 class Servicer:
-    def __init__(self) -> None:
+    def __init__(self, keys: KeyFile | None = None) -> None:
         self.closed = False
+        self.app = SimpleNamespace(keys=keys or KeyFile("/nonexistent/keys.json"))   # what the guard reads
 
-    @guarded
-    async def Unary(self, request, context):
+    @guarded("route")
+    async def Unary(self, request, context, caller):
         raise request
 
-    @guarded
-    async def Stream(self, request, context):
+    @guarded("generate")
+    async def Stream(self, request, context, caller):
         try:
             yield 1
             yield 2
@@ -115,3 +122,41 @@ def test_readiness_says_what_is_loading_and_failure_maps_codes():
     app.compute.shutdown()
     assert guard.failure(NoEligibleBackend("x"), "Route") == (ErrorCode.FAILED_PRECONDITION, "x")
     assert guard.failure(ValueError("y"), "Route") == (ErrorCode.INTERNAL, "internal error: ValueError: y")
+
+
+def test_bearer_tokens_are_read_from_the_authorization_header():
+    assert guard.bearer("Bearer crk_x") == "crk_x" and guard.bearer("bearer  crk_x ") == "crk_x"
+    assert guard.bearer("Basic abc") is None and guard.bearer("") is None and guard.bearer(None) is None
+    assert guard.bearer("Bearer") is None
+
+
+def test_with_a_key_file_the_guard_refuses_before_the_handler_runs(tmp_path):
+    keys = KeyFile(tmp_path / "keys.json")
+    _, route_key = keys.create("app", scopes=("route",))
+    _, gen_key = keys.create("gen", scopes=("generate",))
+    svc = Servicer(keys)
+
+    def unary(metadata):
+        ctx = Context(metadata)
+
+        async def go():
+            with pytest.raises(grpc.aio.AbortError):
+                await svc.Unary(NoEligibleBackend("reached the handler"), ctx)
+        asyncio.run(go())
+        return ctx.aborted
+    assert unary(())[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert unary((("authorization", "Bearer crk_000000000000_" + "x" * 43),))[0] == grpc.StatusCode.UNAUTHENTICATED
+    code, details = unary((("authorization", f"Bearer {gen_key}"),))
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "'route' scope" in details and gen_key not in details
+    assert unary((("authorization", f"Bearer {route_key}"),)) == (grpc.StatusCode.FAILED_PRECONDITION,
+                                                                   "reached the handler")
+    # The stream's guard too: refused before its first item.
+    ctx = Context((("authorization", f"Bearer {route_key}"),))
+
+    async def stream():
+        got = []
+        with pytest.raises(grpc.aio.AbortError):
+            async for x in svc.Stream(None, ctx):
+                got.append(x)
+        return got
+    assert asyncio.run(stream()) == [] and ctx.aborted[0] == grpc.StatusCode.PERMISSION_DENIED

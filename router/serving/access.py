@@ -1,0 +1,252 @@
+"""What an API key may spend: request and output-token rates (token buckets), a spend budget per
+day or month (a durable ledger), and the audit trail of every write a key makes.
+
+Rates are per process: each replica holds its own buckets (a key limited to R requests/s may get
+R from each replica until the limits live in the shared database, issue 15). Spend is durable: a
+charge returns only once it is in the ledger's fsync'ed log (``datastore.log.AppendLog``, group
+committed), so what a key spent survives a kill -9 like an acknowledged Feedback does.
+"""
+from __future__ import annotations
+
+import calendar
+import datetime as dt
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from datastore.log import AppendLog, fsync_dir
+from router.core.config import AuthConfig
+from router.core.errors import RateLimited
+from router.policy.selection import Knobs
+from router.serving.keys import Caller, Limits
+
+log = logging.getLogger(__name__)
+audit_log = logging.getLogger("caprouter.audit")
+
+
+class TokenBucket:
+    """``rate`` tokens a second up to ``capacity``. ``take`` may drive the level below zero (a
+    charge known only afterwards, like a generation's output tokens): the debt is paid back by
+    refilling before anything is admitted again."""
+
+    def __init__(self, rate: float, capacity: float, now: float) -> None:
+        self.rate, self.capacity = float(rate), float(capacity)
+        self.level = self.capacity
+        self.t = now
+
+    def _refill(self, now: float) -> None:
+        self.level = min(self.capacity, self.level + (now - self.t) * self.rate)
+        self.t = now
+
+    def wait_s(self, need: float, now: float) -> float:
+        """Seconds until ``need`` tokens are there (0: now)."""
+        self._refill(now)
+        return max(0.0, (need - self.level) / self.rate)
+
+    def take(self, n: float, now: float) -> None:
+        self._refill(now)
+        self.level -= n
+
+
+def period_bounds(period: str, now: float) -> tuple[str, float]:
+    """(the period's name, when it ends as a unix time): UTC days ("d2026-12-02") and months
+    ("m2026-12")."""
+    t = dt.datetime.fromtimestamp(now, dt.UTC)
+    if period == "day":
+        start = dt.datetime(t.year, t.month, t.day, tzinfo=dt.UTC)
+        return f"d{t:%Y-%m-%d}", (start + dt.timedelta(days=1)).timestamp()
+    days = calendar.monthrange(t.year, t.month)[1]
+    start = dt.datetime(t.year, t.month, 1, tzinfo=dt.UTC)
+    return f"m{t:%Y-%m}", (start + dt.timedelta(days=days)).timestamp()
+
+
+class SpendLedger:
+    """Spend per (key id, period), durable. Each charge is one record of an AppendLog; at open
+    the log is replayed and, when it holds many records, rewritten as one record per (key, period)
+    of the current periods (older periods are never charged again)."""
+
+    COMPACT_AT = 100_000
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._spent: dict[tuple[str, str], float] = defaultdict(float)
+        log_ = AppendLog.open(self.path)
+        for r in log_.replayed:
+            self._spent[(r["key"], r["period"])] += float(r["cost"])
+        if len(log_.replayed) >= self.COMPACT_AT:
+            log_.close()
+            log_ = self._compact()
+        self._log = log_
+
+    def _compact(self) -> AppendLog:
+        now = time.time()
+        current = {period_bounds(p, now)[0] for p in ("day", "month")}
+        kept = {kp: c for kp, c in self._spent.items() if kp[1] in current}
+        keep = [{"key": k, "period": p, "cost": c} for (k, p), c in kept.items()]
+        tmp = self.path.with_name(self.path.name + ".compact")
+        tmp.unlink(missing_ok=True)
+        fresh = AppendLog.open(tmp)
+        if keep:
+            fresh.append(keep)
+        fresh.close()
+        os.replace(tmp, self.path)
+        fsync_dir(self.path.parent)
+        self._spent = defaultdict(float, kept)
+        return AppendLog.open(self.path)
+
+    def spent(self, key_id: str, period: str) -> float:
+        with self._lock:
+            return self._spent.get((key_id, period), 0.0)
+
+    def charge(self, key_id: str, period: str, cost: float) -> None:
+        """Durable when it returns."""
+        self._log.append([{"key": key_id, "period": period, "cost": float(cost), "t": round(time.time(), 3)}])
+        with self._lock:
+            self._spent[(key_id, period)] += float(cost)
+
+    def close(self) -> None:
+        self._log.close()
+
+
+class AuditLog:
+    """One JSON line per write a caller makes (feedback, onboarding, retraction; the CLI adds key
+    changes), to a file and to the ``caprouter.audit`` logger. Lines are appended with one
+    ``write`` each (O_APPEND), so the server and the CLI can share the file; they are not
+    fsync'ed: the write they record is durable in its own log."""
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = None if path is None else Path(path)
+        self._lock = threading.Lock()
+
+    def write(self, caller: Caller, action: str, **fields: Any) -> None:
+        line = {"t": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"), "action": action,
+                "key_id": caller.key.id if caller.key else "", "key": caller.name, "tenant": caller.tenant,
+                **fields}
+        text = json.dumps(line, ensure_ascii=False, separators=(",", ":"))
+        audit_log.info(text)
+        if self.path is None:
+            return
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, (text + "\n").encode("utf-8"))
+            finally:
+                os.close(fd)
+
+
+class Access:
+    """Admission by key (rates, budget) and the spend and audit records, for RouterService."""
+
+    def __init__(self, config: AuthConfig, ledger_path: str | Path | None = None, audit: AuditLog | None = None,
+                 clock: Any = time) -> None:
+        self.config = config
+        self.audit = audit or AuditLog(None)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._ledger_path = None if ledger_path is None else Path(ledger_path)
+        self._ledger: SpendLedger | None = None
+        self._requests: dict[str, TokenBucket] = {}
+        self._tokens: dict[str, TokenBucket] = {}
+
+    def _bucket(self, table: dict[str, TokenBucket], key_id: str, rate: float, capacity: float,
+                now: float) -> TokenBucket:
+        b = table.get(key_id)
+        if b is None or b.rate != rate or b.capacity != capacity:     # new key, or its limits changed
+            b = table[key_id] = TokenBucket(rate, capacity, now)
+        return b
+
+    def admit(self, caller: Caller, *, tokens: bool = False) -> None:
+        """One request of ``caller``: RateLimited when its request rate or its output-token rate
+        (``tokens``: a Generate) is used up."""
+        key = caller.key
+        if key is None:
+            return
+        lim = key.limits
+        now = self._clock.monotonic()
+        with self._lock:
+            if lim.requests_per_s is not None:
+                b = self._bucket(self._requests, key.id, lim.requests_per_s, max(1.0, lim.requests_per_s), now)
+                wait = b.wait_s(1.0, now)
+                if wait > 0:
+                    raise RateLimited(f"API key {key.id} ({key.name}) is over its rate limit of "
+                                      f"{lim.requests_per_s:g} requests/s; retry in {wait:.2f} s", retry_after_s=wait)
+                b.take(1.0, now)
+            if tokens and lim.output_tokens_per_min is not None:
+                t = self._bucket(self._tokens, key.id, lim.output_tokens_per_min / 60.0, lim.output_tokens_per_min, now)
+                wait = t.wait_s(1.0, now)
+                if wait > 0:
+                    raise RateLimited(f"API key {key.id} ({key.name}) is over its limit of "
+                                      f"{lim.output_tokens_per_min} output tokens/min; retry in {wait:.1f} s",
+                                      retry_after_s=wait)
+
+    def budgeted(self, caller: Caller, knobs: Knobs) -> Knobs:
+        """``knobs`` for a request of ``caller``: RateLimited when its spend budget is used up; the
+        key's tenant as the default budget key; in "fit" mode, what is left of the budget as
+        max_cost."""
+        key = caller.key
+        if key is None:
+            return knobs
+        lim = key.limits
+        if not knobs.budget_key:
+            knobs = replace(knobs, budget_key=key.tenant)
+        left = self.budget_left(caller)
+        if left is None:
+            return knobs
+        if left <= 0:
+            _, end = period_bounds(lim.budget_period, self._clock.time())
+            wait = max(1.0, end - self._clock.time())
+            raise RateLimited(f"API key {key.id} ({key.name}) has spent its budget of {lim.budget:g} per "
+                              f"{lim.budget_period}; it renews in {wait / 3600:.1f} h", retry_after_s=wait)
+        if self.config.over_budget == "fit":
+            knobs = replace(knobs, max_cost=left if knobs.max_cost is None else min(knobs.max_cost, left))
+        return knobs
+
+    @property
+    def ledger(self) -> SpendLedger | None:
+        """The spend ledger, opened on first use (a server without budgeted keys never writes one)."""
+        if self._ledger is None and self._ledger_path is not None:
+            with self._lock:
+                if self._ledger is None:
+                    self._ledger = SpendLedger(self._ledger_path)
+        return self._ledger
+
+    def budget_left(self, caller: Caller) -> float | None:
+        lim: Limits = caller.limits
+        if caller.key is None or lim.budget is None or self.ledger is None:
+            return None
+        period, _ = period_bounds(lim.budget_period, self._clock.time())
+        return lim.budget - self.ledger.spent(caller.key.id, period)
+
+    def charges(self, caller: Caller) -> bool:
+        """Whether ``charge`` records anything for this caller (it has a budget or a token limit)."""
+        lim = caller.limits
+        return caller.key is not None and (lim.budget is not None or lim.output_tokens_per_min is not None)
+
+    def charge(self, caller: Caller, cost: float, output_tokens: int = 0) -> None:
+        """What an answered request cost (blocking: the ledger's fsync, when the key has a budget)."""
+        key = caller.key
+        if key is None:
+            return
+        lim = key.limits
+        if output_tokens and lim.output_tokens_per_min is not None:
+            now = self._clock.monotonic()
+            with self._lock:
+                self._bucket(self._tokens, key.id, lim.output_tokens_per_min / 60.0, lim.output_tokens_per_min,
+                             now).take(output_tokens, now)
+        if lim.budget is not None and self.ledger is not None and math.isfinite(cost) and cost > 0:
+            period, _ = period_bounds(lim.budget_period, self._clock.time())
+            self.ledger.charge(key.id, period, cost)
+
+    def close(self) -> None:
+        if self._ledger is not None:
+            self._ledger.close()
