@@ -153,8 +153,9 @@ class LiveServer:
 def default_config(tmp: Path, models: Path, **overrides):
     from router.core.config import load_config
 
+    # The key file is the test's own (absent: an open server), never the developer's in $CAPROUTER_HOME.
     return load_config(None, {"server.port": 0, "cache_dir": str(models), "datastore.state_dir": str(tmp / "state"),
-                              **overrides})
+                              "auth.keys_file": str(tmp / "auth" / "keys.json"), **overrides})
 
 
 @pytest.fixture(scope="session")

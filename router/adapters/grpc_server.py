@@ -157,7 +157,8 @@ class RouterServicer(pb_grpc.RouterServicer):
 class GrpcServer:
     """Owns the grpc.aio server; health is NOT_SERVING until ``app.load()`` completes."""
 
-    def __init__(self, app: App, host: str, port: int) -> None:
+    def __init__(self, app: App, host: str, port: int, *, tls: ServerConfig | None = None) -> None:
+        """``tls``: where the TLS files come from (default: the app's server config)."""
         self.app = app
         self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20)])
         pb_grpc.add_RouterServicer_to_server(RouterServicer(app), self.server)
@@ -166,7 +167,7 @@ class GrpcServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server)
-        creds = server_credentials(app.config.server)
+        creds = server_credentials(tls or app.config.server)
         try:
             self.port = (self.server.add_secure_port(f"{host}:{port}", creds) if creds
                          else self.server.add_insecure_port(f"{host}:{port}"))

@@ -87,8 +87,11 @@ def ssl_context(cfg: ServerConfig) -> ssl.SSLContext | None:
 
 
 class HttpServer:
-    def __init__(self, app: App, host: str, port: int, *, metrics: Telemetry | None = None) -> None:
+    def __init__(self, app: App, host: str, port: int, *, metrics: Telemetry | None = None,
+                 tls: ServerConfig | None = None) -> None:
+        """``tls``: where the TLS files come from (default: the app's server config)."""
         self.app = app
+        self.tls = tls or app.config.server
         self.host, self.port = host, port
         self.metrics = metrics
         web_app = web.Application(client_max_size=4 << 20)
@@ -100,7 +103,7 @@ class HttpServer:
 
     async def start(self) -> None:
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=ssl_context(self.app.config.server))
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=ssl_context(self.tls))
         try:
             await site.start()
         except OSError as e:

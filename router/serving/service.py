@@ -525,6 +525,7 @@ class RouterService:
     # ---- Feedback ------------------------------------------------------------------------------
     def feedback(self, decision_id: str, score: float, *, backend: str = "", prompt: str = "",
                  messages: Sequence[Message] = (), cost: float | None = None, caller: Caller = OPEN) -> FeedbackResult:
+        self.access.admit(caller)
         if isinstance(score, bool) or not math.isfinite(score) or not 0.0 <= score <= 1.0:
             raise InvalidArgument(f"score must be in [0, 1], got {score}")
         if cost is not None and (not math.isfinite(cost) or cost < 0):
@@ -549,7 +550,6 @@ class RouterService:
             emb = self.batcher.submit([text], [len(text)], None).result().embeddings[0]
         if backend not in self.backends:
             raise UnknownBackend(f"unknown backend {backend!r}; configured: {', '.join(self.names)}")
-        self.access.admit(caller)
         rec: dict[str, Any] = {"prompt": text, "scores": {backend: float(score)}, "source": "feedback"}
         if decision_id:
             rec["decision_id"] = decision_id
@@ -588,12 +588,12 @@ class RouterService:
     def onboard(self, spec: reg.OnboardSpec, *, caller: Caller = OPEN) -> reg.OnboardResult:
         """Register a backend, or replace an earlier registration, from its aptitude results.
         Durable once it returns; routable at once."""
+        self.access.admit(caller)
         if self._registry_log is None:
             raise FailedPrecondition("this server has no state folder for registrations")
         if spec.backend in self._configured:
             raise FailedPrecondition(f"backend {spec.backend!r} is defined in the server's config; onboarding "
                                      "registers new route-only backends (send its outcomes with Feedback instead)")
-        self.access.admit(caller)
         r = reg.validate(spec, self._suite, max_prompt_chars=self.config.limits.max_prompt_chars)
         if caller.key is not None:
             r = replace(r, key=caller.name)
