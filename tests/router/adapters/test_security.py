@@ -217,7 +217,7 @@ def tls_servers(secured, tmp_path_factory):
     started = []
     for label, cfg in (("tls", tls), ("mtls", mtls)):
         g = live.call(_make(GrpcServer, live.app, cfg))
-        live.call(g.server.start())
+        live.call(_start_serving(g))
         h = HttpServer(live.app, "127.0.0.1", 0, tls=cfg)
         live.call(h.start())
         out[label] = (g.address, h.address)
@@ -230,6 +230,15 @@ def tls_servers(secured, tmp_path_factory):
 
 async def _make(cls, app, cfg):
     return cls(app, "127.0.0.1", 0, tls=cfg)
+
+
+async def _start_serving(g):
+    """Start a second server on an app that is already loaded: health SERVING at once."""
+    from router.adapters.grpc_server import SERVICE_NAME
+
+    await g.start()
+    for name in ("", SERVICE_NAME):
+        await g.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
 
 def _ctx(ca, cert=None, key=None) -> ssl.SSLContext:
@@ -285,3 +294,29 @@ def test_mutual_tls_requires_a_client_certificate(tls_servers, secured):
     assert _http(haddr, "list", admin, scheme="https", context=_ctx(c.ca, c.client_cert, c.client_key))[0] == 200
     with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
         _http(haddr, "list", admin, scheme="https", context=_ctx(c.ca))
+
+
+def test_the_node_client_connects_with_mutual_tls_and_a_key(tls_servers, secured):
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    node = shutil.which("node")
+    node_dir = Path(__file__).resolve().parents[2] / "node"
+    if node is None or not (node_dir / "node_modules" / "@grpc" / "grpc-js").exists():
+        pytest.fail("Node.js and tests/node's packages are needed (scripts/install.sh installs them)")
+    c = tls_servers["certs"]
+    env = dict(os.environ, CAPROUTER_API_KEY=secured["tokens"]["admin"], CAPROUTER_TLS_CA=str(c.ca),
+               CAPROUTER_TLS_CERT=str(c.client_cert), CAPROUTER_TLS_KEY=str(c.client_key),
+               CAPROUTER_TLS_SERVER_NAME="localhost")
+    out = subprocess.run([node, str(node_dir / "client.js"), tls_servers["mtls"][0]], capture_output=True, text=True,
+                         timeout=180, env=env)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert res["health"] == "SERVING" and res["route"]["decision_id"] and res["generate"]["completion_tokens"] >= 1
+    assert res["error"]["name"] == "INVALID_ARGUMENT"          # the empty prompt: past the guard
+    env.pop("CAPROUTER_API_KEY")
+    out = subprocess.run([node, str(node_dir / "client.js"), tls_servers["mtls"][0]], capture_output=True, text=True,
+                         timeout=180, env=env)
+    assert out.returncode == 1 and "UNAUTHENTICATED" in out.stderr
