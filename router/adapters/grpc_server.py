@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -29,7 +30,7 @@ from router.adapters import proto_convert as convert
 from router.adapters.http_server import HttpServer
 from router.core.compute import off_loop
 from router.core.config import ServerConfig
-from router.core.errors import GRPC_STATUS, ConfigError
+from router.core.errors import GRPC_STATUS, ConfigError, InvalidArgument
 from router.serving.app import App
 from router.serving.keys import Caller
 from router.serving.service import RouterService
@@ -46,6 +47,43 @@ async def _abort(context: grpc.aio.ServicerContext, e: Exception, rpc: str) -> N
     wait = guard.retry_after_s(e)
     trailers = () if wait is None else (("retry-after-ms", str(math.ceil(wait * 1e3))),)
     await context.abort(getattr(grpc.StatusCode, GRPC_STATUS[code]), message, trailing_metadata=trailers)
+
+
+class Undecodable:
+    """A request payload that is not the method's message (random bytes, a truncated frame,
+    invalid UTF-8 in a string field): handed to the handler, whose guard answers INVALID_ARGUMENT.
+    With grpc's own deserializer it answered UNKNOWN and logged a traceback every time."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _lenient(cls: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return cls.FromString(data)
+        except DecodeError as e:
+            return Undecodable(f"the request is not a valid {cls.DESCRIPTOR.full_name} message ({e})")
+    return parse
+
+
+def add_router(servicer: RouterServicer, server: grpc.aio.Server) -> None:
+    """``router_pb2_grpc.add_RouterServicer_to_server`` with lenient request parsing."""
+    handlers = {}
+    for m in pb.DESCRIPTOR.services_by_name["Router"].methods:
+        make = grpc.unary_stream_rpc_method_handler if m.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[m.name] = make(getattr(servicer, m.name), request_deserializer=_lenient(getattr(pb, m.input_type.name)),
+                                response_serializer=getattr(pb, m.output_type.name).SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+def _admit(app: App, request: Any, context: grpc.aio.ServicerContext, scope: str | None) -> Caller:
+    """The guard's checks before a handler runs: who calls, then whether the payload parsed."""
+    caller = guard.authorize(app, _authorization(context), scope)
+    if isinstance(request, Undecodable):
+        raise InvalidArgument(request.message)
+    return caller
 
 
 def _authorization(context: grpc.aio.ServicerContext) -> str | None:
@@ -66,7 +104,7 @@ def guarded(scope: str | None) -> Callable[[F], F]:
             async def stream(self: RouterServicer, request: Any,
                              context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 try:
-                    caller = guard.authorize(self.app, _authorization(context), scope)
+                    caller = _admit(self.app, request, context, scope)
                 except Exception as e:
                     await _abort(context, e, rpc)       # raises AbortError
                     return
@@ -86,7 +124,7 @@ def guarded(scope: str | None) -> Callable[[F], F]:
         @functools.wraps(fn)
         async def unary(self: RouterServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
-                return await fn(self, request, context, guard.authorize(self.app, _authorization(context), scope))
+                return await fn(self, request, context, _admit(self.app, request, context, scope))
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception as e:
@@ -161,7 +199,7 @@ class GrpcServer:
         """``tls``: where the TLS files come from (default: the app's server config)."""
         self.app = app
         self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20)])
-        pb_grpc.add_RouterServicer_to_server(RouterServicer(app), self.server)
+        add_router(RouterServicer(app), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

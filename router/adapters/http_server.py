@@ -40,6 +40,7 @@ from router.serving.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
+MAX_BODY_BYTES = 4 << 20
 Handler = Callable[["HttpServer", web.Request, Caller], Awaitable[web.StreamResponse]]
 Endpoint = Callable[["HttpServer", web.Request], Awaitable[web.StreamResponse]]
 
@@ -59,6 +60,8 @@ def _guarded(fn: Handler, scope: str | None) -> Endpoint:
             raise
         except Exception as e:
             code, message = guard.failure(e, fn.__name__)
+            if isinstance(e, oa.UnsupportedMediaType):
+                return oa.error_response(415, message, "invalid_request_error", "unsupported_media_type")
             if isinstance(e, CaprouterError):
                 resp = oa.error_for(code, message)
                 wait = guard.retry_after_s(e)
@@ -67,6 +70,27 @@ def _guarded(fn: Handler, scope: str | None) -> Endpoint:
                 return resp
             return oa.error_response(500, message, "server_error")     # no error code of ours to name
     return wrapper
+
+
+@web.middleware
+async def _openai_errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                         ) -> web.StreamResponse:
+    """aiohttp's own refusals (unknown path 404, wrong method 405, body too large 413) in
+    OpenAI's error body, like every other error of this endpoint."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        etype = "server_error" if e.status >= 500 else "invalid_request_error"
+        message = {404: f"no such endpoint: {request.method} {request.path}",
+                   405: f"{request.method} is not allowed on {request.path}",
+                   413: f"the request body is larger than {MAX_BODY_BYTES} bytes"}.get(e.status, e.reason)
+        resp = oa.error_response(e.status, message, etype, e.reason.lower().replace(" ", "_"))
+        for h in ("Allow", "Retry-After"):
+            if h in e.headers:
+                resp.headers[h] = e.headers[h]
+        return resp
 
 
 def ssl_context(cfg: ServerConfig) -> ssl.SSLContext | None:
@@ -94,7 +118,7 @@ class HttpServer:
         self.tls = tls or app.config.server
         self.host, self.port = host, port
         self.metrics = metrics
-        web_app = web.Application(client_max_size=4 << 20)
+        web_app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_openai_errors])
         web_app.add_routes([web.post("/v1/chat/completions", self.chat), web.post("/v1/completions", self.completions),
                             web.get("/v1/models", self.models), web.post("/v1/feedback", self.feedback),
                             web.get("/healthz", self.healthz), web.get("/metrics", self.metrics_text)])

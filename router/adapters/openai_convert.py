@@ -38,11 +38,21 @@ def stream_error(code: ErrorCode, message: str) -> bytes:
     return f"data: {json.dumps(err)}\n\n".encode()
 
 
+class UnsupportedMediaType(InvalidArgument):
+    """A body that is not declared JSON (HTTP 415: the adapter's own status, not the table's)."""
+
+
 async def json_body(request: web.Request) -> dict[str, Any]:
+    # The body must say it is JSON: a form or text body parsed as JSON would be a guess.
+    if request.content_type != "application/json":
+        raise UnsupportedMediaType(f"send the body as JSON with 'Content-Type: application/json' "
+                                   f"(got {request.content_type or 'none'!r})")
     try:
-        body = await request.json()
+        body = json.loads(await request.read())
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InvalidArgument("the request body is not valid JSON") from None
+        raise InvalidArgument("the request body is not valid JSON (UTF-8)") from None
+    except RecursionError:
+        raise InvalidArgument("the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise InvalidArgument("the request body must be a JSON object")
     return body
@@ -108,7 +118,10 @@ def _content(c: Any) -> str:
     if isinstance(c, str):
         return c
     if isinstance(c, list):
-        return "".join(p.get("text", "") for p in c if isinstance(p, dict) and p.get("type") == "text")
+        parts = [p.get("text") for p in c if isinstance(p, dict) and p.get("type") == "text"]
+        if not all(isinstance(t, str) for t in parts):
+            raise InvalidArgument("a text content part needs a string 'text'")
+        return "".join(t for t in parts if isinstance(t, str))
     if c is None:
         return ""
     raise InvalidArgument("message content must be a string or a list of content parts")

@@ -161,6 +161,7 @@ class LimitsConfig(_Model):
     max_messages: int = Field(256, ge=1)
     max_tokens: int = Field(1024, ge=1)
     max_stop_sequences: int = Field(8, ge=0)
+    max_stop_chars: int = Field(256, ge=1)
     max_batch: int = Field(1024, ge=1)
 
 

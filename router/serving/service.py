@@ -462,6 +462,10 @@ class RouterService:
             raise InvalidArgument(f"too many stop sequences: {len(p.stop)} > {lim.max_stop_sequences}")
         if any(not s for s in p.stop):
             raise InvalidArgument("stop sequences must be non-empty strings")
+        if any(len(s) > lim.max_stop_chars for s in p.stop):
+            raise InvalidArgument(f"a stop sequence is longer than {lim.max_stop_chars} characters")
+        if p.seed is not None and not -(2 ** 63) <= p.seed < 2 ** 63:
+            raise InvalidArgument("seed must fit in 64 bits")
         return GenerationRequest(messages=list(msgs), max_tokens=mt, temperature=temp, stop=list(p.stop), seed=p.seed,
                                  embedding=embedding, deadline=p.deadline)
 

@@ -80,7 +80,7 @@ def test_output_tokens_per_minute_count_what_generations_produced(tmp_path):
 
 
 def test_a_spent_budget_refuses_until_the_period_renews(tmp_path):
-    clock = Clock(dt.datetime(2026, 12, 2, 18, 0, tzinfo=dt.timezone.utc).timestamp())
+    clock = Clock(dt.datetime(2026, 12, 2, 18, 0, tzinfo=dt.UTC).timestamp())
     access = Access(AuthConfig(), tmp_path / "spend.log", clock=clock)
     caller = _caller(tmp_path, budget=1.0, budget_period="day")
     knobs = access.budgeted(caller, Knobs())
@@ -105,11 +105,11 @@ def test_in_fit_mode_what_is_left_becomes_the_max_cost(tmp_path):
 
 
 def test_periods_are_utc_days_and_months():
-    t = dt.datetime(2026, 2, 28, 23, 59, tzinfo=dt.timezone.utc).timestamp()
-    assert period_bounds("day", t) == ("d2026-02-28", dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc).timestamp())
-    assert period_bounds("month", t) == ("m2026-02", dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc).timestamp())
-    t = dt.datetime(2026, 12, 31, 12, tzinfo=dt.timezone.utc).timestamp()
-    assert period_bounds("month", t)[1] == dt.datetime(2027, 1, 1, tzinfo=dt.timezone.utc).timestamp()
+    t = dt.datetime(2026, 2, 28, 23, 59, tzinfo=dt.UTC).timestamp()
+    assert period_bounds("day", t) == ("d2026-02-28", dt.datetime(2026, 3, 1, tzinfo=dt.UTC).timestamp())
+    assert period_bounds("month", t) == ("m2026-02", dt.datetime(2026, 3, 1, tzinfo=dt.UTC).timestamp())
+    t = dt.datetime(2026, 12, 31, 12, tzinfo=dt.UTC).timestamp()
+    assert period_bounds("month", t)[1] == dt.datetime(2027, 1, 1, tzinfo=dt.UTC).timestamp()
 
 
 def test_spend_survives_a_kill_9_and_a_compaction(tmp_path, monkeypatch):
