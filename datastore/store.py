@@ -111,6 +111,8 @@ class FaissKnnDatastore:
         self._lock = threading.RLock()
         self._log: AppendLog | None = None
         self.state_dir: Path | None = None
+        # Logged feedback by API key name: (record id, when) of each, for retract_feedback.
+        self._by_key: dict[str, list[tuple[str, float]]] = {}
 
     # ---- in-memory core ----------------------------------------------------------------------
     def __len__(self) -> int:
@@ -287,7 +289,50 @@ class FaissKnnDatastore:
         self._log.append(entries)  # durable from here on
         self._insert(emb, [e["id"] for e in entries], [e["scores"] for e in entries],
                      [e.get("cost") or {} for e in entries])
+        self._note_keys(entries)
         return [e["id"] for e in entries]
+
+    def _note_keys(self, entries: Sequence[dict[str, Any]]) -> None:
+        with self._lock:
+            for e in entries:
+                if e.get("key"):
+                    self._by_key.setdefault(e["key"], []).append((e["id"], float(e.get("ts", 0.0))))
+
+    def _withdraw(self, ids: Sequence[str]) -> int:
+        """Every backend's score and cost on the records ``ids`` (their rows stay, scoreless)."""
+        n = 0
+        with self._lock:
+            for rid in ids:
+                row = self._row.get(rid)
+                if row is None:
+                    continue
+                for col in self._col.values():
+                    v = self._scores.get(row, col)
+                    if v is not None:
+                        self._scores.unset(row, col)
+                        self._sum[col] -= v
+                        self._cnt[col] -= 1
+                        n += 1
+                    self._cost.unset(row, col)
+            self._update_prior()
+        return n
+
+    def retract_feedback(self, key: str, since: float | None = None) -> int:
+        """Withdraw the logged feedback API key ``key`` sent (at or after ``since``, a unix time),
+        durably: the log gets one retraction record naming the records, which a replay honours;
+        the records themselves are not rewritten. Returns how many records were withdrawn."""
+        if self._log is None:
+            raise ArtifactError("this datastore was not opened with a state folder; cannot persist")
+        with self._lock:
+            ids = [rid for rid, ts in self._by_key.get(key, []) if since is None or ts >= since]
+        if not ids:
+            return 0
+        self._log.append([{"op": "retract", "key": key, "since": since, "ids": ids, "ts": time.time()}])
+        self._withdraw(ids)
+        with self._lock:
+            gone = set(ids)
+            self._by_key[key] = [x for x in self._by_key.get(key, []) if x[0] not in gone]
+        return len(ids)
 
     # ---- persistence -----------------------------------------------------------------------------
     @classmethod
@@ -376,6 +421,8 @@ class FaissKnnDatastore:
         self._insert(emb, [r["id"] for r in rows], [r["scores"] for r in rows], [r.get("cost") or {} for r in rows])
 
     def _replay(self, entries: list[dict[str, Any]], encoder: Any) -> None:
+        retracted = {rid for e in entries if e.get("op") == "retract" for rid in e["ids"]}
+        entries = [e for e in entries if e.get("op") is None and e["id"] not in retracted]
         if not entries:
             return
         same = [e for e in entries if e.get("embedder") == self.embedder_id and "embedding" in e]
@@ -387,7 +434,8 @@ class FaissKnnDatastore:
             log.info("datastore: re-embedding %d logged outcomes for embedder %s", len(other), self.embedder_id)
             emb = _encode_all(encoder, [e["prompt"] for e in other], progress=False, what="re-embedding")
             self._insert(emb, [e["id"] for e in other], [e["scores"] for e in other], [e.get("cost") or {} for e in other])
-        log.info("datastore: replayed %d feedback records", len(entries))
+        self._note_keys(entries)
+        log.info("datastore: replayed %d feedback records (%d retracted left out)", len(entries), len(retracted))
 
     def close(self) -> None:
         if self._log is not None:

@@ -11,6 +11,7 @@
                        | --active-parameters N] [--description TEXT]
     caprouter keys create NAME [--tenant T] [--scopes route,generate,...] [--rps R] [--tokens-per-min N]
                        [--budget B --period day|month]  |  keys list  |  keys revoke ID|NAME
+    caprouter datastore retract --key NAME [--since T] --address HOST:PORT   (an admin key)
     caprouter aptitude [--config FILE] [--out FILE] [--backends A,B] [--limit N]
     caprouter build-datastore [--config FILE]
     caprouter train --data FILE.jsonl[.gz] --out DIR [--costs FILE] [--seed N]
@@ -397,6 +398,31 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unix_time(text: str) -> float:
+    import datetime as dt
+
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        t = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidArgument(f"--since {text!r}: give an ISO 8601 time (2026-12-01T09:00Z) or unix seconds") from None
+    return (t if t.tzinfo else t.replace(tzinfo=dt.UTC)).timestamp()
+
+
+def cmd_datastore(args: argparse.Namespace) -> int:
+    since = _unix_time(args.since) if args.since else None
+    with _client(args) as c:
+        try:
+            n = c.retract_feedback(args.key, since_unix=since)
+        except grpc.RpcError as e:
+            return _rpc_error(e)
+    print(f"retracted {n} feedback record(s) of key {args.key}")
+    return 0
+
+
 def cmd_aptitude(args: argparse.Namespace) -> int:
     from router.offline.aptitude.cli_run import run
 
@@ -624,6 +650,16 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", help="YAML config whose auth.keys_file to use")
         sp.add_argument("--keys-file", help="the key file (default: auth.keys_file, else $CAPROUTER_HOME/keys.json)")
     k.set_defaults(fn=cmd_keys)
+
+    ds = sub.add_parser("datastore", help="act on a running server's datastore")
+    dsub = ds.add_subparsers(dest="datastore_cmd", required=True)
+    dr = dsub.add_parser("retract", help="withdraw the feedback one API key sent (needs an admin key)")
+    dr.add_argument("--key", required=True, help="the API key's name")
+    dr.add_argument("--since", help="only feedback sent at or after this time (ISO 8601, or unix seconds)")
+    dr.add_argument("--address", default="127.0.0.1:50051")
+    dr.add_argument("--timeout", type=float, default=60.0)
+    _add_connection(dr)
+    ds.set_defaults(fn=cmd_datastore)
 
     d = sub.add_parser("build-datastore", help="build the datastore snapshot from the configured outcomes")
     with_config(d)

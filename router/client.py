@@ -9,7 +9,7 @@
         c.feedback(d.decision_id, 1.0)
 
 Every RPC of caprouter.v1.Router: route, route_batch, generate, feedback (by decision id, or by
-prompt and backend), list_backends, onboard. Typed results (dataclasses, not protobuf messages);
+prompt and backend), list_backends, onboard, retract_feedback. Typed results (dataclasses, not protobuf messages);
 every call has a deadline (``timeout``); calls that change nothing (Route, RouteBatch,
 ListBackends), Feedback by decision id (idempotent per decision for the router's purposes; by
 prompt it is not, and is not retried) and Onboard (a second registration under the same name
@@ -427,6 +427,14 @@ class Client:
         return _onboarded(self._call(lambda: self._stub.Onboard(req, timeout=timeout or self.timeout, metadata=self._md)))
 
 
+    def retract_feedback(self, key: str, *, since_unix: float | None = None, timeout: float | None = None) -> int:
+        """Withdraw the feedback API key ``key`` (by name) sent, since a time; needs an admin key.
+        Returns how many records were withdrawn."""
+        req = pb.RetractFeedbackRequest(key=key, since_unix=since_unix)
+        return int(self._call(lambda: self._stub.RetractFeedback(req, timeout=timeout or self.timeout,
+                                                                 metadata=self._md)).retracted)
+
+
 class AsyncClient:
     """The same calls for asyncio (``grpc.aio``); ``generate`` is an async iterator."""
 
@@ -500,3 +508,9 @@ class AsyncClient:
                       description: str = "", timeout: float | None = None) -> OnboardResult:
         req = _onboard_request(name, results, cost or CostModel(), description)
         return _onboarded(await self._call(lambda: self._stub.Onboard(req, timeout=timeout or self.timeout, metadata=self._md)))
+
+    async def retract_feedback(self, key: str, *, since_unix: float | None = None,
+                               timeout: float | None = None) -> int:
+        req = pb.RetractFeedbackRequest(key=key, since_unix=since_unix)
+        return int((await self._call(lambda: self._stub.RetractFeedback(req, timeout=timeout or self.timeout,
+                                                                        metadata=self._md))).retracted)

@@ -192,6 +192,15 @@ class RouterServicer(pb_grpc.RouterServicer):
         return convert.batch_response(svc, res)
 
 
+    @guarded("admin")
+    async def RetractFeedback(self, request: pb.RetractFeedbackRequest, context: grpc.aio.ServicerContext,
+                              caller: Caller) -> pb.RetractFeedbackResponse:
+        svc = self._svc()
+        n = await off_loop(svc.retract_feedback, request.key,
+                           request.since_unix if request.HasField("since_unix") else None, caller=caller)
+        return pb.RetractFeedbackResponse(metadata=convert.metadata(svc), retracted=n)
+
+
 class GrpcServer:
     """Owns the grpc.aio server; health is NOT_SERVING until ``app.load()`` completes."""
 

@@ -574,6 +574,19 @@ class RouterService:
         self.telemetry.request("Feedback", backend, "ok")
         return FeedbackResult(rid, backend)
 
+    def retract_feedback(self, key: str, since: float | None = None, *, caller: Caller = OPEN) -> int:
+        """Withdraw the feedback API key ``key`` sent (at or after ``since``): durable, and gone
+        from routing at once. Returns how many records were withdrawn."""
+        self.access.admit(caller)
+        if not key:
+            raise InvalidArgument("name the API key whose feedback to retract")
+        if since is not None and not math.isfinite(since):
+            raise InvalidArgument(f"since must be a finite unix time, got {since}")
+        n = self.datastore.retract_feedback(key, since)
+        self.access.audit.write(caller, "feedback.retract", retracted_key=key, since=since, records=n)
+        log.info("retracted %d feedback records of key %s", n, key)
+        return n
+
     # ---- Onboard -------------------------------------------------------------------------------
     def attach_registry(self, registry: AppendLog) -> int:
         """Use ``registry`` (an AppendLog of registrations) for Onboard, and replay what it holds.

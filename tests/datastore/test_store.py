@@ -145,3 +145,33 @@ def test_reads_the_shared_schema(shared_data, tmp_path, encoder):
     # Top-1 self-retrieval (duplicated prompts may retrieve their twin, at similarity 1).
     assert np.all(sims[:, 0] > 0.999)
     assert len(ds.backends) == 9
+
+
+def test_a_keys_feedback_is_retracted_live_and_after_a_restart(tmp_path, any_encoder):
+    """The issue-14 attack: one key floods made-up scores; retracting its feedback restores the
+    estimate at once and after a restart, and leaves the other keys' feedback alone."""
+    src = tmp_path / "o.jsonl"
+    _write(src, ROWS)
+    ds = FaissKnnDatastore.open(tmp_path / "state", any_encoder, [src], k=4, progress=False)
+    q = "What is 2 + 2?"
+    emb = any_encoder.encode([q])
+
+    def bad() -> float:
+        est = ds.estimate(emb)
+        return float(est.quality[0, est.column("bad")])
+    clean = bad()
+    ds.add(emb, [{"prompt": q, "scores": {"good": 1.0}, "key": "honest", "ts": 1.0}])
+    honest = bad()
+    ids = ds.add(np.repeat(emb, 5, axis=0), [{"prompt": q, "scores": {"bad": 1.0}, "key": "mallory"}] * 5)
+    assert bad() > honest + 0.1 and len(ids) == 5
+    assert ds.retract_feedback("nobody") == 0
+    assert ds.retract_feedback("mallory", since=2e9) == 0          # sent before that time: kept
+    assert ds.retract_feedback("mallory") == 5
+    assert math.isclose(bad(), honest, rel_tol=1e-6) and ds.retract_feedback("mallory") == 0
+    ds.close()
+    lines = (tmp_path / "state" / "feedback.log").read_text().splitlines()
+    assert len(lines) == 1 + 5 + 1 and '"op":"retract"' in lines[-1]     # appended, nothing rewritten
+    ds = FaissKnnDatastore.open(tmp_path / "state", any_encoder, [src], k=4, progress=False)
+    assert math.isclose(bad(), honest, rel_tol=1e-6)
+    assert ds.retract_feedback("honest") == 1
+    assert math.isclose(bad(), clean, rel_tol=1e-6)

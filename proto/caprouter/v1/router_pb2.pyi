@@ -394,3 +394,19 @@ class OnboardResponse(_message.Message):
     mean_score: float
     capability_fitted: bool
     def __init__(self, metadata: _Optional[_Union[ResponseMetadata, _Mapping]] = ..., backend: _Optional[_Union[BackendInfo, _Mapping]] = ..., created: _Optional[bool] = ..., results_used: _Optional[int] = ..., mean_score: _Optional[float] = ..., capability_fitted: _Optional[bool] = ...) -> None: ...
+
+class RetractFeedbackRequest(_message.Message):
+    __slots__ = ("key", "since_unix")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    SINCE_UNIX_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    since_unix: float
+    def __init__(self, key: _Optional[str] = ..., since_unix: _Optional[float] = ...) -> None: ...
+
+class RetractFeedbackResponse(_message.Message):
+    __slots__ = ("metadata", "retracted")
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    RETRACTED_FIELD_NUMBER: _ClassVar[int]
+    metadata: ResponseMetadata
+    retracted: int
+    def __init__(self, metadata: _Optional[_Union[ResponseMetadata, _Mapping]] = ..., retracted: _Optional[int] = ...) -> None: ...

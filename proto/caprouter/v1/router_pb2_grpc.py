@@ -66,6 +66,11 @@ class RouterStub:
                 request_serializer=caprouter_dot_v1_dot_router__pb2.RouteBatchRequest.SerializeToString,
                 response_deserializer=caprouter_dot_v1_dot_router__pb2.RouteBatchResponse.FromString,
                 _registered_method=True)
+        self.RetractFeedback = channel.unary_unary(
+                '/caprouter.v1.Router/RetractFeedback',
+                request_serializer=caprouter_dot_v1_dot_router__pb2.RetractFeedbackRequest.SerializeToString,
+                response_deserializer=caprouter_dot_v1_dot_router__pb2.RetractFeedbackResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
@@ -118,6 +123,14 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RetractFeedback(self, request, context):
+        """Withdraw the feedback one API key sent (since a time): from the live store at once, and
+        durably (the feedback log records the retraction). Needs the admin scope.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -150,6 +163,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.RouteBatch,
                     request_deserializer=caprouter_dot_v1_dot_router__pb2.RouteBatchRequest.FromString,
                     response_serializer=caprouter_dot_v1_dot_router__pb2.RouteBatchResponse.SerializeToString,
+            ),
+            'RetractFeedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetractFeedback,
+                    request_deserializer=caprouter_dot_v1_dot_router__pb2.RetractFeedbackRequest.FromString,
+                    response_serializer=caprouter_dot_v1_dot_router__pb2.RetractFeedbackResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -316,6 +334,33 @@ class Router:
             '/caprouter.v1.Router/RouteBatch',
             caprouter_dot_v1_dot_router__pb2.RouteBatchRequest.SerializeToString,
             caprouter_dot_v1_dot_router__pb2.RouteBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetractFeedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/caprouter.v1.Router/RetractFeedback',
+            caprouter_dot_v1_dot_router__pb2.RetractFeedbackRequest.SerializeToString,
+            caprouter_dot_v1_dot_router__pb2.RetractFeedbackResponse.FromString,
             options,
             channel_credentials,
             insecure,

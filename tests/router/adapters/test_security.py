@@ -320,3 +320,25 @@ def test_the_node_client_connects_with_mutual_tls_and_a_key(tls_servers, secured
     out = subprocess.run([node, str(node_dir / "client.js"), tls_servers["mtls"][0]], capture_output=True, text=True,
                          timeout=180, env=env)
     assert out.returncode == 1 and "UNAUTHENTICATED" in out.stderr
+
+
+def test_feedback_names_its_key_and_an_admin_retracts_it(secured):
+    """Provenance end to end: feedback sent with a key is audited under its name, and an admin
+    withdraws it by that name (`caprouter datastore retract --key feedback-app`)."""
+    from router.client import Client
+
+    t, live = secured["tokens"], secured["live"]
+    svc = live.app.service
+    audit = svc.access.audit.path
+    with Client(secured["grpc"], api_key=t["feedback"], timeout=60) as c:
+        rec = c.feedback("", 0.0, prompt="What is 123 + 456?", backend=DENSE)
+        with pytest.raises(grpc.RpcError) as e:
+            c.retract_feedback("feedback-app")
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    line = json.loads(audit.read_text().splitlines()[-1])
+    assert line["action"] == "feedback" and line["key"] == "feedback-app" and line["record_id"] == rec.record_id
+    with Client(secured["grpc"], api_key=t["admin"], timeout=60) as c:
+        assert c.retract_feedback("feedback-app") == 1
+        assert c.retract_feedback("feedback-app") == 0
+    line = json.loads(audit.read_text().splitlines()[-1])
+    assert line["action"] == "feedback.retract" and line["key"] == "ops" and line["retracted_key"] == "feedback-app"

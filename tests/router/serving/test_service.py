@@ -278,3 +278,67 @@ def test_capability_with_a_broad_neighbourhood_asks_the_datastore_for_it(make_se
     for got, k, t in zip(many, (None, 24), (None, 1.0)):
         one = svc.datastore.estimate(e[None], k=k, temperature=t)
         np.testing.assert_allclose(got.quality, one.quality, atol=1e-6)
+
+
+# ---- API keys: provenance, audit, budgets charged with what answers cost ------------------------
+
+@pytest.fixture
+def keyed_service(tmp_path, any_encoder):
+    import json as _json
+
+    from router.serving.access import Access, AuditLog
+    from router.serving.keys import KeyFile, Limits
+
+    def make(backends, *, ignore=(), **limits):
+        src = write_outcomes(tmp_path / "o.jsonl", OUTCOMES)
+        ds = FaissKnnDatastore.open(tmp_path / "state", any_encoder, [src], k=8, progress=False)
+        cfg = AppConfig.model_validate({"routing": {"cost_unit": "USD", "decision_cache_size": 1000},
+                                        "auth": {"ignore_feedback_from": list(ignore)}})
+        access = Access(cfg.auth, tmp_path / "spend.log", AuditLog(tmp_path / "audit.jsonl"))
+        svc = RouterService(cfg, any_encoder, ds, {b.name: b for b in backends}, access=access)
+        keys = KeyFile(tmp_path / "keys.json")
+        _, token = keys.create("app", tenant="team", scopes=("admin",), limits=Limits(**limits) if limits else None)
+        caller = keys.authenticate(token)
+
+        def audit():
+            p = tmp_path / "audit.jsonl"
+            return [_json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
+        return svc, caller, audit
+    return make
+
+
+def test_feedback_carries_its_key_and_is_audited(keyed_service, tmp_path):
+    svc, caller, audit = keyed_service([ScriptedBackend("mathy"), ScriptedBackend("wordy")])
+    d = svc.route(Query(prompt="What is 40 + 2?", caller=caller))
+    res = svc.feedback(d.decision_id, 1.0, caller=caller)
+    logged = (tmp_path / "state" / "feedback.log").read_text()
+    assert f'"key":"app","key_id":"{caller.key.id}"' in logged and res.record_id in logged
+    (line,) = audit()
+    assert line["action"] == "feedback" and line["key"] == "app" and line["decision_id"] == d.decision_id
+    assert line["learned"] is True and "prompt" not in line             # prompts stay out unless configured
+    assert svc.retract_feedback("app", caller=caller) == 1
+    assert audit()[-1]["action"] == "feedback.retract" and audit()[-1]["records"] == 1
+
+
+def test_feedback_from_an_ignored_key_is_acknowledged_but_not_learned(keyed_service):
+    svc, caller, audit = keyed_service([ScriptedBackend("mathy"), ScriptedBackend("wordy")], ignore=("app",))
+    n = len(svc.datastore)
+    res = svc.feedback("", 0.0, prompt="What is 40 + 2?", backend="mathy", caller=caller)
+    assert res.record_id == "" and len(svc.datastore) == n
+    assert audit()[0]["learned"] is False
+
+
+def test_generate_is_charged_its_realized_cost_and_a_spent_budget_refuses(keyed_service):
+    from router.core.errors import RateLimited
+
+    svc, caller, _ = keyed_service([ScriptedBackend("mathy", per_request=2.0), ScriptedBackend("wordy", per_request=2.0)],
+                                   budget=3.0)
+    evs = run(svc.generate(Query(prompt="What is 40 + 2?", caller=caller), GenParams(max_tokens=2)))
+    assert isinstance(evs[-1], GenEnd)
+    assert svc.access.budget_left(caller) == pytest.approx(1.0)
+    svc.route(Query(prompt="What is 40 + 2?", caller=caller))        # a route is charged its predicted cost
+    assert svc.access.budget_left(caller) == pytest.approx(-1.0)
+    with pytest.raises(RateLimited, match="spent its budget"):
+        run(svc.generate(Query(prompt="What is 40 + 2?", caller=caller), GenParams(max_tokens=2)))
+    with pytest.raises(RateLimited):
+        svc.route_batch([Query(prompt="hi")], KnobsInput(), caller=caller)
