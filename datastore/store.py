@@ -50,8 +50,10 @@ def source_hash(paths: Sequence[Path], embedder_id: str, encoder_settings: str) 
 
 
 class _Columns:
-    """Row- and column-growable observations: ``val`` (0 where unobserved) and ``seen`` (1/0), both
-    float32, kept apart so that a query needs no NaN handling, only two gathers and two matmuls."""
+    """Row- and column-growable observations: ``seen`` the observation's weight (1 for an outcome,
+    a feedback key's weight for its feedback, 0 where unobserved) and ``val`` the weighted value
+    (weight x value), both float32, kept apart so that a query needs no NaN handling, only two
+    gathers and two matmuls: sum(w val) / sum(w seen) is the weighted mean."""
 
     def __init__(self) -> None:
         self.val = np.zeros((0, 0), dtype=np.float32)
@@ -67,12 +69,14 @@ class _Columns:
             new[:r, :c] = getattr(self, name)
             setattr(self, name, new)
 
-    def set(self, row: int, col: int, v: float) -> None:
-        self.val[row, col] = v
-        self.seen[row, col] = 1.0
+    def set(self, row: int, col: int, v: float, weight: float = 1.0) -> None:
+        self.val[row, col] = weight * v
+        self.seen[row, col] = weight
 
-    def get(self, row: int, col: int) -> float | None:
-        return float(self.val[row, col]) if self.seen[row, col] else None
+    def get(self, row: int, col: int) -> tuple[float, float] | None:
+        """(value, weight) of an observation, None where there is none."""
+        w = float(self.seen[row, col])
+        return (float(self.val[row, col]) / w, w) if w else None
 
     def unset(self, row: int, col: int) -> None:
         self.val[row, col] = 0.0
@@ -105,8 +109,9 @@ class FaissKnnDatastore:
         self._cost = _Columns()
         self._ids: list[str] = []
         self._row: dict[str, int] = {}
-        self._sum = np.zeros(0, dtype=np.float64)
-        self._cnt = np.zeros(0, dtype=np.int64)
+        self._sum = np.zeros(0, dtype=np.float64)     # weighted sum of each backend's scores
+        self._wcnt = np.zeros(0, dtype=np.float64)    # their summed weights
+        self._cnt = np.zeros(0, dtype=np.int64)       # how many there are
         self._prior = np.zeros(0, dtype=np.float32)
         self._lock = threading.RLock()
         self._log: AppendLog | None = None
@@ -124,11 +129,13 @@ class FaissKnnDatastore:
             c = self._col[backend] = len(self.backends)
             self.backends.append(backend)
             self._sum = np.append(self._sum, 0.0)
+            self._wcnt = np.append(self._wcnt, 0.0)
             self._cnt = np.append(self._cnt, 0)
         return c
 
     def _insert(self, embeddings: npt.NDArray[np.float32], ids: Sequence[str],
-                scores: Sequence[dict[str, float]], costs: Sequence[dict[str, float]]) -> None:
+                scores: Sequence[dict[str, float]], costs: Sequence[dict[str, float]],
+                weights: Sequence[float] | None = None) -> None:
         emb = np.ascontiguousarray(embeddings, dtype=np.float32)
         if emb.ndim != 2 or emb.shape[1] != self.dim or emb.shape[0] != len(ids):
             raise InvalidArgument(f"embeddings must be ({len(ids)}, {self.dim}), got {emb.shape}")
@@ -140,21 +147,23 @@ class FaissKnnDatastore:
             for m in (self._scores, self._cost):
                 m.ensure(n0 + n, len(self.backends))
             for j, (s, c) in enumerate(zip(scores, costs)):
+                w = 1.0 if weights is None else float(weights[j])
                 for b, v in s.items():
                     col = self._col[b]
-                    self._scores.set(n0 + j, col, v)
-                    self._sum[col] += v
+                    self._scores.set(n0 + j, col, v, w)
+                    self._sum[col] += w * v
+                    self._wcnt[col] += w
                     self._cnt[col] += 1
                 for b, v in c.items():
-                    self._cost.set(n0 + j, self._col[b], v)
+                    self._cost.set(n0 + j, self._col[b], v, w)
             self.index.add(emb)
             self._ids.extend(ids)
             self._row.update((rid, n0 + j) for j, rid in enumerate(ids))
             self._update_prior()
 
     def _update_prior(self) -> None:
-        total = self._sum.sum() / self._cnt.sum() if self._cnt.sum() else 0.5
-        self._prior = np.where(self._cnt > 0, self._sum / np.maximum(self._cnt, 1), total).astype(np.float32)
+        total = self._sum.sum() / self._wcnt.sum() if self._wcnt.sum() > 0 else 0.5
+        self._prior = np.where(self._wcnt > 0, self._sum / np.maximum(self._wcnt, 1e-12), total).astype(np.float32)
 
     def insert(self, embeddings: npt.NDArray[np.float32], records: Sequence[OutcomeRecord]) -> None:
         """Make outcomes visible to estimates without logging them: for outcomes whose durability
@@ -175,15 +184,22 @@ class FaissKnnDatastore:
                 row = self._row.get(rid)
                 if row is None:
                     continue
-                v = self._scores.get(row, col)
-                if v is not None:
-                    self._scores.unset(row, col)
-                    self._sum[col] -= v
-                    self._cnt[col] -= 1
-                    n += 1
-                self._cost.unset(row, col)
+                n += self._unset(row, col)
             self._update_prior()
             return n
+
+    def _unset(self, row: int, col: int) -> int:
+        """Withdraw one observation (with its cost); 1 if there was a score (call holding the lock)."""
+        self._cost.unset(row, col)
+        got = self._scores.get(row, col)
+        if got is None:
+            return 0
+        v, w = got
+        self._scores.unset(row, col)
+        self._sum[col] -= w * v
+        self._wcnt[col] -= w
+        self._cnt[col] -= 1
+        return 1
 
     def _insert_records(self, embeddings: npt.NDArray[np.float32], records: Sequence[OutcomeRecord]) -> None:
         self._insert(embeddings, [r.id for r in records], [r.scores for r in records], [r.cost for r in records])
@@ -265,15 +281,17 @@ class FaissKnnDatastore:
 
     def stats(self) -> dict[str, BackendStats]:
         with self._lock:
-            return {b: BackendStats(int(self._cnt[i]), float(self._sum[i] / self._cnt[i]) if self._cnt[i] else float("nan"))
+            return {b: BackendStats(int(self._cnt[i]), float(self._sum[i] / self._wcnt[i]) if self._wcnt[i] > 0
+                                    else float("nan"))
                     for i, b in enumerate(self.backends)}
 
     # ---- durable appends -------------------------------------------------------------------------
     def add(self, embeddings: npt.NDArray[np.float32], records: Sequence[dict[str, Any]]) -> list[str]:
         """Append outcomes durably, then make them visible to estimates.
 
-        records[i]: {"prompt": str, "scores": {backend: score}, "cost"?: {backend: cost}, ...extra}
-        Returns the new record ids. Raises if the store has no log (opened read-only).
+        records[i]: {"prompt": str, "scores": {backend: score}, "cost"?: {backend: cost},
+        "weight"?: w in (0, 1] (a feedback key's weight: its records count w times an outcome),
+        ...extra}. Returns the new record ids. Raises if the store has no log (opened read-only).
         """
         if self._log is None:
             raise ArtifactError("this datastore was not opened with a state folder; cannot persist")
@@ -288,7 +306,7 @@ class FaissKnnDatastore:
             entries.append(entry)
         self._log.append(entries)  # durable from here on
         self._insert(emb, [e["id"] for e in entries], [e["scores"] for e in entries],
-                     [e.get("cost") or {} for e in entries])
+                     [e.get("cost") or {} for e in entries], [float(e.get("weight", 1.0)) for e in entries])
         self._note_keys(entries)
         return [e["id"] for e in entries]
 
@@ -307,13 +325,7 @@ class FaissKnnDatastore:
                 if row is None:
                     continue
                 for col in self._col.values():
-                    v = self._scores.get(row, col)
-                    if v is not None:
-                        self._scores.unset(row, col)
-                        self._sum[col] -= v
-                        self._cnt[col] -= 1
-                        n += 1
-                    self._cost.unset(row, col)
+                    n += self._unset(row, col)
             self._update_prior()
         return n
 
@@ -393,10 +405,11 @@ class FaissKnnDatastore:
         faiss.write_index(self.index, str(tmp / "index.faiss"))
         with open(tmp / "records.jsonl", "w") as f:
             for i, rid in enumerate(self._ids):
+                # The snapshot holds outcome files' records only (weight 1); feedback is replayed from its log.
                 scores = {b: self._scores.get(i, c) for b, c in self._col.items()}
                 costs = {b: self._cost.get(i, c) for b, c in self._col.items()}
-                f.write(json.dumps({"id": rid, "scores": {b: v for b, v in scores.items() if v is not None},
-                                    "cost": {b: v for b, v in costs.items() if v is not None}}) + "\n")
+                f.write(json.dumps({"id": rid, "scores": {b: v[0] for b, v in scores.items() if v is not None},
+                                    "cost": {b: v[0] for b, v in costs.items() if v is not None}}) + "\n")
         manifest = {"format": SNAPSHOT_FORMAT, "embedder": self.embedder_id, "dim": self.dim,
                     "source_hash": digest, "sources": sources, "records": len(self),
                     "backends": self.backends, "created_unix": time.time()}
@@ -429,11 +442,13 @@ class FaissKnnDatastore:
         other = [e for e in entries if not (e.get("embedder") == self.embedder_id and "embedding" in e)]
         if same:
             emb = np.stack([decode_vector(e["embedding"], self.dim) for e in same])
-            self._insert(emb, [e["id"] for e in same], [e["scores"] for e in same], [e.get("cost") or {} for e in same])
+            self._insert(emb, [e["id"] for e in same], [e["scores"] for e in same], [e.get("cost") or {} for e in same],
+                         [float(e.get("weight", 1.0)) for e in same])
         if other:
             log.info("datastore: re-embedding %d logged outcomes for embedder %s", len(other), self.embedder_id)
             emb = _encode_all(encoder, [e["prompt"] for e in other], progress=False, what="re-embedding")
-            self._insert(emb, [e["id"] for e in other], [e["scores"] for e in other], [e.get("cost") or {} for e in other])
+            self._insert(emb, [e["id"] for e in other], [e["scores"] for e in other], [e.get("cost") or {} for e in other],
+                         [float(e.get("weight", 1.0)) for e in other])
         self._note_keys(entries)
         log.info("datastore: replayed %d feedback records (%d retracted left out)", len(entries), len(retracted))
 

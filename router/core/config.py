@@ -65,12 +65,21 @@ class AuthConfig(_Model):
     # "fit" routes to the backends whose predicted cost fits what is left of it (refused once
     # nothing is left or nothing fits).
     over_budget: Literal["refuse", "fit"] = "refuse"
-    # Key names whose Feedback is acknowledged and audited but not learned from.
-    ignore_feedback_from: list[str] = Field(default_factory=list)
+    # How much a key's Feedback counts, by key name: each record weighs w times an outcome in the
+    # kNN estimates and the priors (1 when unnamed); 0: acknowledged and audited, not learned from.
+    feedback_weights: dict[str, float] = Field(default_factory=dict)
     # The audit trail (one JSON line per authenticated write); None: audit.jsonl beside the keys.
     audit_file: str | None = None
     # Prompts are left out of audit lines unless this is set.
     audit_prompts: bool = False
+
+    @field_validator("feedback_weights")
+    @classmethod
+    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: w for k, w in v.items() if not 0.0 <= w <= 1.0}
+        if bad:
+            raise ValueError(f"feedback weights must be in [0, 1]: {bad}")
+        return v
 
     def keys_path(self) -> Path:
         return Path(self.keys_file).expanduser() if self.keys_file else caprouter_home() / "keys.json"

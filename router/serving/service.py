@@ -559,17 +559,17 @@ class RouterService:
             rec["decision_id"] = decision_id
         if cost is not None:
             rec["cost"] = {backend: float(cost)}
+        weight = 1.0
         if caller.key is not None:        # provenance: which key taught the router this
             rec["key"] = caller.name
             rec["key_id"] = caller.key.id
-            rec["t"] = round(time.time(), 3)
-        if caller.key is not None and caller.name in self.config.auth.ignore_feedback_from:
-            rid = ""
-        else:
-            rid = self.datastore.add(emb[None, :], [rec])[0]
+            weight = self.config.auth.feedback_weights.get(caller.name, 1.0)
+            if weight < 1.0:
+                rec["weight"] = weight
+        rid = self.datastore.add(emb[None, :], [rec])[0] if weight > 0 else ""
         if caller.key is not None:
             self.access.audit.write(caller, "feedback", decision_id=decision_id, backend=backend, score=float(score),
-                                    record_id=rid, learned=bool(rid),
+                                    record_id=rid, weight=weight,
                                     **({"prompt": text} if self.config.auth.audit_prompts else {}))
         self.telemetry.request("Feedback", backend, "ok")
         return FeedbackResult(rid, backend)

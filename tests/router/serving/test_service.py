@@ -289,15 +289,15 @@ def keyed_service(tmp_path, any_encoder):
     from router.serving.access import Access, AuditLog
     from router.serving.keys import KeyFile, Limits
 
-    def make(backends, *, ignore=(), **limits):
+    def make(backends, *, weights=None, name="app", **limits):
         src = write_outcomes(tmp_path / "o.jsonl", OUTCOMES)
         ds = FaissKnnDatastore.open(tmp_path / "state", any_encoder, [src], k=8, progress=False)
         cfg = AppConfig.model_validate({"routing": {"cost_unit": "USD", "decision_cache_size": 1000},
-                                        "auth": {"ignore_feedback_from": list(ignore)}})
+                                        "auth": {"feedback_weights": weights or {}}})
         access = Access(cfg.auth, tmp_path / "spend.log", AuditLog(tmp_path / "audit.jsonl"))
         svc = RouterService(cfg, any_encoder, ds, {b.name: b for b in backends}, access=access)
         keys = KeyFile(tmp_path / "keys.json")
-        _, token = keys.create("app", tenant="team", scopes=("admin",), limits=Limits(**limits) if limits else None)
+        _, token = keys.create(name, tenant="team", scopes=("admin",), limits=Limits(**limits) if limits else None)
         caller = keys.authenticate(token)
 
         def audit():
@@ -315,17 +315,33 @@ def test_feedback_carries_its_key_and_is_audited(keyed_service, tmp_path):
     assert f'"key":"app","key_id":"{caller.key.id}"' in logged and res.record_id in logged
     (line,) = audit()
     assert line["action"] == "feedback" and line["key"] == "app" and line["decision_id"] == d.decision_id
-    assert line["learned"] is True and "prompt" not in line             # prompts stay out unless configured
+    assert line["weight"] == 1.0 and "prompt" not in line             # prompts stay out unless configured
     assert svc.retract_feedback("app", caller=caller) == 1
     assert audit()[-1]["action"] == "feedback.retract" and audit()[-1]["records"] == 1
 
 
 def test_feedback_from_an_ignored_key_is_acknowledged_but_not_learned(keyed_service):
-    svc, caller, audit = keyed_service([ScriptedBackend("mathy"), ScriptedBackend("wordy")], ignore=("app",))
+    svc, caller, audit = keyed_service([ScriptedBackend("mathy"), ScriptedBackend("wordy")], weights={"app": 0.0})
     n = len(svc.datastore)
     res = svc.feedback("", 0.0, prompt="What is 40 + 2?", backend="mathy", caller=caller)
     assert res.record_id == "" and len(svc.datastore) == n
-    assert audit()[0]["learned"] is False
+    assert audit()[0]["weight"] == 0.0
+
+
+def test_a_light_keys_feedback_moves_the_estimate_less(keyed_service, any_encoder):
+    moved = {}
+    for i, w in enumerate((1.0, 0.1)):
+        svc, caller, _ = keyed_service([ScriptedBackend("mathy"), ScriptedBackend("wordy")], weights={f"app{i}": w},
+                                       name=f"app{i}")
+        q = "What is 40 + 2?"
+        before = svc.predict(any_encoder.encode([q]), [len(q)]).quality[0, 0]
+        for _ in range(4):
+            svc.feedback("", 0.0, prompt=q, backend="mathy", caller=caller)
+        moved[w] = before - svc.predict(any_encoder.encode([q]), [len(q)]).quality[0, 0]
+        svc.datastore.close()
+        import shutil
+        shutil.rmtree(svc.datastore.state_dir)
+    assert 0 < moved[0.1] < 0.6 * moved[1.0]
 
 
 def test_generate_is_charged_its_realized_cost_and_a_spent_budget_refuses(keyed_service):
