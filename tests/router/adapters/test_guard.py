@@ -160,3 +160,30 @@ def test_with_a_key_file_the_guard_refuses_before_the_handler_runs(tmp_path):
                 got.append(x)
         return got
     assert asyncio.run(stream()) == [] and ctx.aborted[0] == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_start_up_says_what_protects_the_ports(tmp_path, caplog):
+    from router.adapters.grpc_server import is_loopback, warn_if_exposed
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3") and not is_loopback("router.internal")
+    keys = str(tmp_path / "keys.json")
+    app = App(AppConfig.model_validate({"auth": {"keys_file": keys}}))
+    with caplog.at_level(logging.WARNING):
+        assert warn_if_exposed(app) == "open: no API keys, plain text"
+    assert "no API keys" in caplog.text and "plain text" not in caplog.text      # loopback: plain text is fine
+    app.compute.shutdown()
+    caplog.clear()
+    app = App(AppConfig.model_validate({"server": {"host": "0.0.0.0"}, "auth": {"keys_file": keys}}))
+    with caplog.at_level(logging.WARNING):
+        warn_if_exposed(app)
+    assert "in plain text" in caplog.text and "without API keys" in caplog.text
+    app.compute.shutdown()
+    caplog.clear()
+    KeyFile(keys).create("app")
+    app = App(AppConfig.model_validate({"server": {"host": "0.0.0.0", "tls_cert": "c.pem", "tls_key": "k.pem"},
+                                        "auth": {"keys_file": keys}}))
+    with caplog.at_level(logging.WARNING):
+        assert warn_if_exposed(app) == f"API keys required ({keys}), TLS"
+    assert not caplog.text
+    app.compute.shutdown()

@@ -60,3 +60,17 @@ def test_overrides_reach_list_elements_by_index_or_all():
     assert cfg.routing.max_pending == 64
     with pytest.raises(ConfigError, match="not an index"):
         load_config(None, {"backends.9.options.max_queue": 1})
+
+
+def test_tls_files_come_in_pairs_and_feedback_weights_are_fractions():
+    import pytest as _pytest
+
+    from router.core.config import AppConfig
+
+    with _pytest.raises(ValueError, match="together"):
+        AppConfig.model_validate({"server": {"tls_cert": "c.pem"}})
+    with _pytest.raises(ValueError, match="mutual TLS"):
+        AppConfig.model_validate({"server": {"tls_client_ca": "ca.pem"}})
+    with _pytest.raises(ValueError, match="feedback weights"):
+        AppConfig.model_validate({"auth": {"feedback_weights": {"app": 2.0}}})
+    assert AppConfig.model_validate({"server": {"tls_cert": "c.pem", "tls_key": "k.pem"}}).server.tls
