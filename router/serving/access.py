@@ -203,13 +203,20 @@ class Access:
         if left is None:
             return knobs
         if left <= 0:
-            _, end = period_bounds(lim.budget_period, self._clock.time())
-            wait = max(1.0, end - self._clock.time())
-            raise RateLimited(f"API key {key.id} ({key.name}) has spent its budget of {lim.budget:g} per "
-                              f"{lim.budget_period}; it renews in {wait / 3600:.1f} h", retry_after_s=wait)
+            raise self.over_budget(caller, "has spent its budget")
         if self.config.over_budget == "fit":
             knobs = replace(knobs, max_cost=left if knobs.max_cost is None else min(knobs.max_cost, left))
         return knobs
+
+    def over_budget(self, caller: Caller, what: str) -> RateLimited:
+        """The refusal of a key whose budget cannot pay for the request, until the period renews."""
+        key = caller.key
+        assert key is not None and key.limits.budget is not None
+        lim = key.limits
+        _, end = period_bounds(lim.budget_period, self._clock.time())
+        wait = max(1.0, end - self._clock.time())
+        return RateLimited(f"API key {key.id} ({key.name}) {what} of {lim.budget:g} per {lim.budget_period}; "
+                           f"it renews in {wait / 3600:.1f} h", retry_after_s=wait)
 
     @property
     def ledger(self) -> SpendLedger | None:

@@ -76,6 +76,7 @@ class _Routing:
     text: str
     chars: int
     caller: Caller
+    budget_capped: bool = False        # knobs.max_cost is what is left of the caller's budget ("fit")
 
 
 @dataclass(frozen=True)
@@ -311,9 +312,9 @@ class RouterService:
         backends = self.backends      # one consistent set for this request, whatever Onboard does meanwhile
         knobs = query.knobs.resolve(self.defaults, list(backends))
         self.access.admit(query.caller, tokens=dispatch)
-        knobs = self.access.budgeted(query.caller, knobs)
-        return _Routing(t0, msgs, backends, knobs, prompt_text(None, msgs), sum(len(c) for _, c in msgs),
-                        query.caller)
+        budgeted = self.access.budgeted(query.caller, knobs)
+        return _Routing(t0, msgs, backends, budgeted, prompt_text(None, msgs), sum(len(c) for _, c in msgs),
+                        query.caller, budgeted.max_cost != knobs.max_cost)
 
     def _decide(self, p: _Routing, dispatch: bool, routed: Routed) -> Decision:
         backends, knobs = p.backends, p.knobs
@@ -332,7 +333,10 @@ class RouterService:
             if knobs.budget is not None:
                 selection = self._window_budget(knobs, knobs.budget, names, quality, cost, support, unavailable,
                                                 selection)
-        except NoEligibleBackend:
+        except NoEligibleBackend as e:
+            if p.budget_capped:
+                raise self.access.over_budget(p.caller, f"has too little left ({knobs.max_cost:.4g}) for any eligible "
+                                              f"backend ({e}) of its budget") from None
             if route_only and len(route_only) == len(names):
                 listed = ", ".join(map(repr, route_only))
                 raise FailedPrecondition(

@@ -358,3 +358,22 @@ def test_generate_is_charged_its_realized_cost_and_a_spent_budget_refuses(keyed_
         run(svc.generate(Query(prompt="What is 40 + 2?", caller=caller), GenParams(max_tokens=2)))
     with pytest.raises(RateLimited):
         svc.route_batch([Query(prompt="hi")], KnobsInput(), caller=caller)
+
+
+def test_in_fit_mode_an_over_budget_key_gets_what_it_can_still_pay_for(keyed_service, tmp_path):
+    from router.core.errors import RateLimited
+
+    svc, caller, _ = keyed_service([ScriptedBackend("mathy", per_request=2.0), ScriptedBackend("wordy", per_request=0.5)],
+                                   budget=3.0)
+    svc.config.auth.over_budget = "fit"
+    q = Query(prompt="What is 40 + 2?", caller=caller)
+    assert svc.route(q).backend == "mathy"                   # 3 left: the better one
+    d = svc.route(q)                                          # 1 left: only the cheap one fits
+    assert d.backend == "wordy" and [x.backend for x in d.selection.excluded] == ["mathy"]
+    assert svc.route(q).backend == "wordy"                   # 0.5 left, then 0
+    with pytest.raises(RateLimited, match="spent its budget"):
+        svc.route(q)
+    svc2, caller2, _ = keyed_service([ScriptedBackend("mathy", per_request=2.0)], budget=1.0, name="other")
+    svc2.config.auth.over_budget = "fit"
+    with pytest.raises(RateLimited, match="too little left"):
+        svc2.route(Query(prompt="What is 40 + 2?", caller=caller2))
