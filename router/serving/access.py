@@ -196,7 +196,6 @@ class Access:
         key = caller.key
         if key is None:
             return knobs
-        lim = key.limits
         if not knobs.budget_key:
             knobs = replace(knobs, budget_key=key.tenant)
         left = self.budget_left(caller)
