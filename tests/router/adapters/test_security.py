@@ -342,3 +342,26 @@ def test_feedback_names_its_key_and_an_admin_retracts_it(secured):
         assert c.retract_feedback("feedback-app") == 0
     line = json.loads(audit.read_text().splitlines()[-1])
     assert line["action"] == "feedback.retract" and line["key"] == "ops" and line["retracted_key"] == "feedback-app"
+
+
+def test_the_cli_connects_with_tls_and_a_key_from_the_environment(tls_servers, secured, capsys, monkeypatch,
+                                                                   tmp_path):
+    from router.cli import main
+
+    c = tls_servers["certs"]
+    gaddr = tls_servers["mtls"][0]
+    tls = ["--tls-ca", str(c.ca), "--tls-cert", str(c.client_cert), "--tls-key", str(c.client_key),
+           "--tls-server-name", "localhost"]
+    monkeypatch.setenv("CAPROUTER_API_KEY", secured["tokens"]["route"])
+    assert main(["backends", "--address", gaddr, *tls]) == 0
+    assert DENSE in capsys.readouterr().out
+    assert main(["route", "--address", gaddr, *tls, "What is 2 + 2?"]) == 0
+    assert "backend:" in capsys.readouterr().out
+    assert main(["generate", "--address", gaddr, *tls, "Hi", "--max-tokens", "1"]) == 2      # route-only key
+    assert "PERMISSION_DENIED" in capsys.readouterr().err
+    monkeypatch.delenv("CAPROUTER_API_KEY")
+    keyfile = tmp_path / "key"
+    keyfile.write_text(secured["tokens"]["admin"] + "\n")
+    assert main(["datastore", "retract", "--key", "nobody", "--address", gaddr, *tls,
+                 "--api-key-file", str(keyfile)]) == 0
+    assert "retracted 0 feedback record(s) of key nobody" in capsys.readouterr().out
