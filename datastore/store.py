@@ -147,7 +147,8 @@ class FaissKnnDatastore:
             for m in (self._scores, self._cost):
                 m.ensure(n0 + n, len(self.backends))
             for j, (s, c) in enumerate(zip(scores, costs)):
-                w = 1.0 if weights is None else float(weights[j])
+                # As stored (float32), so that withdrawing it later subtracts exactly what was added.
+                w = 1.0 if weights is None else float(np.float32(weights[j]))
                 for b, v in s.items():
                     col = self._col[b]
                     self._scores.set(n0 + j, col, v, w)
@@ -162,8 +163,9 @@ class FaissKnnDatastore:
             self._update_prior()
 
     def _update_prior(self) -> None:
-        total = self._sum.sum() / self._wcnt.sum() if self._wcnt.sum() > 0 else 0.5
-        self._prior = np.where(self._wcnt > 0, self._sum / np.maximum(self._wcnt, 1e-12), total).astype(np.float32)
+        total = self._sum.sum() / self._wcnt.sum() if self._cnt.sum() > 0 and self._wcnt.sum() > 0 else 0.5
+        has = (self._cnt > 0) & (self._wcnt > 0)
+        self._prior = np.where(has, self._sum / np.maximum(self._wcnt, 1e-12), total).astype(np.float32)
 
     def insert(self, embeddings: npt.NDArray[np.float32], records: Sequence[OutcomeRecord]) -> None:
         """Make outcomes visible to estimates without logging them: for outcomes whose durability
@@ -199,6 +201,8 @@ class FaissKnnDatastore:
         self._sum[col] -= w * v
         self._wcnt[col] -= w
         self._cnt[col] -= 1
+        if self._cnt[col] == 0:           # no rounding residue may pose as a prior
+            self._sum[col] = self._wcnt[col] = 0.0
         return 1
 
     def _insert_records(self, embeddings: npt.NDArray[np.float32], records: Sequence[OutcomeRecord]) -> None:
@@ -257,8 +261,9 @@ class FaissKnnDatastore:
                  max_duplicates: int = 8) -> Estimate:
         """The outcomes stored for these very prompts: for each row of embeddings (n, d), each
         backend's mean score over the stored copies of that prompt (cosine >= min_similarity; up
-        to max_duplicates of them), NaN where none is stored or none has a score for that
-        backend. quality (n, B), support (n, B) the number of copies scored, cost (n, B)."""
+        to max_duplicates of them; feedback weighted by its key's weight), NaN where none is stored
+        or none has a score for that backend. quality (n, B), support (n, B) the (weighted) number
+        of copies scored, cost (n, B)."""
         q = np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1, self.dim)
         with self._lock:
             backends = tuple(self.backends)
@@ -272,17 +277,18 @@ class FaissKnnDatastore:
             idx = np.maximum(idx, 0)
             seen, val = self._scores.seen[idx][..., :B] * hit, self._scores.val[idx][..., :B]
             cseen, cval = self._cost.seen[idx][..., :B] * hit, self._cost.val[idx][..., :B]
+        # val holds weight x value already: the weighted mean is sum(hit val) / sum(hit weight).
         n = seen.sum(1)
         with np.errstate(invalid="ignore", divide="ignore"):
-            quality = np.where(n > 0, (seen * val).sum(1) / n, np.nan).astype(np.float32)
+            quality = np.where(n > 0, (hit * val).sum(1) / n, np.nan).astype(np.float32)
             cn = cseen.sum(1)
-            cost = np.where(cn > 0, (cseen * cval).sum(1) / cn, np.nan).astype(np.float32)
+            cost = np.where(cn > 0, (hit * cval).sum(1) / cn, np.nan).astype(np.float32)
         return Estimate(backends, quality, n.astype(np.float32), cost)
 
     def stats(self) -> dict[str, BackendStats]:
         with self._lock:
-            return {b: BackendStats(int(self._cnt[i]), float(self._sum[i] / self._wcnt[i]) if self._wcnt[i] > 0
-                                    else float("nan"))
+            return {b: BackendStats(int(self._cnt[i]), float(self._sum[i] / self._wcnt[i])
+                                    if self._cnt[i] > 0 and self._wcnt[i] > 0 else float("nan"))
                     for i, b in enumerate(self.backends)}
 
     # ---- durable appends -------------------------------------------------------------------------
@@ -311,10 +317,12 @@ class FaissKnnDatastore:
         return [e["id"] for e in entries]
 
     def _note_keys(self, entries: Sequence[dict[str, Any]]) -> None:
+        """Index feedback by its key's name and by its key's id (names cannot look like ids: a
+        name may be reused after a revocation, an id never is)."""
         with self._lock:
             for e in entries:
-                if e.get("key"):
-                    self._by_key.setdefault(e["key"], []).append((e["id"], float(e.get("ts", 0.0))))
+                for ref in {e.get("key"), e.get("key_id")} - {None, ""}:
+                    self._by_key.setdefault(str(ref), []).append((e["id"], float(e.get("ts", 0.0))))
 
     def _withdraw(self, ids: Sequence[str]) -> int:
         """Every backend's score and cost on the records ``ids`` (their rows stay, scoreless)."""
@@ -330,7 +338,7 @@ class FaissKnnDatastore:
         return n
 
     def retract_feedback(self, key: str, since: float | None = None) -> int:
-        """Withdraw the logged feedback API key ``key`` sent (at or after ``since``, a unix time),
+        """Withdraw the logged feedback API key ``key`` (a name, or a key id) sent (at or after ``since``, a unix time),
         durably: the log gets one retraction record naming the records, which a replay honours;
         the records themselves are not rewritten. Returns how many records were withdrawn."""
         if self._log is None:
@@ -343,7 +351,8 @@ class FaissKnnDatastore:
         self._withdraw(ids)
         with self._lock:
             gone = set(ids)
-            self._by_key[key] = [x for x in self._by_key.get(key, []) if x[0] not in gone]
+            for ref, sent in list(self._by_key.items()):
+                self._by_key[ref] = [x for x in sent if x[0] not in gone]
         return len(ids)
 
     # ---- persistence -----------------------------------------------------------------------------

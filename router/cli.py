@@ -637,7 +637,8 @@ def parser() -> argparse.ArgumentParser:
     kc.add_argument("name", help="who holds the key (an app, a team)")
     kc.add_argument("--tenant", help="whose traffic and budget it counts as (default: the name)")
     kc.add_argument("--scopes", default="route,generate",
-                    help="comma-separated: route, generate, feedback, onboard, admin (all of them)")
+                    help="comma-separated: route, generate, feedback, onboard, metrics (read /metrics), "
+                         "admin (all of them)")
     kc.add_argument("--rps", type=float, help="requests per second (token bucket)")
     kc.add_argument("--tokens-per-min", type=int, help="Generate output tokens per minute (token bucket)")
     kc.add_argument("--budget", type=float, help="spend per period in the server's cost unit")
@@ -654,7 +655,8 @@ def parser() -> argparse.ArgumentParser:
     ds = sub.add_parser("datastore", help="act on a running server's datastore")
     dsub = ds.add_subparsers(dest="datastore_cmd", required=True)
     dr = dsub.add_parser("retract", help="withdraw the feedback one API key sent (needs an admin key)")
-    dr.add_argument("--key", required=True, help="the API key's name")
+    dr.add_argument("--key", required=True, help="the API key's name, or its id (a name may have been reused "
+                                                 "after a revocation; an id never is)")
     dr.add_argument("--since", help="only feedback sent at or after this time (ISO 8601, or unix seconds)")
     dr.add_argument("--address", default="127.0.0.1:50051")
     dr.add_argument("--timeout", type=float, default=60.0)

@@ -259,20 +259,25 @@ class HttpServer:
         score = body.get("score")
         if isinstance(score, bool) or not isinstance(score, (int, float)):
             raise InvalidArgument("score must be a number in [0, 1]")
+        value = oa.number(score, "score")
+        assert value is not None
+        backend = body.get("backend") or ""
+        if not isinstance(backend, str):
+            raise InvalidArgument("backend must be a backend's name")
         did = body.get("decision_id", "")
         if not isinstance(did, str) or not did:
             raise InvalidArgument("decision_id is required (from a response's caprouter.decision_id)")
         did = did.removeprefix("chatcmpl-").removeprefix("cmpl-")
-        res = await off_loop(svc.feedback, did, float(score), backend=body.get("backend") or "", caller=caller)
+        res = await off_loop(svc.feedback, did, value, backend=backend, caller=caller)
         return web.json_response({"object": "feedback", "record_id": res.record_id, "backend": res.backend})
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok" if self.app.ready else "loading", "detail": self.app.loading_detail},
                                  status=200 if self.app.ready else 503)
 
-    @_guard("admin")
+    @_guard("metrics")
     async def metrics_text(self, request: web.Request, caller: Caller) -> web.StreamResponse:
-        """Prometheus text; with API keys on, scrapers send a key with the admin scope."""
+        """Prometheus text; with API keys on, scrapers send a key with the (read-only) metrics scope."""
         if self.metrics is None:
             return oa.error_response(404, "metrics are not enabled", "invalid_request_error")
         body, ctype = self.metrics.exposition()

@@ -58,15 +58,15 @@ async def json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _number(v: Any, name: str) -> float | None:
+def number(v: Any, name: str) -> float | None:
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float, str)):
         raise InvalidArgument(f"{name} must be a number")
     try:
         return float(v)
-    except ValueError:
-        raise InvalidArgument(f"{name} must be a number, got {v!r}") from None
+    except (ValueError, OverflowError):          # "abc", or an integer of 400 digits
+        raise InvalidArgument(f"{name} must be a number, got {str(v)[:40]!r}") from None
 
 
 def _names(v: Any, name: str) -> tuple[str, ...]:
@@ -105,12 +105,12 @@ def knobs(request: web.Request, body: dict[str, Any], known: set[str]) -> KnobsI
     key = raw.get("budget_key") or ""
     if not isinstance(key, str):
         raise InvalidArgument("budget_key must be a string")
-    return KnobsInput(cost_weight=_number(raw.get("cost_weight"), "cost_weight"),
-                      min_quality=_number(raw.get("min_quality"), "min_quality"),
-                      max_cost=_number(raw.get("max_cost"), "max_cost"), allowed=allowed,
+    return KnobsInput(cost_weight=number(raw.get("cost_weight"), "cost_weight"),
+                      min_quality=number(raw.get("min_quality"), "min_quality"),
+                      max_cost=number(raw.get("max_cost"), "max_cost"), allowed=allowed,
                       denied=_names(raw.get("denied_backends"), "denied_backends"),
-                      budget=_number(raw.get("budget_per_request"), "budget_per_request"), budget_key=key,
-                      max_queue_ms=_number(raw.get("max_queue_ms"), "max_queue_ms"))
+                      budget=number(raw.get("budget_per_request"), "budget_per_request"), budget_key=key,
+                      max_queue_ms=number(raw.get("max_queue_ms"), "max_queue_ms"))
 
 
 def _content(c: Any) -> str:
@@ -152,7 +152,7 @@ def gen_params(body: dict[str, Any]) -> GenParams:
         if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
             raise InvalidArgument(f"{name} must be an integer")
     temp = body.get("temperature")
-    return GenParams(max_tokens=mt, temperature=None if temp is None else _number(temp, "temperature"),
+    return GenParams(max_tokens=mt, temperature=None if temp is None else number(temp, "temperature"),
                      stop=tuple(stop), seed=body.get("seed"))
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from backends.base import Backend
 from backends.ray_serve import BackendReplica, RayBackend, ServeHealth, deployment_name, deployment_names, set_threads
-from router.adapters.grpc_server import GrpcServer, start_http
+from router.adapters.grpc_server import GrpcServer, start_http, warn_if_exposed
 from router.core.compute import Compute
 from router.core.config import AppConfig, DeploymentOptions, EncoderConfig, load_config
 from router.core.logs import setup_logging
@@ -72,6 +72,7 @@ class RouterIngress:
             self._loop.run_until_complete(self.server.load_and_serve())
             self.http = self._loop.run_until_complete(start_http(self.app))
             self.http_address = self.http.address if self.http else ""
+            log.info("caprouter ingress serving on %s (%s)", self.address, warn_if_exposed(self.app))
             # Replace what the poller saw while the backends were still starting, before the
             # first request can be routed on it.
             self.health.poll_once()

@@ -59,6 +59,9 @@ class AuthConfig(_Model):
     # The key file `caprouter keys` manages; None: $CAPROUTER_HOME/keys.json. Authentication is
     # on when the file exists; without it every caller may do everything (local development).
     keys_file: str | None = None
+    # Refuse every call while the key file is missing (a server that must never run open); once
+    # the file has been seen, a running server refuses anyway when it disappears.
+    required: bool = False
     # Where each budgeted key's spend is recorded (durable); None: the key file's folder.
     spend_dir: str | None = None
     # A key over its spend budget: "refuse" answers RESOURCE_EXHAUSTED until the period ends;

@@ -128,6 +128,15 @@ class AuditLog:
         self._lock = threading.Lock()
 
     def write(self, caller: Caller, action: str, **fields: Any) -> None:
+        """Best effort: the write it records is already durable and acknowledged, so a failing
+        audit file (full disk, permissions) is logged, never turned into the request's error."""
+        try:
+            self._write(caller, action, **fields)
+        except OSError as e:
+            log.error("audit trail %s: cannot append (%s); the %s of key %s is not audited", self.path, e.strerror,
+                      action, caller.key.id if caller.key else "-")
+
+    def _write(self, caller: Caller, action: str, **fields: Any) -> None:
         line = {"t": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"), "action": action,
                 "key_id": caller.key.id if caller.key else "", "key": caller.name, "tenant": caller.tenant,
                 **fields}
@@ -157,6 +166,7 @@ class Access:
         self._ledger: SpendLedger | None = None
         self._requests: dict[str, TokenBucket] = {}
         self._tokens: dict[str, TokenBucket] = {}
+        self._held: dict[str, float] = defaultdict(float)    # key id -> cost reserved by running requests
 
     def _bucket(self, table: dict[str, TokenBucket], key_id: str, rate: float, capacity: float,
                 now: float) -> TokenBucket:
@@ -196,8 +206,9 @@ class Access:
         key = caller.key
         if key is None:
             return knobs
-        if not knobs.budget_key:
-            knobs = replace(knobs, budget_key=key.tenant)
+        # A key's traffic-budget windows are its tenant's: a caller cannot spend into (and steer)
+        # another tenant's window by naming it.
+        knobs = replace(knobs, budget_key=f"{key.tenant}/{knobs.budget_key}" if knobs.budget_key else key.tenant)
         left = self.budget_left(caller)
         if left is None:
             return knobs
@@ -231,7 +242,29 @@ class Access:
         if caller.key is None or lim.budget is None or self.ledger is None:
             return None
         period, _ = period_bounds(lim.budget_period, self._clock.time())
-        return lim.budget - self.ledger.spent(caller.key.id, period)
+        with self._lock:
+            held = self._held.get(caller.key.id, 0.0)
+        return lim.budget - self.ledger.spent(caller.key.id, period) - held
+
+    def hold(self, caller: Caller, amount: float) -> float:
+        """Reserve ``amount`` of the caller's budget while a request runs (its worst case), so that
+        concurrent requests cannot all start on the same remainder. Returns what was held (0
+        without a budget); give it back with ``release`` once the real cost is charged."""
+        if caller.key is None or caller.limits.budget is None or not math.isfinite(amount) or amount <= 0:
+            return 0.0
+        with self._lock:
+            self._held[caller.key.id] += amount
+        return amount
+
+    def release(self, caller: Caller, amount: float) -> None:
+        if caller.key is None or amount <= 0:
+            return
+        with self._lock:
+            left = self._held[caller.key.id] - amount
+            if left <= 1e-12:
+                del self._held[caller.key.id]
+            else:
+                self._held[caller.key.id] = left
 
     def charges(self, caller: Caller) -> bool:
         """Whether ``charge`` records anything for this caller (it has a budget or a token limit)."""

@@ -133,7 +133,7 @@ class App:
     _backends: dict[str, Backend] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.keys = KeyFile(self.config.auth.keys_path())
+        self.keys = KeyFile(self.config.auth.keys_path(), required=self.config.auth.required)
 
     @property
     def ready(self) -> bool:

@@ -12,9 +12,11 @@ file that is fsync'ed and renamed over it). The server reads it again whenever i
 file's inode, size and mtime are compared on every authentication, a stat call), so a key created
 or revoked takes effect on the next request, without a restart.
 
-Authentication is on when the key file exists. With no file, the server is open (every caller
-may do everything, as before keys existed) and says so at start-up. A file whose keys are all
-revoked therefore refuses everyone rather than opening up.
+Authentication is on when the key file exists, or once it has existed in this process, or when
+``auth.required`` says so. With no file, the server is open (every caller may do everything, as
+before keys existed) and says so at start-up. A file whose keys are all revoked refuses everyone
+rather than opening up, and so does a file that disappears while the server runs (moved aside
+for an edit, a volume not mounted yet): it never fails open.
 """
 from __future__ import annotations
 
@@ -36,12 +38,13 @@ from typing import Any, Literal
 
 from router.core.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated, Unavailable
 
-SCOPES = ("route", "generate", "feedback", "onboard", "admin")
-Scope = Literal["route", "generate", "feedback", "onboard", "admin"]
+SCOPES = ("route", "generate", "feedback", "onboard", "metrics", "admin")
+Scope = Literal["route", "generate", "feedback", "onboard", "metrics", "admin"]
 PERIODS = ("day", "month")
 FORMAT = 1
 _KEY = re.compile(r"^crk_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_ID = re.compile(r"^[0-9a-f]{12}$")
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,9 @@ def hash_key(key: str) -> str:
 def _validate(name: str, tenant: str, scopes: tuple[str, ...]) -> None:
     if not _NAME.match(name):
         raise InvalidArgument(f"key name {name!r}: 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    if _ID.match(name):
+        # A name shaped like a key id would make `revoke` and `retract` ambiguous.
+        raise InvalidArgument(f"key name {name!r} looks like a key id (12 hex digits); choose another")
     if not _NAME.match(tenant):
         raise InvalidArgument(f"tenant {tenant!r}: 1-64 letters, digits, '.', '_' or '-'")
     bad = [s for s in scopes if s not in SCOPES]
@@ -133,16 +139,19 @@ def _validate(name: str, tenant: str, scopes: tuple[str, ...]) -> None:
 class KeyFile:
     """The key file: read (and re-read when it changes) by the server, rewritten by the CLI."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, required: bool = False) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._stamp: tuple[int, int, int] | None = None
         self._by_id: dict[str, ApiKey] = {}
+        self._seen = required           # authentication stays on once the file has been seen
 
     # ---- reading ----------------------------------------------------------------------------------
     def enabled(self) -> bool:
-        """Authentication is on: the key file exists."""
-        return self.path.exists()
+        """Authentication is on: the key file exists, has existed, or is required."""
+        if not self._seen and self.path.exists():
+            self._seen = True
+        return self._seen
 
     def keys(self) -> list[ApiKey]:
         self._refresh()
@@ -152,9 +161,13 @@ class KeyFile:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
+            if self._seen:
+                raise Unavailable(f"the server's key file {self.path.name} is missing; every call is refused "
+                                  "until it is back (ask its operator)") from None
             with self._lock:
                 self._stamp, self._by_id = None, {}
             return
+        self._seen = True
         stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
         with self._lock:
             if stamp == self._stamp:
@@ -225,7 +238,7 @@ class KeyFile:
         return rec, token
 
     def revoke(self, ref: str) -> ApiKey:
-        """Revoke a key by id or by name (its active key)."""
+        """Revoke a key by id or by name (its active key; names cannot look like ids)."""
         with self._editing() as keys:
             k = keys.get(ref) or next((k for k in keys.values() if k.name == ref and k.active), None)
             if k is None:
@@ -243,6 +256,8 @@ def _read(path: Path) -> list[ApiKey]:
         return [ApiKey.from_json(d) for d in data["keys"]]
     except FileNotFoundError:
         return []
+    except OSError as e:
+        raise Unavailable(f"the server's key file {path.name} cannot be read ({e.strerror}); ask its operator") from None
     except (ValueError, KeyError, TypeError, InvalidArgument) as e:
         # Refuse everyone rather than guess: a damaged key file must not open the server.
         raise Unavailable(f"the server's key file {path.name} is unreadable ({e}); ask its operator") from None

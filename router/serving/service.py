@@ -404,7 +404,14 @@ class RouterService:
         backends = self.backends
         names = list(backends)
         self.access.admit(caller)
-        knobs = self.access.budgeted(caller, knobs_in.resolve(self.defaults, names))
+        resolved = knobs_in.resolve(self.defaults, names)
+        knobs = self.access.budgeted(caller, resolved)
+        capped = knobs.max_cost != resolved.max_cost
+        if capped:
+            # "fit": what is left pays for the whole batch, not for each item (an average cap).
+            assert knobs.max_cost is not None
+            per = knobs.max_cost / len(items)
+            knobs = replace(knobs, budget=per if knobs.budget is None else min(knobs.budget, per))
         texts = [prompt_text(None, m) for m in msgs]
         routed = self.batcher.submit(texts, [sum(len(x) for _, x in m) for m in msgs], backends).result()
         embs, pred = routed.embeddings, routed.prediction
@@ -416,13 +423,22 @@ class RouterService:
             try:
                 sels.append(select(names, q, c, replace(knobs, cost_weight=0.0), support=s, unavailable=unavailable))
             except NoEligibleBackend as err:
+                if capped:
+                    raise self.access.over_budget(caller, f"has too little left for items[{i}] ({err}) of its budget") \
+                        from None
                 raise NoEligibleBackend(f"items[{i}]: {err}") from None
         Q = np.array([p[0] for p in preds], dtype=np.float64)
         C = np.array([p[1] for p in preds], dtype=np.float64)
         eligible = np.array([[n in {x.backend for x in sel.ranked} for n in names] for sel in sels])
         lam = knobs.cost_weight
         if knobs.budget is not None:
-            choice, lam = assign(Q, C, knobs.budget, eligible=eligible)
+            try:
+                choice, lam = assign(Q, C, knobs.budget, eligible=eligible)
+            except InvalidArgument as err:
+                if capped:
+                    raise self.access.over_budget(caller, f"has too little left for this batch ({err}) of its "
+                                                  "budget") from None
+                raise
         else:
             choice = None
         t2 = time.perf_counter()
@@ -475,60 +491,90 @@ class RouterService:
 
     async def generate(self, query: Query, params: GenParams) -> AsyncGenerator[GenStart | TextChunk | GenEnd]:
         """Route, then stream from the best backend; fall back down the ranking while nothing has
-        been streamed yet. After the first chunk a failure ends the stream with BackendError."""
+        been streamed yet. After the first chunk a failure ends the stream with BackendError.
+
+        A key with a budget or a token limit is charged what the answer cost: on the finish event
+        (before it goes out) for the tokens produced, and, for an answer cut off (cancelled,
+        deadline, failure after streaming began), for the chunks streamed. While it runs, its
+        worst case (max_tokens on the chosen backend) is held against the key's budget."""
         t0 = time.perf_counter()
         msgs = self._messages(query.prompt, query.messages)
-        self._gen_request(msgs, params)  # validate before spending time on routing
+        max_tokens = self._gen_request(msgs, params).max_tokens  # validate before spending time on routing
         self._refuse_if_all_full(query.knobs)
         decision = await self.route_async(query, dispatch=True)
+        caller = query.caller
+        owed = self.access.charges(caller)
+        held = self.access.hold(caller, self.backends[decision.backend].cost_model().predict(
+            len(decision.text), output_tokens=max_tokens)) if owed else 0.0
+        loop = asyncio.get_running_loop()
         fallbacks: list[tuple[str, str]] = []
-        for cand in decision.selection.ranked:
-            backend = self.backends[cand.backend]
-            req = self._gen_request(msgs, params, decision.embedding)
-            stream = backend.generate(req)
-            started = False
-            try:
-                async for ev in stream:
+        streamed, answering = 0, ""
+        try:
+            for cand in decision.selection.ranked:
+                backend = self.backends[cand.backend]
+                req = self._gen_request(msgs, params, decision.embedding)
+                stream = backend.generate(req)
+                started = False
+                try:
+                    async for ev in stream:
+                        if not started:
+                            started, answering = True, cand.backend
+                            ttft = (time.perf_counter() - t0) * 1e3
+                            yield GenStart(decision, cand.backend, tuple(fallbacks))
+                        if isinstance(ev, Finished):
+                            if owed:
+                                # What the answer really cost: its prompt and the tokens it produced.
+                                await loop.run_in_executor(None, self._settle, caller, cand.backend, decision.text,
+                                                           ev.completion_tokens, held)
+                                owed, held = False, 0.0
+                            total = (time.perf_counter() - t0) * 1e3
+                            self.telemetry.generation(cand.backend, total / 1e3, ttft / 1e3, ev.completion_tokens,
+                                                      ev.tokens_per_second)
+                            self.telemetry.request("Generate", cand.backend, "ok")
+                            log.info("generated %d tokens in %.0f ms", ev.completion_tokens, total,
+                                     extra={"decision_id": decision.decision_id, "backend": cand.backend,
+                                            "rpc": "Generate"})
+                            yield GenEnd(cand.backend, ev, total, ttft)
+                            return
+                        streamed += 1
+                        yield ev
                     if not started:
-                        started = True
-                        ttft = (time.perf_counter() - t0) * 1e3
-                        yield GenStart(decision, cand.backend, tuple(fallbacks))
-                    if isinstance(ev, Finished):
-                        if self.access.charges(query.caller):
-                            # What the answer really cost: its prompt and the tokens it produced.
-                            cost = backend.cost_model().predict(len(decision.text), output_tokens=ev.completion_tokens)
-                            await asyncio.get_running_loop().run_in_executor(
-                                None, self.access.charge, query.caller, cost, ev.completion_tokens)
-                        total = (time.perf_counter() - t0) * 1e3
-                        self.telemetry.generation(cand.backend, total / 1e3, ttft / 1e3, ev.completion_tokens,
-                                                  ev.tokens_per_second)
-                        self.telemetry.request("Generate", cand.backend, "ok")
-                        log.info("generated %d tokens in %.0f ms", ev.completion_tokens, total,
-                                 extra={"decision_id": decision.decision_id, "backend": cand.backend, "rpc": "Generate"})
-                        yield GenEnd(cand.backend, ev, total, ttft)
-                        return
-                    yield ev
-                if not started:
-                    raise BackendError(cand.backend, "ended without a result")
-                raise BackendError(cand.backend, "stream ended without a finish event", tokens_streamed=1)
-            except Overloaded:
-                self.telemetry.request("Generate", cand.backend, "resource_exhausted")
-                raise
-            except BackendError as e:
-                if started:
-                    self.telemetry.request("Generate", cand.backend, "unavailable")
-                    raise BackendError(cand.backend, f"{e} (after streaming began; no fallback possible)",
-                                       tokens_streamed=1) from e
-                log.warning("backend %s failed before streaming, falling back: %s", cand.backend, e,
-                            extra={"decision_id": decision.decision_id, "backend": cand.backend, "rpc": "Generate"})
-                self.telemetry.fallback(cand.backend)
-                fallbacks.append((cand.backend, str(e)))
-            finally:
-                req.cancel.set()
-                await stream.aclose()
-        tried = "; ".join(f"{b}: {err}" for b, err in fallbacks)
-        self.telemetry.request("Generate", "", "unavailable")
-        raise Unavailable(f"every eligible backend failed before answering ({tried})")
+                        raise BackendError(cand.backend, "ended without a result")
+                    raise BackendError(cand.backend, "stream ended without a finish event", tokens_streamed=1)
+                except Overloaded:
+                    self.telemetry.request("Generate", cand.backend, "resource_exhausted")
+                    raise
+                except BackendError as e:
+                    if started:
+                        self.telemetry.request("Generate", cand.backend, "unavailable")
+                        raise BackendError(cand.backend, f"{e} (after streaming began; no fallback possible)",
+                                           tokens_streamed=1) from e
+                    log.warning("backend %s failed before streaming, falling back: %s", cand.backend, e,
+                                extra={"decision_id": decision.decision_id, "backend": cand.backend,
+                                       "rpc": "Generate"})
+                    self.telemetry.fallback(cand.backend)
+                    fallbacks.append((cand.backend, str(e)))
+                finally:
+                    req.cancel.set()
+                    await stream.aclose()
+            tried = "; ".join(f"{b}: {err}" for b, err in fallbacks)
+            self.telemetry.request("Generate", "", "unavailable")
+            raise Unavailable(f"every eligible backend failed before answering ({tried})")
+        finally:
+            if owed:
+                # Cut off, or nothing produced: charge the chunks that went out (a cancelled task
+                # cannot await, so the charge runs on its own; it gives the hold back after it).
+                loop.run_in_executor(None, self._settle, caller, answering, decision.text, streamed, held)
+
+    def _settle(self, caller: Caller, backend: str, text: str, tokens: int, held: float) -> None:
+        """Charge a generation's realized cost (blocking: the ledger's fsync), then give back what
+        was held for it."""
+        try:
+            if backend and tokens:
+                cost = self.backends[backend].cost_model().predict(len(text), output_tokens=tokens)
+                self.access.charge(caller, cost, tokens)
+        finally:
+            self.access.release(caller, held)
 
     # ---- Feedback ------------------------------------------------------------------------------
     def feedback(self, decision_id: str, score: float, *, backend: str = "", prompt: str = "",

@@ -162,12 +162,14 @@ def test_a_keys_feedback_is_retracted_live_and_after_a_restart(tmp_path, any_enc
     clean = bad()
     ds.add(emb, [{"prompt": q, "scores": {"good": 1.0}, "key": "honest", "ts": 1.0}])
     honest = bad()
-    ids = ds.add(np.repeat(emb, 5, axis=0), [{"prompt": q, "scores": {"bad": 1.0}, "key": "mallory"}] * 5)
+    ids = ds.add(np.repeat(emb, 5, axis=0), [{"prompt": q, "scores": {"bad": 1.0}, "key": "mallory",
+                                               "key_id": "00000000000a"}] * 5)
     assert bad() > honest + 0.1 and len(ids) == 5
     assert ds.retract_feedback("nobody") == 0
     assert ds.retract_feedback("mallory", since=2e9) == 0          # sent before that time: kept
-    assert ds.retract_feedback("mallory") == 5
-    assert math.isclose(bad(), honest, rel_tol=1e-6) and ds.retract_feedback("mallory") == 0
+    assert ds.retract_feedback("00000000000a") == 5                 # by the key's id (names may be reused)
+    assert math.isclose(bad(), honest, rel_tol=1e-6)
+    assert ds.retract_feedback("mallory") == 0 and ds.retract_feedback("00000000000a") == 0
     ds.close()
     lines = (tmp_path / "state" / "feedback.log").read_text().splitlines()
     assert len(lines) == 1 + 5 + 1 and '"op":"retract"' in lines[-1]     # appended, nothing rewritten
@@ -175,3 +177,25 @@ def test_a_keys_feedback_is_retracted_live_and_after_a_restart(tmp_path, any_enc
     assert math.isclose(bad(), honest, rel_tol=1e-6)
     assert ds.retract_feedback("honest") == 1
     assert math.isclose(bad(), clean, rel_tol=1e-6)
+
+
+def test_weighted_feedback_reads_back_at_its_value_and_retracts_without_residue(tmp_path, any_encoder):
+    src = tmp_path / "o.jsonl"
+    _write(src, ROWS)
+    ds = FaissKnnDatastore.open(tmp_path / "state", any_encoder, [src], k=4, progress=False)
+    q = "A prompt nobody stored before"
+    emb = any_encoder.encode([q])
+    for w in (0.7, 0.9, 0.3):
+        ds.add(emb, [{"prompt": q, "scores": {"newcomer": 1.0}, "cost": {"newcomer": 2.0}, "key": "k",
+                      "weight": w}])
+    rec = ds.recorded(emb)
+    col = rec.column("newcomer")
+    assert rec.quality[0, col] == pytest.approx(1.0) and rec.cost[0, col] == pytest.approx(2.0)   # not w x value
+    assert rec.support[0, col] == pytest.approx(1.9, rel=1e-5)
+    assert ds.stats()["newcomer"].mean_score == pytest.approx(1.0)
+    assert ds.retract_feedback("k") == 3
+    # Its only scores gone: the backend's prior is the global mean again, not a rounding residue.
+    stats = ds.stats()["newcomer"]
+    assert stats.outcomes == 0 and math.isnan(stats.mean_score)
+    prior = ds.priors()[ds.backends.index("newcomer")]
+    assert 0.0 <= prior <= 1.0

@@ -229,6 +229,11 @@ def test_the_findings_of_issue_14_each_get_a_precise_error(target):
     assert _raw(target, "Route", b"\xff\xff\xff\xff") == "INVALID_ARGUMENT"            # was UNKNOWN + traceback
     stop = pb.GenerateRequest(prompt="Hi", params=pb.GenerationParams(max_tokens=1, stop=["s" * (1 << 20)]))
     assert _raw(target, "Generate", stop.SerializeToString(), stream=True) == "INVALID_ARGUMENT"   # was accepted
+    big = "1" + "0" * 400                                       # an integer float() cannot hold
+    chat = '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "caprouter": {"cost_weight": %s}}'
+    assert _http(target, "POST", "/v1/chat/completions", (chat % big).encode()) == 400
+    assert _http(target, "POST", "/v1/feedback", b'{"decision_id": "x", "score": ' + big.encode() + b"}") == 400
+    assert _http(target, "POST", "/v1/feedback", b'{"decision_id": "x", "score": 1, "backend": {"a": 1}}') == 400
     assert _http(target, "POST", "/v1/chat/completions",                                # was parsed as JSON
                  _dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}), "text/plain") == 415
 

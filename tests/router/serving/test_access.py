@@ -85,7 +85,8 @@ def test_a_spent_budget_refuses_until_the_period_renews(tmp_path):
     caller = _caller(tmp_path, budget=1.0, budget_period="day")
     knobs = access.budgeted(caller, Knobs())
     assert knobs.budget_key == "team-a" and knobs.max_cost is None   # the tenant is the default budget key
-    assert access.budgeted(caller, Knobs(budget_key="mine")).budget_key == "mine"
+    # A key names windows within its tenant only: it cannot spend into another tenant's.
+    assert access.budgeted(caller, Knobs(budget_key="billing")).budget_key == "team-a/billing"
     access.charge(caller, 0.6)
     access.charge(caller, 0.5)
     assert access.budget_left(caller) == pytest.approx(-0.1)
@@ -94,6 +95,21 @@ def test_a_spent_budget_refuses_until_the_period_renews(tmp_path):
     assert e.value.retry_after_s == pytest.approx(6 * 3600)         # midnight UTC
     clock.t += 6 * 3600
     assert access.budget_left(caller) == pytest.approx(1.0)
+
+
+def test_running_requests_hold_their_worst_case_against_the_budget(tmp_path):
+    access = Access(AuthConfig(), tmp_path / "spend.log", clock=Clock())
+    caller = _caller(tmp_path, budget=1.0)
+    held = access.hold(caller, 0.75)
+    assert access.budget_left(caller) == pytest.approx(0.25)
+    held2 = access.hold(caller, 0.5)
+    with pytest.raises(RateLimited):                    # a third concurrent one finds nothing left
+        access.budgeted(caller, Knobs())
+    access.charge(caller, 0.1)
+    access.release(caller, held)
+    access.release(caller, held2)
+    assert access.budget_left(caller) == pytest.approx(0.9)
+    assert access.hold(OPEN, 5.0) == 0.0
 
 
 def test_in_fit_mode_what_is_left_becomes_the_max_cost(tmp_path):
@@ -147,6 +163,13 @@ def test_spend_survives_a_kill_9_and_a_compaction(tmp_path, monkeypatch):
     assert led.spent("k2", now) == 12.0 and led.spent("k1", "d2020-01-01") == 0.0   # an old period is dropped
     assert len(log.read_text().splitlines()) == 1
     led.close()
+
+
+def test_a_failing_audit_file_is_logged_not_raised(tmp_path, caplog):
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    (tmp_path / "audit.jsonl").mkdir()                      # cannot be appended to
+    audit.write(_caller(tmp_path), "feedback", decision_id="d1")
+    assert "cannot append" in caplog.text
 
 
 def test_the_audit_trail_is_one_json_line_per_write(tmp_path):

@@ -89,6 +89,8 @@ def test_bad_names_scopes_and_duplicates_are_refused(tmp_path):
         keys.create("other", scopes=("route", "root"))
     with pytest.raises(InvalidArgument, match="key name"):
         keys.create("has space")
+    with pytest.raises(InvalidArgument, match="looks like a key id"):
+        keys.create("0123456789ab")
     with pytest.raises(InvalidArgument, match="requests_per_s"):
         Limits(requests_per_s=0)
     with pytest.raises(InvalidArgument, match="period"):
@@ -104,4 +106,34 @@ def test_a_damaged_key_file_refuses_everyone(tmp_path):
     data = json.loads(path.read_text())
     path.write_text(json.dumps(data)[:-7])            # an editor's half-saved file
     with pytest.raises(Unavailable, match="unreadable"):
+        KeyFile(path).authenticate(token)
+
+
+def test_a_key_file_that_disappears_refuses_everyone_instead_of_opening(tmp_path):
+    path = tmp_path / "keys.json"
+    server_view = KeyFile(path)
+    assert not server_view.enabled()                   # no file yet: an open server
+    _, token = KeyFile(path).create("app")
+    assert server_view.enabled() and server_view.authenticate(token).name == "app"
+    path.rename(tmp_path / "keys.json.bak")            # an operator moves it aside to edit it
+    assert server_view.enabled()
+    with pytest.raises(Unavailable, match="missing"):
+        server_view.authenticate(token)
+    (tmp_path / "keys.json.bak").rename(path)
+    assert server_view.authenticate(token).name == "app"
+
+
+def test_required_keys_refuse_everyone_while_the_file_is_missing(tmp_path):
+    keys = KeyFile(tmp_path / "keys.json", required=True)
+    assert keys.enabled()
+    with pytest.raises(Unavailable, match="missing"):
+        keys.authenticate("crk_0123456789ab_" + "A" * 43)
+
+
+def test_an_unreadable_key_file_is_unavailable_not_a_crash(tmp_path):
+    path = tmp_path / "keys.json"
+    _, token = KeyFile(path).create("app")
+    path.unlink()
+    path.mkdir()                                        # reading a folder: an OSError other than "missing"
+    with pytest.raises(Unavailable, match="cannot be read"):
         KeyFile(path).authenticate(token)

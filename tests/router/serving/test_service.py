@@ -377,3 +377,39 @@ def test_in_fit_mode_an_over_budget_key_gets_what_it_can_still_pay_for(keyed_ser
     svc2.config.auth.over_budget = "fit"
     with pytest.raises(RateLimited, match="too little left"):
         svc2.route(Query(prompt="What is 40 + 2?", caller=caller2))
+
+
+def test_a_cut_off_generation_is_charged_for_what_it_streamed(keyed_service):
+    from router.serving.access import period_bounds
+
+    svc, caller, _ = keyed_service([ScriptedBackend("mathy", words=("a", "b", "c", "d"), delay=0.01, per_request=2.0)],
+                                   budget=100.0, output_tokens_per_min=60)
+
+    async def go():
+        agen = svc.generate(Query(prompt="What is 40 + 2?", caller=caller), GenParams(max_tokens=4))
+        assert isinstance(await agen.__anext__(), GenStart)
+        assert (await agen.__anext__()).text == "a"
+        assert svc.access.budget_left(caller) == pytest.approx(98.0)       # its worst case is held meanwhile
+        await agen.aclose()                                                # the caller goes away
+        for _ in range(100):
+            if not svc.access._held:
+                break
+            await asyncio.sleep(0.01)
+    asyncio.run(go())
+    period = period_bounds("day", __import__("time").time())[0]
+    assert svc.access.ledger.spent(caller.key.id, period) == pytest.approx(2.0)
+    assert not svc.access._held and svc.access._tokens[caller.key.id].level == pytest.approx(59.0, abs=0.5)
+
+
+def test_in_fit_mode_a_batch_is_paid_from_what_is_left_as_a_whole(keyed_service):
+    from router.core.errors import RateLimited
+
+    svc, caller, _ = keyed_service([ScriptedBackend("mathy", per_request=2.0), ScriptedBackend("wordy", per_request=0.5)],
+                                   budget=3.0)
+    svc.config.auth.over_budget = "fit"
+    prompts = [Query(prompt="What is 40 + 2?")] * 4
+    b = svc.route_batch(prompts, KnobsInput(), caller=caller)
+    assert sum(d.selection.chosen.cost for d in b.decisions) <= 3.0 + 1e-9      # not 4 x 2.0
+    assert svc.access.budget_left(caller) >= -1e-9
+    with pytest.raises(RateLimited, match="too little left"):
+        svc.route_batch([Query(prompt="What is 40 + 2?")] * 8, KnobsInput(), caller=caller)
