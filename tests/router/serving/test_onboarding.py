@@ -167,3 +167,24 @@ def test_onboard_errors(open_service, spec, err, part):
         svc.onboard(spec)
     assert part in str(ei.value)
     assert "x" not in svc.names
+
+
+def test_a_registration_carries_the_key_that_made_it_and_is_audited(open_service, tmp_path):
+    import json
+
+    from router.serving.access import Access, AuditLog
+    from router.serving.keys import KeyFile
+
+    svc = open_service()
+    svc.access = Access(svc.config.auth, None, AuditLog(tmp_path / "audit.jsonl"))
+    keys = KeyFile(tmp_path / "keys.json")
+    caller = keys.authenticate(keys.create("vendor", scopes=("onboard",))[1])
+    svc.onboard(OnboardSpec("poet-7b", results(1.0, 0.0), {"kind": "per_request", "per_request": 0.5}), caller=caller)
+    entry = json.loads(log_path(tmp_path / "state").read_text().splitlines()[-1][9:])
+    assert entry["op"] == "onboard" and entry["key"] == "vendor"
+    line = json.loads((tmp_path / "audit.jsonl").read_text())
+    assert line["action"] == "onboard" and line["key"] == "vendor" and line["backend"] == "poet-7b"
+    svc.datastore.close()
+    svc._registry_log.close()
+    again = open_service()
+    assert again._registered["poet-7b"].key == "vendor"       # replayed with its provenance
