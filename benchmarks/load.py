@@ -260,6 +260,12 @@ class Server:
             self.state = Path(tempfile.mkdtemp(prefix="caprouter-load-state-"))
             cmd = [str(exe), "serve", "--host", host, "--port", str(port), "--state-dir", str(self.state),
                    "--log-format", "text", *shlex.split(self.args.server_args), *shlex.split(self.extra_args)]
+            # Keys on or off, the server's own key file: never the developer's in $CAPROUTER_HOME.
+            cmd += ["--keys-file", str(self.state / "keys.json")]
+            if self.args.api_keys:
+                from router.serving.keys import KeyFile
+
+                self.args.token = KeyFile(self.state / "keys.json").create("load", scopes=("admin",))[1]
             env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
             OUT.mkdir(parents=True, exist_ok=True)
             with open(self.log, "w") as logf:
@@ -351,6 +357,8 @@ class Calls:
         from caprouter.v1 import router_pb2_grpc
 
         self.grpc, self.pb, self.args = grpc, pb, args
+        token = getattr(args, "token", None)
+        self.md = (("authorization", f"Bearer {token}"),) if token else ()
         # A local subchannel pool: each channel its own connection (channels with the same target
         # and arguments otherwise share one).
         self.channels = [grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
@@ -388,7 +396,7 @@ class Calls:
         rec = Rec("route", time.perf_counter())
 
         async def go() -> None:
-            r = await stub.Route(self.pb.RouteRequest(prompt=prompt), timeout=self.args.deadline)
+            r = await stub.Route(self.pb.RouteRequest(prompt=prompt), timeout=self.args.deadline, metadata=self.md)
             rec.backend, rec.decision_id = r.backend, r.decision_id
         return await self._guard(rec, go())
 
@@ -401,7 +409,7 @@ class Calls:
         async def go() -> None:
             ended = False
             async for chunk in stub.Generate(self.pb.GenerateRequest(prompt=prompt, params=params, knobs=knobs),
-                                             timeout=self.args.deadline):
+                                             timeout=self.args.deadline, metadata=self.md):
                 if chunk.text and rec.t_first is None:
                     rec.t_first = time.perf_counter()
                 if chunk.HasField("start"):
@@ -419,11 +427,12 @@ class Calls:
 
         async def go() -> None:
             await stub.Feedback(self.pb.FeedbackRequest(decision_id=decision_id, score=score),
-                                timeout=self.args.deadline)
+                                timeout=self.args.deadline, metadata=self.md)
         return await self._guard(rec, go())
 
     async def list_backends(self) -> list[tuple[str, str, str]]:
-        r = await self.stubs[0].ListBackends(self.pb.ListBackendsRequest(), timeout=self.args.deadline)
+        r = await self.stubs[0].ListBackends(self.pb.ListBackendsRequest(), timeout=self.args.deadline,
+                                             metadata=self.md)
         return [(b.name, self.pb.BackendStatus.Name(b.status), b.kind) for b in r.backends]
 
 
@@ -862,6 +871,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--max-inflight", type=int, default=512, help="soak: requests in flight at most")
     ap.add_argument("--rss-every", type=float, default=10.0, help="soak: seconds between RSS samples")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--api-keys", action="store_true",
+                    help="the server requires API keys (a key file of its own) and every call sends one: "
+                         "what authentication costs, against a run without")
+    ap.add_argument("--api-key-file", help="with --address: the key to send (a server with keys)")
     ap.add_argument("--json", default=str(OUT / "load.json"))
     args = ap.parse_args()
     q = args.quick
@@ -878,6 +891,9 @@ def parse_args() -> argparse.Namespace:
         ap.error("--route-levels and --generate-levels need at least one level each")
     if args.soak is not None and (args.soak <= 0 or args.rate <= 0):
         ap.error("--soak and --rate must be > 0")
+    args.token = Path(args.api_key_file).read_text().strip() if args.api_key_file else None
+    if args.api_keys and args.address:
+        ap.error("--api-keys starts a server with keys; for a running one, send its key with --api-key-file")
     return args
 
 
