@@ -25,4 +25,16 @@ fi
 if command -v npm >/dev/null 2>&1; then
   npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
 fi
+# PostgreSQL's server binaries, for the tests that start a throwaway server (tests/pg.py) and for
+# a shared system of record: the distribution's package where they are missing.
+if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null
+  elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1; then
+    sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null
+  else
+    echo "install.sh: PostgreSQL's server binaries (initdb, pg_ctl) are missing; install your distribution's" \
+         "postgresql package (the PostgreSQL tests need them)" >&2
+  fi
+fi
 echo "$want" > "$STAMP"

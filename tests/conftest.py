@@ -41,6 +41,7 @@ _HEAVY = [
     ("router.adapters.grpc_server", "GrpcServer", "__init__", "starts the gRPC server"),
     ("router.adapters.http_server", "HttpServer", "start", "starts the HTTP server"),
     ("router.adapters.ray", "RayServing", "__init__", "starts Ray Serve"),
+    ("tests.pg", "PgServer", "__init__", "starts a PostgreSQL server"),
 ]
 
 
@@ -107,6 +108,17 @@ def tiny():
     cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def pg():
+    """A throwaway PostgreSQL server for the session (tests/pg.py); ``pg.database()`` gives each
+    test an empty database of its own."""
+    from tests.pg import PgServer
+
+    srv = PgServer()
+    yield srv
+    srv.stop()
 
 
 @pytest.fixture(scope="session")
