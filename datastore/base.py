@@ -92,7 +92,8 @@ class DatastoreKind(Protocol):
     def open(self, state_dir: str | Path, encoder: Any, outcome_files: Sequence[str | Path], *, k: int = ...,
              prior_strength: float = ..., temperature: float = ..., encoder_settings: str = ...,
              progress: bool = ...,
-             base: tuple[npt.NDArray[np.float32], Sequence[OutcomeRecord], str] | None = ...) -> Datastore: ...
+             base: tuple[npt.NDArray[np.float32], Sequence[OutcomeRecord], str] | None = ...,
+             feedback_log: Any = ...) -> Datastore: ...
 
 
 DATASTORES: Registry[DatastoreKind] = Registry("datastore")

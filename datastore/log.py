@@ -210,6 +210,11 @@ class AppendLog:
             self._syncing = False
             self._sync.notify_all()
 
+    def follow(self) -> list[dict[str, Any]]:
+        """Records other writers appended since: none; a file log has one writer (its process).
+        (``datastore.storage.RecordLog``: the databases' streams are followed by replicas.)"""
+        return []
+
     def close(self) -> None:
         """Refuse further appends, make what was written durable (the writers waiting for it are
         acknowledged), close the file. Idempotent."""

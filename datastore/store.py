@@ -32,6 +32,7 @@ import numpy.typing as npt
 from datastore.base import DATASTORES, BackendStats, Estimate
 from datastore.log import AppendLog, decode_vector, encode_vector, fsync_dir
 from datastore.records import OutcomeRecord, read_outcomes
+from datastore.storage import RecordLog
 from router.core.errors import ArtifactError, InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ class FaissKnnDatastore:
         self._cnt = np.zeros(0, dtype=np.int64)       # how many there are
         self._prior = np.zeros(0, dtype=np.float32)
         self._lock = threading.RLock()
-        self._log: AppendLog | None = None
+        self._log: RecordLog | None = None
         self.state_dir: Path | None = None
         # Logged feedback by API key name: (record id, when) of each, for retract_feedback.
         self._by_key: dict[str, list[tuple[str, float]]] = {}
@@ -372,12 +373,15 @@ class FaissKnnDatastore:
     def open(cls, state_dir: str | Path, encoder: Any, outcome_files: Sequence[str | Path], *,
              k: int = 32, prior_strength: float = 2.0, temperature: float = 0.05,
              encoder_settings: str = "", progress: bool = True,
-             base: tuple[npt.NDArray[np.float32], Sequence[OutcomeRecord], str] | None = None) -> FaissKnnDatastore:
+             base: tuple[npt.NDArray[np.float32], Sequence[OutcomeRecord], str] | None = None,
+             feedback_log: RecordLog | None = None) -> FaissKnnDatastore:
         """Load (or build) the snapshot of ``outcome_files`` and replay the feedback log.
 
         encoder: a PromptEncoder, used for building and for re-embedding logged prompts whose
         embedder differs from the current one. base: (embeddings, records, hash) of outcomes
-        already embedded (a trained artifact's), used instead of ``outcome_files``.
+        already embedded (a trained artifact's), used instead of ``outcome_files``. feedback_log:
+        where feedback is recorded (the system of record's ``feedback`` stream); None: a file log,
+        ``feedback.log`` in the state folder (tools and tests).
         """
         state = Path(state_dir)
         state.mkdir(parents=True, exist_ok=True)
@@ -398,7 +402,7 @@ class FaissKnnDatastore:
                 store._build(files, encoder, progress=progress)
             store._write_snapshot(snap, digest, [str(p) for p in files])
             log.info("datastore: built snapshot of %d outcomes in %s", len(store), snap)
-        store._log = AppendLog.open(state / "feedback.log")
+        store._log = feedback_log if feedback_log is not None else AppendLog.open(state / "feedback.log")
         store._replay(store._log.replayed, encoder)
         return store
 

@@ -53,6 +53,14 @@ class ServerConfig(_Model):
         return self.tls_cert is not None
 
 
+class StorageConfig(_Model):
+    """The system of record (datastore/storage.py): feedback, onboarded backends and spend."""
+
+    # sqlite:///path/to/file.db, or postgresql://user@host:5432/db shared by every replica.
+    # None: SQLite in the datastore's state folder (caprouter.db).
+    url: str | None = None
+
+
 class AuthConfig(_Model):
     """API keys (router/serving/keys.py), their limits and budgets, and the audit trail."""
 
@@ -62,8 +70,6 @@ class AuthConfig(_Model):
     # Refuse every call while the key file is missing (a server that must never run open); once
     # the file has been seen, a running server refuses anyway when it disappears.
     required: bool = False
-    # Where each budgeted key's spend is recorded (durable); None: the key file's folder.
-    spend_dir: str | None = None
     # A key over its spend budget: "refuse" answers RESOURCE_EXHAUSTED until the period ends;
     # "fit" routes to the backends whose predicted cost fits what is left of it (refused once
     # nothing is left or nothing fits).
@@ -87,8 +93,9 @@ class AuthConfig(_Model):
     def keys_path(self) -> Path:
         return Path(self.keys_file).expanduser() if self.keys_file else caprouter_home() / "keys.json"
 
-    def spend_path(self) -> Path:
-        return (Path(self.spend_dir).expanduser() if self.spend_dir else self.keys_path().parent) / "spend.log"
+    def spend_log_path(self) -> Path:
+        """Where the file ledger of an earlier version lived (imported once into the storage)."""
+        return self.keys_path().parent / "spend.log"
 
     def audit_path(self) -> Path:
         return Path(self.audit_file).expanduser() if self.audit_file else self.keys_path().parent / "audit.jsonl"
@@ -241,6 +248,7 @@ class AppConfig(_Model):
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     aptitude: AptitudeConfig = Field(default_factory=AptitudeConfig)
     ray: RayConfig = Field(default_factory=RayConfig)

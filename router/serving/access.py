@@ -2,9 +2,10 @@
 day or month (a durable ledger), and the audit trail of every write a key makes.
 
 Rates are per process: each replica holds its own buckets (a key limited to R requests/s may get
-R from each replica until the limits live in the shared database, issue 15). Spend is durable: a
-charge returns only once it is in the ledger's fsync'ed log (``datastore.log.AppendLog``, group
-committed), so what a key spent survives a kill -9 like an acknowledged Feedback does.
+R from each replica). Spend is durable and shared: a charge returns only once it is committed to
+the ``spend`` stream of the system of record (``datastore.storage``), so what a key spent survives
+a kill -9 like an acknowledged Feedback does, and replicas on one database read each other's
+charges.
 """
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ import os
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from datastore.log import AppendLog, fsync_dir
+from datastore.storage import RecordLog
 from router.core.config import AuthConfig
 from router.core.errors import RateLimited
 from router.policy.selection import Knobs
@@ -68,53 +70,41 @@ def period_bounds(period: str, now: float) -> tuple[str, float]:
 
 
 class SpendLedger:
-    """Spend per (key id, period), durable. Each charge is one record of an AppendLog; at open
-    the log is replayed and, when it holds many records, rewritten as one record per (key, period)
-    of the current periods (older periods are never charged again)."""
+    """Spend per (key id, period), durable: each charge is one record of a RecordLog (the
+    ``spend`` stream of the system of record, ``datastore.storage``; a file log in tests and
+    tools). What other replicas charged into the same stream is read when a balance is asked for,
+    at most every ``follow_s``."""
 
-    COMPACT_AT = 100_000
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, records: RecordLog, *, follow_s: float = 0.5) -> None:
+        self._records = records
         self._lock = threading.Lock()
         self._spent: dict[tuple[str, str], float] = defaultdict(float)
-        log_ = AppendLog.open(self.path)
-        for r in log_.replayed:
-            self._spent[(r["key"], r["period"])] += float(r["cost"])
-        if len(log_.replayed) >= self.COMPACT_AT:
-            log_.close()
-            log_ = self._compact()
-        self._log = log_
+        self._add(records.replayed)
+        self.follow_s = follow_s
+        self._followed = time.monotonic()
 
-    def _compact(self) -> AppendLog:
-        now = time.time()
-        current = {period_bounds(p, now)[0] for p in ("day", "month")}
-        kept = {kp: c for kp, c in self._spent.items() if kp[1] in current}
-        keep = [{"key": k, "period": p, "cost": c} for (k, p), c in kept.items()]
-        tmp = self.path.with_name(self.path.name + ".compact")
-        tmp.unlink(missing_ok=True)
-        fresh = AppendLog.open(tmp)
-        if keep:
-            fresh.append(keep)
-        fresh.close()
-        os.replace(tmp, self.path)
-        fsync_dir(self.path.parent)
-        self._spent = defaultdict(float, kept)
-        return AppendLog.open(self.path)
+    def _add(self, rows: list[dict[str, Any]]) -> None:
+        for r in rows:
+            self._spent[(r["key"], r["period"])] += float(r["cost"])
 
     def spent(self, key_id: str, period: str) -> float:
+        now = time.monotonic()
+        if now - self._followed >= self.follow_s:
+            self._followed = now
+            fresh = self._records.follow()
+            with self._lock:
+                self._add(fresh)
         with self._lock:
             return self._spent.get((key_id, period), 0.0)
 
     def charge(self, key_id: str, period: str, cost: float) -> None:
         """Durable when it returns."""
-        self._log.append([{"key": key_id, "period": period, "cost": float(cost), "t": round(time.time(), 3)}])
+        self._records.append([{"key": key_id, "period": period, "cost": float(cost), "t": round(time.time(), 3)}])
         with self._lock:
             self._spent[(key_id, period)] += float(cost)
 
     def close(self) -> None:
-        self._log.close()
+        self._records.close()
 
 
 class AuditLog:
@@ -156,14 +146,16 @@ class AuditLog:
 class Access:
     """Admission by key (rates, budget) and the spend and audit records, for RouterService."""
 
-    def __init__(self, config: AuthConfig, ledger_path: str | Path | None = None, audit: AuditLog | None = None,
-                 clock: Any = time) -> None:
+    def __init__(self, config: AuthConfig, ledger: SpendLedger | Callable[[], SpendLedger] | None = None,
+                 audit: AuditLog | None = None, clock: Any = time) -> None:
+        """``ledger``: the spend ledger, or how to open it on first use (None: budgets are not
+        enforced, for a service without a system of record)."""
         self.config = config
         self.audit = audit or AuditLog(None)
         self._clock = clock
         self._lock = threading.Lock()
-        self._ledger_path = None if ledger_path is None else Path(ledger_path)
-        self._ledger: SpendLedger | None = None
+        self._ledger: SpendLedger | None = ledger if isinstance(ledger, SpendLedger) else None
+        self._open_ledger = None if isinstance(ledger, SpendLedger) else ledger
         self._requests: dict[str, TokenBucket] = {}
         self._tokens: dict[str, TokenBucket] = {}
         self._held: dict[str, float] = defaultdict(float)    # key id -> cost reserved by running requests
@@ -231,10 +223,10 @@ class Access:
     @property
     def ledger(self) -> SpendLedger | None:
         """The spend ledger, opened on first use (a server without budgeted keys never writes one)."""
-        if self._ledger is None and self._ledger_path is not None:
+        if self._ledger is None and self._open_ledger is not None:
             with self._lock:
                 if self._ledger is None:
-                    self._ledger = SpendLedger(self._ledger_path)
+                    self._ledger = self._open_ledger()
         return self._ledger
 
     def budget_left(self, caller: Caller) -> float | None:

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from backends import BACKENDS, register_builtin_backends
 from backends.base import Backend
@@ -14,13 +15,14 @@ from backends.route_only import RouteOnlyBackend
 from datastore import DATASTORES
 from datastore.base import Datastore
 from datastore.log import AppendLog
+from datastore.storage import RecordLog, Storage, open_storage
 from encoders import ENCODERS, register_builtin_encoders
 from encoders.base import PromptEncoder
 from router.core.compute import Compute, ComputeThread
 from router.core.config import AppConfig, BackendConfig, CostModelConfig, builtin_data, caprouter_home
 from router.prediction import artifact as art
 from router.prediction.predictor import Capability
-from router.serving.access import Access, AuditLog
+from router.serving.access import Access, AuditLog, SpendLedger
 from router.serving.keys import KeyFile
 from router.serving.registrations import log_path
 from router.serving.service import RouterService
@@ -60,9 +62,10 @@ def encoder_settings(config: AppConfig) -> str:
 
 
 def open_datastore(config: AppConfig, encoder: PromptEncoder, *, progress: bool = False,
-                   artifact: art.Artifact | None = None) -> Datastore:
+                   artifact: art.Artifact | None = None, log: RecordLog | None = None) -> Datastore:
     """Load (or build) the datastore snapshot of the configured outcomes (or of a trained
-    artifact's outcomes) and replay its log."""
+    artifact's outcomes) and replay its feedback (``log``: the system of record's stream; None: a
+    file log in the state folder)."""
     ds = config.datastore
     base = None
     if artifact is not None:
@@ -71,7 +74,7 @@ def open_datastore(config: AppConfig, encoder: PromptEncoder, *, progress: bool 
     return DATASTORES.get("faiss-knn").open(
         state_dir(config), encoder, [] if base else outcome_files(config), k=ds.k, prior_strength=ds.prior_strength,
         temperature=ds.temperature, encoder_settings=encoder_settings(config), progress=progress,
-        base=base)
+        base=base, feedback_log=log)
 
 
 def route_only_backends(config: AppConfig, artifact: art.Artifact,
@@ -87,11 +90,28 @@ def route_only_backends(config: AppConfig, artifact: art.Artifact,
     return out
 
 
-def open_registry(config: AppConfig) -> AppendLog:
-    """The durable log of Onboard registrations, beside the datastore's state."""
-    path = log_path(state_dir(config))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return AppendLog.open(path)
+def storage_url(config: AppConfig) -> str:
+    """The system of record's URL: ``storage.url``, else SQLite in the datastore's state folder."""
+    return config.storage.url or f"sqlite:///{(state_dir(config) / 'caprouter.db').resolve()}"
+
+
+def _read_file_log(path: Path) -> list[dict[str, Any]]:
+    log_ = AppendLog.open(path)
+    try:
+        return log_.replayed
+    finally:
+        log_.close()
+
+
+def open_system_of_record(config: AppConfig) -> Storage:
+    """Open (and migrate) the system of record, and import, once, the file logs an earlier version
+    kept in the state folder: feedback, registrations, spend."""
+    storage = open_storage(storage_url(config))
+    state = state_dir(config)
+    for stream, path in (("feedback", state / "feedback.log"), ("registry", log_path(state)),
+                         ("spend", config.auth.spend_log_path())):
+        storage.import_file_log(stream, path, _read_file_log)
+    return storage
 
 
 def outcome_files(config: AppConfig) -> list[Path]:
@@ -130,6 +150,7 @@ class App:
     backend_factory: BackendFactory | None = None
     telemetry: Telemetry = field(default_factory=default_telemetry)
     keys: KeyFile = field(init=False)    # API keys (config.auth); read on every authentication
+    storage: Storage | None = None       # the system of record, opened by load
     _backends: dict[str, Backend] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -152,9 +173,12 @@ class App:
             artifact = await loop.run_in_executor(None, lambda: self.compute.run(
                 art.load, path, embedder_id=encoder.model_id, dim=encoder.dim))
             capability = Capability(artifact.model, artifact.backends, self.compute, config=artifact.capability_config)
+        self.loading_detail = "opening the system of record"
+        storage = self.storage = await loop.run_in_executor(None, open_system_of_record, cfg)
         self.loading_detail = "loading the datastore"
         store = await loop.run_in_executor(None, lambda: open_datastore(cfg, encoder, progress=progress,
-                                                                        artifact=artifact))
+                                                                        artifact=artifact,
+                                                                        log=storage.stream("feedback")))
         self.loading_detail = "loading backends"
         self._backends = (self.backend_factory or build_backends)(cfg, self.compute, encoder)
         if artifact is not None:
@@ -162,13 +186,13 @@ class App:
         for b in self._backends.values():
             self.loading_detail = f"loading backend {b.name}"
             await b.load()
-        access = Access(cfg.auth, cfg.auth.spend_path(), AuditLog(cfg.auth.audit_path()))
+        access = Access(cfg.auth, lambda: SpendLedger(storage.stream("spend")), AuditLog(cfg.auth.audit_path()))
         if self.keys.enabled():
             await loop.run_in_executor(None, lambda: access.ledger)     # replay what keys spent, now
         service = RouterService(cfg, encoder, store, self._backends, capability=capability, telemetry=self.telemetry,
                                 access=access)
         self.loading_detail = "restoring onboarded backends"
-        restored = await loop.run_in_executor(None, service.attach_registry, open_registry(cfg))
+        restored = await loop.run_in_executor(None, service.attach_registry, storage.stream("registry"))
         if restored:
             log.info("restored %d onboarded backend(s)", restored)
         self.service = service
@@ -181,6 +205,8 @@ class App:
         else:
             for b in self._backends.values():
                 await b.close()
+        if self.storage is not None:
+            self.storage.close()
         self.compute.shutdown()
 
 

@@ -25,7 +25,7 @@ import numpy.typing as npt
 from backends.base import Backend, Finished, GenerationRequest, QueueStats, Status, TextChunk
 from backends.route_only import RouteOnlyBackend
 from datastore.base import Datastore
-from datastore.log import AppendLog
+from datastore.storage import RecordLog
 from encoders.base import PromptEncoder
 from router import __version__
 from router.core.config import AppConfig, BackendConfig
@@ -183,7 +183,7 @@ class RouterService:
         # Backends the config defines (and can dispatch to) cannot be replaced by Onboard.
         self._configured = {n for n, b in self.backends.items() if b.kind != "route-only"}
         self._registered: dict[str, reg.Registration] = {}
-        self._registry_log: AppendLog | None = None
+        self._registry_log: RecordLog | None = None
         self._olock = threading.Lock()
         self._budgets = BudgetWindows(r.budget_window)
         self.telemetry = telemetry or Telemetry()
@@ -638,8 +638,9 @@ class RouterService:
         return n
 
     # ---- Onboard -------------------------------------------------------------------------------
-    def attach_registry(self, registry: AppendLog) -> int:
-        """Use ``registry`` (an AppendLog of registrations) for Onboard, and replay what it holds.
+    def attach_registry(self, registry: RecordLog) -> int:
+        """Use ``registry`` (the system of record's stream of registrations) for Onboard, and
+        replay what it holds.
         Returns the number of backends restored."""
         n = 0
         for e in reg.latest(registry.replayed):

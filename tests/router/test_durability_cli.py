@@ -33,10 +33,20 @@ def _start(cfg: Path, ready: Path, log: Path) -> subprocess.Popen:
     return proc
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage(request, tmp_path) -> str:
+    """The system of record the server writes to: the embedded SQLite default, or PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state' / 'caprouter.db'}"
+    return request.getfixturevalue("pg").database()
+
+
 @pytest.fixture
-def server_config(tmp_path, models_dir) -> Path:
+def server_config(tmp_path, models_dir, storage) -> Path:
     cfg = {
         "server": {"host": "127.0.0.1", "port": 0},
+        "storage": {"url": storage},
+        "auth": {"keys_file": str(tmp_path / "auth" / "keys.json")},
         "datastore": {"state_dir": str(tmp_path / "state")},
         "cache_dir": str(models_dir),
         "backends": [{"name": "smollm2-135m", "kind": "transformers", "description": "dense",
@@ -51,7 +61,7 @@ def _outcomes(stub) -> int:
     return {b.name: b.outcomes for b in stub.ListBackends(pb.ListBackendsRequest(), timeout=30).backends}["smollm2-135m"]
 
 
-def test_acknowledged_feedback_survives_sigkill_and_cli_works(tmp_path, server_config):
+def test_acknowledged_feedback_survives_sigkill_and_cli_works(tmp_path, server_config, storage):
     ready, log = tmp_path / "ready", tmp_path / "server.log"
     proc = _start(server_config, ready, log)
     address = ready.read_text()
@@ -112,10 +122,6 @@ def test_acknowledged_feedback_survives_sigkill_and_cli_works(tmp_path, server_c
     finally:
         if proc.poll() is None:
             proc.kill()
-    # A torn half-record, as a crash in the middle of a write would leave.
-    with open(tmp_path / "state" / "feedback.log", "ab") as f:
-        f.write(b'1234abcd {"prompt": "torn')
-
     proc = _start(server_config, ready, log)
     try:
         with grpc.insecure_channel(ready.read_text()) as ch:
@@ -131,5 +137,9 @@ def test_acknowledged_feedback_survives_sigkill_and_cli_works(tmp_path, server_c
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
-    logged = (tmp_path / "state" / "feedback.log").read_text()
-    assert all(rid in logged for rid in acked) and "torn" not in logged
+    from datastore.storage import open_storage
+
+    db = open_storage(storage)
+    logged = {r["id"] for r in db.stream("feedback").replayed}
+    assert set(acked) <= logged and len(db.stream("registry").replayed) == 1
+    db.close()

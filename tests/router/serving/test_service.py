@@ -286,7 +286,8 @@ def test_capability_with_a_broad_neighbourhood_asks_the_datastore_for_it(make_se
 def keyed_service(tmp_path, any_encoder):
     import json as _json
 
-    from router.serving.access import Access, AuditLog
+    from datastore.log import AppendLog
+    from router.serving.access import Access, AuditLog, SpendLedger
     from router.serving.keys import KeyFile, Limits
 
     def make(backends, *, weights=None, name="app", **limits):
@@ -294,7 +295,7 @@ def keyed_service(tmp_path, any_encoder):
         ds = FaissKnnDatastore.open(tmp_path / "state", any_encoder, [src], k=8, progress=False)
         cfg = AppConfig.model_validate({"routing": {"cost_unit": "USD", "decision_cache_size": 1000},
                                         "auth": {"feedback_weights": weights or {}}})
-        access = Access(cfg.auth, tmp_path / "spend.log", AuditLog(tmp_path / "audit.jsonl"))
+        access = Access(cfg.auth, SpendLedger(AppendLog.open(tmp_path / "spend.log")), AuditLog(tmp_path / "audit.jsonl"))
         svc = RouterService(cfg, any_encoder, ds, {b.name: b for b in backends}, access=access)
         keys = KeyFile(tmp_path / "keys.json")
         _, token = keys.create(name, tenant="team", scopes=("admin",), limits=Limits(**limits) if limits else None)
