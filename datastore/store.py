@@ -5,10 +5,11 @@ State on disk (one folder):
     snapshot/manifest.json   embedder, dim, source hash, record count, backends
     snapshot/index.faiss     the FAISS index of the base outcomes
     snapshot/records.jsonl   their scores and costs, row-aligned with the index
-    feedback.log             durable appends (Feedback, new outcomes) with their embeddings
 
-The snapshot is derived data, rebuilt whenever the outcome files or the embedder change; the
-feedback log is the user's data and is never rewritten, only replayed on top of the snapshot
+The snapshot is derived data, rebuilt whenever the outcome files or the embedder change. The
+feedback (Feedback, new outcomes, with their embeddings) is the user's data: appended to a
+RecordLog (the system of record's ``feedback`` stream, ``datastore/storage.py``; a file log,
+``feedback.log``, for tools and tests), never rewritten, only replayed on top of the snapshot
 (re-embedded if the embedder changed).
 """
 from __future__ import annotations

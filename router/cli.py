@@ -517,7 +517,7 @@ def parser() -> argparse.ArgumentParser:
     def with_config(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--config", help="YAML config (default: the embedded default)")
         sp.add_argument("--cache-dir", help="where converted and pruned weights are cached")
-        sp.add_argument("--state-dir", help="datastore state folder (snapshot + feedback log)")
+        sp.add_argument("--state-dir", help="datastore state folder (snapshot, and the SQLite system of record)")
         sp.add_argument("--log-level")
 
     s = sub.add_parser("serve", help="run the gRPC server")

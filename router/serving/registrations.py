@@ -6,9 +6,10 @@ before, from its scores on aptitude prompts. No retraining, no candidate inferen
    the results with the prompt side frozen (``router.prediction.onboarding``);
 3. the backend is served route-only with the cost model the caller gave.
 
-Durability: a registration is one record of ``backends.log`` (the same CRC-framed, fsync'ed log
-as Feedback) holding the results and their embeddings; it is acknowledged only once written, and
-replayed at start-up, latest registration per backend winning. The aptitude outcomes are put into
+Durability: a registration is one record of the system of record's ``registry`` stream
+(``datastore/storage.py``; ``backends.log``, a file log, before) holding the results and their
+embeddings; it is acknowledged only once committed, and replayed at start-up, latest
+registration per backend winning. The aptitude outcomes are put into
 the datastore from this log (``Datastore.insert``), never logged twice, so a crash cannot leave a
 registration without its outcomes or the reverse.
 """
