@@ -59,6 +59,9 @@ class StorageConfig(_Model):
     # sqlite:///path/to/file.db, or postgresql://user@host:5432/db shared by every replica.
     # None: SQLite in the datastore's state folder (caprouter.db).
     url: str | None = None
+    # How often a replica reads what the others wrote (feedback, registrations); 0: never (a
+    # lone server). Feedback sent to one replica reaches the others within about this.
+    follow_ms: float = Field(200.0, ge=0)
 
 
 class AuthConfig(_Model):

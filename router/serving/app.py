@@ -195,6 +195,8 @@ class App:
         restored = await loop.run_in_executor(None, service.attach_registry, storage.stream("registry"))
         if restored:
             log.info("restored %d onboarded backend(s)", restored)
+        if cfg.storage.follow_ms > 0:
+            service.start_following(cfg.storage.follow_ms / 1e3)
         self.service = service
         self.loading_detail = "ready"
         log.info("caprouter ready: %d backends, %d outcomes in the datastore", len(self._backends), len(store))

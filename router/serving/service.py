@@ -185,6 +185,8 @@ class RouterService:
         self._registered: dict[str, reg.Registration] = {}
         self._registry_log: RecordLog | None = None
         self._olock = threading.Lock()
+        self._stop_following = threading.Event()
+        self._follower: threading.Thread | None = None
         self._budgets = BudgetWindows(r.budget_window)
         self.telemetry = telemetry or Telemetry()
         self.telemetry.watch_datastore(lambda: len(self.datastore))
@@ -696,6 +698,34 @@ class RouterService:
         self.predictor = self.predictor.with_capability(capability)
         return True
 
+    # ---- replicas ------------------------------------------------------------------------------
+    def follow_replicas(self) -> int:
+        """Take in what other replicas sharing the system of record wrote since the last call:
+        their feedback and retractions into the index, their registrations as backends. Returns
+        how many entries arrived."""
+        n = self.datastore.follow(self.encoder)
+        if self._registry_log is not None:
+            entries = self._registry_log.follow()
+            for e in reg.latest(entries):
+                if e["backend"] in self._configured:
+                    continue
+                with self._olock:
+                    self._apply(reg.Registration.from_entry(e), reg.entry_embeddings(e, self.encoder))
+                log.info("backend %s registered by another replica", e["backend"])
+            n += len(entries)
+        return n
+
+    def start_following(self, interval_s: float) -> None:
+        """Call ``follow_replicas`` every ``interval_s`` on a thread of its own, until ``close``."""
+        def loop() -> None:
+            while not self._stop_following.wait(interval_s):
+                try:
+                    self.follow_replicas()
+                except Exception:          # a database hiccup: try again next time, say so
+                    log.exception("following the other replicas failed; retrying in %.1f s", interval_s)
+        self._follower = threading.Thread(target=loop, name="replica-follower", daemon=True)
+        self._follower.start()
+
     @functools.cached_property
     def _suite(self) -> dict[str, str]:
         """The aptitude suite's prompts by item id (read on the first Onboard)."""
@@ -713,6 +743,9 @@ class RouterService:
         return out
 
     async def close(self) -> None:
+        self._stop_following.set()
+        if self._follower is not None:
+            self._follower.join(timeout=10)
         self.batcher.close()
         self.access.close()
         for b in self.backends.values():
