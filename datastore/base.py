@@ -97,7 +97,7 @@ class DatastoreKind(Protocol):
              prior_strength: float = ..., temperature: float = ..., encoder_settings: str = ...,
              progress: bool = ...,
              base: tuple[npt.NDArray[np.float32], Sequence[OutcomeRecord], str] | None = ...,
-             feedback_log: Any = ...) -> Datastore: ...
+             feedback_log: Any = ..., ann: Any = ...) -> Datastore: ...
 
 
 DATASTORES: Registry[DatastoreKind] = Registry("datastore")

@@ -128,6 +128,13 @@ class DatastoreConfig(_Model):
     prior_strength: float = Field(2.0, ge=0)
     # Neighbour weight = exp((sim - max_sim) / temperature): small values trust the closest.
     temperature: float = Field(0.05, gt=0)
+    # Above ann_min_size rows the kNN search is approximate: hnsw (the default), ivf, or off
+    # (always exact). benchmarks/datastore_scale.py measures both against the exact search.
+    ann: Literal["hnsw", "ivf", "off"] = "hnsw"
+    ann_min_size: int = Field(50_000, ge=0)
+    hnsw_m: int = Field(32, ge=4)
+    hnsw_ef_search: int = Field(64, ge=1)
+    ivf_nprobe: int = Field(32, ge=1)
 
 
 class CostModelConfig(_Model):

@@ -16,6 +16,7 @@ from datastore import DATASTORES
 from datastore.base import Datastore
 from datastore.log import AppendLog
 from datastore.storage import RecordLog, Storage, open_storage
+from datastore.store import AnnSettings
 from encoders import ENCODERS, register_builtin_encoders
 from encoders.base import PromptEncoder
 from router.core.compute import Compute, ComputeThread
@@ -74,7 +75,8 @@ def open_datastore(config: AppConfig, encoder: PromptEncoder, *, progress: bool 
     return DATASTORES.get("faiss-knn").open(
         state_dir(config), encoder, [] if base else outcome_files(config), k=ds.k, prior_strength=ds.prior_strength,
         temperature=ds.temperature, encoder_settings=encoder_settings(config), progress=progress,
-        base=base, feedback_log=log)
+        base=base, feedback_log=log,
+        ann=AnnSettings(ds.ann, ds.ann_min_size, ds.hnsw_m, ds.hnsw_ef_search, ivf_nprobe=ds.ivf_nprobe))
 
 
 def route_only_backends(config: AppConfig, artifact: art.Artifact,

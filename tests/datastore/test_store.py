@@ -199,3 +199,34 @@ def test_weighted_feedback_reads_back_at_its_value_and_retracts_without_residue(
     assert stats.outcomes == 0 and math.isnan(stats.mean_score)
     prior = ds.priors()[ds.backends.index("newcomer")]
     assert 0.0 <= prior <= 1.0
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_the_approximate_index_agrees_with_the_exact_one(kind):
+    from datastore.records import OutcomeRecord
+    from datastore.store import AnnSettings
+
+    rng = np.random.default_rng(0)
+    centers = _unit(rng.standard_normal((40, 32)))
+    X = _unit(centers[rng.integers(0, 40, 3000)] + 0.3 * rng.standard_normal((3000, 32)))
+    recs = [OutcomeRecord(id=f"r{i}", prompt="", scores={"a": float(rng.random()), "b": float(rng.random())})
+            for i in range(3000)]
+    exact = FaissKnnDatastore.from_records(X[:2000], recs[:2000], k=16)
+    ann = FaissKnnDatastore.from_records(X[:1000], recs[:1000], k=16,
+                                         ann=AnnSettings(kind, min_size=1500, ivf_nprobe=40))
+    assert ann.ann is None
+    ann._insert_records(X[1000:2000], recs[1000:2000])             # crosses min_size: built now
+    assert ann.ann is not None and ann.ann.ntotal == 2000
+    q = X[2000:2100]
+    e, a = exact.estimate(q), ann.estimate(q)
+    assert np.abs(e.quality - a.quality).mean() < 0.01
+    # Later rows join the approximate index too, and dead rows are skipped by it.
+    ann._insert_records(X[2000:2100], recs[2000:2100])
+    exact._insert_records(X[2000:2100], recs[2000:2100])
+    ids = [f"r{i}" for i in range(2000, 2100)]
+    for store in (exact, ann):
+        store._withdraw(ids)
+    e, a = exact.estimate(q), ann.estimate(q)
+    assert np.abs(e.quality - a.quality).mean() < 0.01
+    _, idx = ann._search(q, 16)
+    assert not np.isin(idx, np.arange(2000, 2100)).any()
