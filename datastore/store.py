@@ -124,6 +124,7 @@ class FaissKnnDatastore:
         self.dim = dim
         self.ann_settings = ann
         self.ann: Any = None          # the approximate index, once the store reaches ann.min_size
+        self._ann_building = False
         self.embedder_id = embedder_id
         self.k = k
         self.prior_strength = prior_strength
@@ -199,14 +200,37 @@ class FaissKnnDatastore:
             self._ids.extend(ids)
             self._row.update((rid, n0 + j) for j, rid in enumerate(ids))
             self._update_prior()
-            if self.ann is None and self.ann_settings.kind != "off" and len(self._ids) >= self.ann_settings.min_size:
-                self._build_ann()
+            if (self.ann is None and not self._ann_building and self.ann_settings.kind != "off"
+                    and len(self._ids) >= self.ann_settings.min_size):
+                if self._log is None:           # loading: build now, the store serves once it is done
+                    self.ann = self._build_ann(self.index.reconstruct_n(0, self.index.ntotal))
+                else:                           # serving: build aside, searches stay exact meanwhile
+                    self._ann_building = True
+                    threading.Thread(target=self._build_ann_aside, name="ann-build", daemon=True).start()
 
-    def _build_ann(self) -> None:
-        """Index every row approximately (holding the lock): at start-up, or once the store
-        grows past ``ann.min_size``. The exact index stays (snapshots are written from it)."""
-        a, n, t0 = self.ann_settings, self.index.ntotal, time.perf_counter()
-        vectors = self.index.reconstruct_n(0, n)
+    def _build_ann_aside(self) -> None:
+        """Build the approximate index without holding the lock (a 100k-row HNSW takes ~20 s on 2
+        cores: Routes must not wait for it), then add the rows that arrived meanwhile and swap
+        it in."""
+        try:
+            with self._lock:
+                n = self.index.ntotal
+                vectors = self.index.reconstruct_n(0, n)
+            ann = self._build_ann(vectors)
+            with self._lock:
+                extra = self.index.ntotal - n
+                if extra:
+                    ann.add(self.index.reconstruct_n(n, extra))
+                self.ann = ann
+        except Exception:
+            log.exception("datastore: building the approximate index failed; searches stay exact")
+        finally:
+            self._ann_building = False
+
+    def _build_ann(self, vectors: npt.NDArray[np.float32]) -> Any:
+        """An approximate index of ``vectors`` (rows in order). The exact index stays (snapshots
+        are written from it)."""
+        a, n, t0 = self.ann_settings, len(vectors), time.perf_counter()
         ann: Any
         if a.kind == "hnsw":
             ann = faiss.IndexHNSWFlat(self.dim, a.hnsw_m, faiss.METRIC_INNER_PRODUCT)
@@ -217,8 +241,8 @@ class FaissKnnDatastore:
             rng = np.random.default_rng(0)
             ann.train(vectors[rng.choice(n, min(n, 40 * nlist), replace=False)])
         ann.add(vectors)
-        self.ann = ann
         log.info("datastore: %s index of %d rows built in %.1f s", a.kind, n, time.perf_counter() - t0)
+        return ann
 
     def _update_prior(self) -> None:
         total = self._sum.sum() / self._wcnt.sum() if self._cnt.sum() > 0 and self._wcnt.sum() > 0 else 0.5

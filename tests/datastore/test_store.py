@@ -230,3 +230,25 @@ def test_the_approximate_index_agrees_with_the_exact_one(kind):
     assert np.abs(e.quality - a.quality).mean() < 0.01
     _, idx = ann._search(q, 16)
     assert not np.isin(idx, np.arange(2000, 2100)).any()
+
+
+def test_a_serving_store_builds_its_approximate_index_aside(tmp_path, any_encoder):
+    import time as _time
+
+    from datastore.store import AnnSettings
+
+    src = tmp_path / "o.jsonl"
+    _write(src, ROWS)
+    ds = FaissKnnDatastore.open(tmp_path / "state", any_encoder, [src], k=4, progress=False,
+                                ann=AnnSettings("hnsw", min_size=len(ROWS) + 3))
+    assert ds.ann is None
+    q = "What is 2 + 2?"
+    emb = any_encoder.encode([q])
+    exact = ds.estimate(emb).quality
+    ds.add(np.repeat(emb, 3, axis=0), [{"prompt": q, "scores": {"good": 1.0}}] * 3)   # crosses min_size
+    deadline = _time.time() + 30
+    while ds.ann is None and _time.time() < deadline:
+        ds.estimate(emb)                                  # searches go on meanwhile
+        _time.sleep(0.01)
+    assert ds.ann is not None and ds.ann.ntotal == len(ds)
+    assert ds.estimate(emb).quality.shape == exact.shape
