@@ -1,8 +1,8 @@
 """How the kNN datastore scales: exact (flat) against approximate (HNSW, IVF) search as the store
 grows to 10k, 100k and 1M synthetic outcomes (384-d, like MiniLM's embeddings).
 
-    .venv/bin/python benchmarks/datastore_scale.py [--sizes 10000,100000,1000000] [--queries 200]
-        [--startup-sizes 10000,100000] [--kinds hnsw,ivf]
+    .venv/bin/python benchmarks/datastore_scale.py [--sizes 10000,100000,1000000] [--queries 256]
+        [--startup-sizes 10000,100000] [--kinds hnsw,ivf] [--hnsw-ef 64,128,256,512] [--ivf-nprobe 32,64,128]
 
 Data: unit vectors shaped like prompt embeddings (``Prompts``: topics, sub-topics, prompts;
 their neighbour similarities fitted to the shared routing sets' MiniLM embeddings), two
@@ -21,6 +21,7 @@ import argparse
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +125,11 @@ def main() -> int:
     ap.add_argument("--kinds", default="hnsw,ivf")
     ap.add_argument("--queries", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hnsw-ef", default="64", help="efSearch values (the first: the server's default, 64)")
+    ap.add_argument("--ivf-nprobe", default="32", help="nprobe values (the first: the server's default, 32)")
     args = ap.parse_args()
+    args.hnsw_ef = [int(x) for x in args.hnsw_ef.split(",") if x]
+    args.ivf_nprobe = [int(x) for x in args.ivf_nprobe.split(",") if x]
     sizes = [int(x) for x in args.sizes.split(",") if x]
     kinds = [k for k in args.kinds.split(",") if k]
     rng = np.random.default_rng(args.seed)
@@ -152,14 +157,23 @@ def main() -> int:
             t = time.perf_counter()
             store = FaissKnnDatastore.from_records(X, recs, k=K, ann=AnnSettings(kind, min_size=0))
             build = time.perf_counter() - t
-            _, idx = store._search(Q, K)
-            recall = float(np.mean([len(set(idx[i]) & set(truth[i])) / K for i in range(len(Q))]))
-            one, batch = timed(store, Q, 1), timed(store, Q, 32)
-            dq = float(np.abs(store.estimate(Q).quality - exact_q).mean())
-            print(f"| {n:,} | {kind} | {build:.1f} | {memory_mb(store.ann):.0f} | {one[0]:.2f} / {one[1]:.2f} | "
-                  f"{batch[0]:.2f} / {batch[1]:.2f} | {recall:.3f} (estimate moves {dq:.4f}) |", flush=True)
-            figures.update({f"{kind}_p50_ms_{tag}": f"{one[0]:.2f}", f"{kind}_recall_{tag}": f"{recall:.3f}",
-                            f"{kind}_build_s_{tag}": f"{build:.1f}"})
+            # The first setting is the server's default; the others are a sweep of the search
+            # breadth on the same built index (--hnsw-ef, --ivf-nprobe).
+            sweep = args.hnsw_ef if kind == "hnsw" else args.ivf_nprobe
+            for j, v in enumerate(sweep):
+                store.ann_settings = replace(store.ann_settings, **({"hnsw_ef_search": v} if kind == "hnsw"
+                                                                   else {"ivf_nprobe": v}))
+                _, idx = store._search(Q, K)
+                recall = float(np.mean([len(set(idx[i]) & set(truth[i])) / K for i in range(len(Q))]))
+                one, batch = timed(store, Q, 1), timed(store, Q, 32)
+                dq = float(np.abs(store.estimate(Q).quality - exact_q).mean())
+                label = f"{kind} ({'ef' if kind == 'hnsw' else 'nprobe'} {v})"
+                print(f"| {n:,} | {label} | {build:.1f} | {memory_mb(store.ann):.0f} | {one[0]:.2f} / {one[1]:.2f} | "
+                      f"{batch[0]:.2f} / {batch[1]:.2f} | {recall:.3f} (estimate moves {dq:.4f}) |", flush=True)
+                suffix = "" if j == 0 else f"_{v}"
+                figures.update({f"{kind}{suffix}_p50_ms_{tag}": f"{one[0]:.2f}",
+                                f"{kind}{suffix}_recall_{tag}": f"{recall:.3f}"})
+            figures[f"{kind}_build_s_{tag}"] = f"{build:.1f}"
             del store
         del X, recs
     for n in [int(x) for x in args.startup_sizes.split(",") if x]:
