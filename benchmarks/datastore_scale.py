@@ -125,7 +125,7 @@ def main() -> int:
     ap.add_argument("--kinds", default="hnsw,ivf")
     ap.add_argument("--queries", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--hnsw-ef", default="64", help="efSearch values (the first: the server's default, 64)")
+    ap.add_argument("--hnsw-ef", default="128", help="efSearch values (the first: the server's default, 128)")
     ap.add_argument("--ivf-nprobe", default="32", help="nprobe values (the first: the server's default, 32)")
     args = ap.parse_args()
     args.hnsw_ef = [int(x) for x in args.hnsw_ef.split(",") if x]

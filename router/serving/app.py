@@ -76,7 +76,8 @@ def open_datastore(config: AppConfig, encoder: PromptEncoder, *, progress: bool 
         state_dir(config), encoder, [] if base else outcome_files(config), k=ds.k, prior_strength=ds.prior_strength,
         temperature=ds.temperature, encoder_settings=encoder_settings(config), progress=progress,
         base=base, feedback_log=log,
-        ann=AnnSettings(ds.ann, ds.ann_min_size, ds.hnsw_m, ds.hnsw_ef_search, ivf_nprobe=ds.ivf_nprobe))
+        ann=AnnSettings(ds.ann, ds.ann_min_size, ds.hnsw_m, ds.hnsw_ef_search, ds.hnsw_ef_construction,
+                        ds.ivf_nprobe))
 
 
 def route_only_backends(config: AppConfig, artifact: art.Artifact,
