@@ -90,8 +90,9 @@ def memory_mb(index: Any) -> float:
     return float(faiss.serialize_index(index).nbytes) / 2**20
 
 
-def startup(n: int, X: np.ndarray, recs: list[OutcomeRecord], ann: AnnSettings) -> float:
-    """Seconds to open a datastore whose outcomes are n feedback records in SQLite."""
+def startup(n: int, X: np.ndarray, recs: list[OutcomeRecord], ann: AnnSettings) -> tuple[float, float]:
+    """Seconds to open a datastore whose outcomes are n feedback records in SQLite (it serves
+    from then on, searching exactly), and until its approximate index is ready."""
     folder = Path(tempfile.mkdtemp(prefix="caprouter-scale-"))
     try:
         st = open_storage(f"sqlite:///{folder / 'caprouter.db'}")
@@ -112,8 +113,12 @@ def startup(n: int, X: np.ndarray, recs: list[OutcomeRecord], ann: AnnSettings) 
                                        feedback_log=st.stream("feedback"), ann=ann)
         took = time.perf_counter() - t
         assert len(store) == n
+        # The approximate index is built aside while the store already serves (exactly).
+        while ann.kind != "off" and n >= ann.min_size and store.ann is None:
+            time.sleep(0.05)
+        ready = time.perf_counter() - t
         st.close()
-        return took
+        return took, ready
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -181,10 +186,12 @@ def main() -> int:
         X, c = gen.draw(n)
         recs = records(c, rng.random((len(gen.subs), 2)), rng)
         ann = AnnSettings(kinds[0] if kinds else "off")        # the server's default threshold
-        took = startup(n, X, recs, ann)
-        built = ann.kind if ann.kind != "off" and n >= ann.min_size else "no approximate index (below min_size)"
-        print(f"start-up from a database of {n:,} outcomes ({built}): {took:.1f} s", flush=True)
+        took, ready = startup(n, X, recs, ann)
+        built = (f"its {ann.kind} index ready after {ready:.1f} s" if ann.kind != "off" and n >= ann.min_size
+                 else "no approximate index (below min_size)")
+        print(f"start-up from a database of {n:,} outcomes: serving after {took:.1f} s ({built})", flush=True)
         figures[f"startup_s_{n // 1000}k"] = f"{took:.1f}"
+        figures[f"ann_ready_s_{n // 1000}k"] = f"{ready:.1f}"
     print(" ".join(f"{k}={v}" for k, v in figures.items()))
     return 0
 
