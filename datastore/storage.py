@@ -26,12 +26,13 @@ one transaction, at open.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
@@ -76,7 +77,9 @@ class _Db(Protocol):
 
     kind: str
 
-    def insert(self, stream: str, bodies: Sequence[str]) -> list[int]: ...
+    def insert(self, rows: Sequence[tuple[str, str]]) -> list[int]:
+        """(stream, JSON body) rows in one transaction, committed when it returns; their seqs."""
+        ...
 
     def read(self, stream: str, after: int) -> list[tuple[int, str]]: ...
 
@@ -97,8 +100,7 @@ class Stream:
     def append(self, records: list[dict[str, Any]]) -> None:
         if not records:
             return
-        bodies = [json.dumps(r, separators=(",", ":"), ensure_ascii=False) for r in records]
-        seqs = self.db.insert(self.name, bodies)
+        seqs = self.db.insert([(self.name, _dumps(r)) for r in records])
         with self._lock:
             # Not _last: another writer's rows below these may not have been read yet.
             self._mine.update(seqs)
@@ -121,7 +123,6 @@ class _Sqlite:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
         # One connection, shared under a lock: SQLite allows one writer at a time anyway.
         self._conn = sqlite3.connect(str(path), timeout=30.0, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
@@ -132,41 +133,40 @@ class _Sqlite:
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute("PRAGMA busy_timeout=30000")
 
-    def migrate(self) -> int:
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE: the write lock from the start), committed or
+        rolled back."""
         with self._lock:
             c = self._conn
             c.execute("BEGIN IMMEDIATE")
             try:
-                c.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-                row = c.execute("SELECT version FROM schema_version").fetchone()
-                have = row[0] if row else 0
-                steps = MIGRATIONS["sqlite"]
-                for step in steps[have:]:
-                    for stmt in step:
-                        c.execute(stmt)
-                if row is None:
-                    c.execute("INSERT INTO schema_version VALUES (?)", (len(steps),))
-                else:
-                    c.execute("UPDATE schema_version SET version = ?", (len(steps),))
+                yield c
                 c.execute("COMMIT")
             except BaseException:
                 c.execute("ROLLBACK")
                 raise
+
+    def migrate(self) -> int:
+        with self._tx() as c:
+            c.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = c.execute("SELECT version FROM schema_version").fetchone()
+            have = row[0] if row else 0
+            steps = MIGRATIONS["sqlite"]
+            for step in steps[have:]:
+                for stmt in step:
+                    c.execute(stmt)
+            if row is None:
+                c.execute("INSERT INTO schema_version VALUES (?)", (len(steps),))
+            else:
+                c.execute("UPDATE schema_version SET version = ?", (len(steps),))
         return int(have)
 
-    def insert(self, stream: str, bodies: Sequence[str]) -> list[int]:
+    def insert(self, rows: Sequence[tuple[str, str]]) -> list[int]:
         now = time.time()
-        with self._lock:
-            c = self._conn
-            c.execute("BEGIN IMMEDIATE")
-            try:
-                seqs = [int(c.execute("INSERT INTO records (stream, ts, body) VALUES (?, ?, ?) RETURNING seq",
-                                      (stream, now, b)).fetchone()[0]) for b in bodies]
-                c.execute("COMMIT")
-            except BaseException:
-                c.execute("ROLLBACK")
-                raise
-        return seqs
+        with self._tx() as c:
+            return [int(c.execute("INSERT INTO records (stream, ts, body) VALUES (?, ?, ?) RETURNING seq",
+                                  (stream, now, b)).fetchone()[0]) for stream, b in rows]
 
     def read(self, stream: str, after: int) -> list[tuple[int, str]]:
         with self._lock:
@@ -187,8 +187,6 @@ class _Postgres:
         except ImportError:
             raise ConfigError("storage.url is a PostgreSQL URL but psycopg is not installed "
                               "(pip install 'psycopg[binary]')") from None
-        self._psycopg = psycopg
-        self.url = url
         try:
             self._conn = psycopg.connect(url, autocommit=True)   # transactions are explicit: conn.transaction()
         except psycopg.OperationalError as e:
@@ -214,14 +212,16 @@ class _Postgres:
                 cur.execute("UPDATE schema_version SET version = %s", (len(steps),))
         return int(have)
 
-    def insert(self, stream: str, bodies: Sequence[str]) -> list[int]:
+    def insert(self, rows: Sequence[tuple[str, str]]) -> list[int]:
         now = time.time()
         with self._lock, self._conn.transaction():
             cur = self._conn.cursor()
-            # Inserts into one stream commit in seq order (see the module's docstring).
-            cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (stream,))
+            # Inserts into one stream commit in seq order (see the module's docstring); streams
+            # locked in one order, so two writers never wait on each other's locks.
+            for stream in sorted({st for st, _ in rows}):
+                cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (stream,))
             seqs = []
-            for b in bodies:
+            for stream, b in rows:
                 cur.execute("INSERT INTO records (stream, ts, body) VALUES (%s, %s, %s) RETURNING seq", (stream, now, b))
                 row = cur.fetchone()
                 assert row is not None
@@ -237,6 +237,10 @@ class _Postgres:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+def _dumps(record: dict[str, Any]) -> str:
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=False)
 
 
 def _redact(url: str) -> str:
@@ -284,38 +288,13 @@ class Storage:
             self._imported.update((r.get("stream"), r.get("sha256")) for r in done.follow())
             if (name, digest) in self._imported:
                 return 0
-        bodies = [json.dumps(r, separators=(",", ":"), ensure_ascii=False) for r in records]
         marker["records"] = len(records)
-        self._insert_together([(name, b) for b in bodies] + [("imports", json.dumps(marker))])
+        self.db.insert([(name, _dumps(r)) for r in records] + [("imports", _dumps(marker))])
         with self._lock:
             assert self._imported is not None
             self._imported.add((name, digest))
         log.info("imported %d records of %s into the %s stream of %s", len(records), path, name, self.url)
         return len(records)
-
-    def _insert_together(self, rows: list[tuple[str, str]]) -> None:
-        """Rows of several streams in one transaction (an import and its marker)."""
-        db = self.db
-        if isinstance(db, _Sqlite):
-            with db._lock:
-                c = db._conn
-                c.execute("BEGIN IMMEDIATE")
-                try:
-                    now = time.time()
-                    c.executemany("INSERT INTO records (stream, ts, body) VALUES (?, ?, ?)",
-                                  [(s, now, b) for s, b in rows])
-                    c.execute("COMMIT")
-                except BaseException:
-                    c.execute("ROLLBACK")
-                    raise
-        else:
-            with db._lock, db._conn.transaction():
-                cur = db._conn.cursor()
-                for stream in sorted({s for s, _ in rows}):
-                    cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (stream,))
-                now = time.time()
-                cur.executemany("INSERT INTO records (stream, ts, body) VALUES (%s, %s, %s)",
-                                [(s, now, b) for s, b in rows])
 
     def close(self) -> None:
         self.db.close()
