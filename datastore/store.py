@@ -424,10 +424,14 @@ class FaissKnnDatastore:
             entry["embedding"] = encode_vector(e)
             entries.append(entry)
         self._log.append(entries)  # durable from here on
+        self._insert_entries(emb, entries)
+        return [e["id"] for e in entries]
+
+    def _insert_entries(self, emb: npt.NDArray[np.float32], entries: Sequence[dict[str, Any]]) -> None:
+        """Logged feedback records (with their weights and keys) into the index; emb: (n, d)."""
         self._insert(emb, [e["id"] for e in entries], [e["scores"] for e in entries],
                      [e.get("cost") or {} for e in entries], [float(e.get("weight", 1.0)) for e in entries])
         self._note_keys(entries)
-        return [e["id"] for e in entries]
 
     def _note_keys(self, entries: Sequence[dict[str, Any]]) -> None:
         """Index feedback by its key's name and by its key's id (names cannot look like ids: a
@@ -461,12 +465,16 @@ class FaissKnnDatastore:
         if not ids:
             return 0
         self._log.append([{"op": "retract", "key": key, "since": since, "ids": ids, "ts": time.time()}])
+        self._forget(ids)
+        return len(ids)
+
+    def _forget(self, ids: Sequence[str]) -> None:
+        """Retracted feedback: its scores withdrawn, and no longer listed under its key."""
         self._withdraw(ids)
+        gone = set(ids)
         with self._lock:
-            gone = set(ids)
             for ref, sent in list(self._by_key.items()):
                 self._by_key[ref] = [x for x in sent if x[0] not in gone]
-        return len(ids)
 
     # ---- persistence -----------------------------------------------------------------------------
     @classmethod
@@ -574,20 +582,13 @@ class FaissKnnDatastore:
         same = [e for e in entries if e.get("embedder") == self.embedder_id and "embedding" in e]
         other = [e for e in entries if not (e.get("embedder") == self.embedder_id and "embedding" in e)]
         if same:
-            emb = np.stack([decode_vector(e["embedding"], self.dim) for e in same])
-            self._insert(emb, [e["id"] for e in same], [e["scores"] for e in same], [e.get("cost") or {} for e in same],
-                         [float(e.get("weight", 1.0)) for e in same])
+            self._insert_entries(np.stack([decode_vector(e["embedding"], self.dim) for e in same]), same)
         if other:
             log.info("datastore: re-embedding %d logged outcomes for embedder %s", len(other), self.embedder_id)
-            emb = _encode_all(encoder, [e["prompt"] for e in other], progress=False, what="re-embedding")
-            self._insert(emb, [e["id"] for e in other], [e["scores"] for e in other], [e.get("cost") or {} for e in other],
-                         [float(e.get("weight", 1.0)) for e in other])
-        self._note_keys(entries)
+            self._insert_entries(_encode_all(encoder, [e["prompt"] for e in other], progress=False,
+                                             what="re-embedding"), other)
         if gone:
-            self._withdraw([rid for rid in retracted if rid in self._row])
-            with self._lock:
-                for ref, sent in list(self._by_key.items()):
-                    self._by_key[ref] = [x for x in sent if x[0] not in gone]
+            self._forget(retracted)
         return len(entries), len(gone)
 
     def follow(self, encoder: Any) -> int:
