@@ -121,6 +121,14 @@ def pg():
     srv.stop()
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
+def db_url(request, tmp_path) -> str:
+    """A system of record for one test: SQLite in its folder, then an empty PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'caprouter.db'}"
+    return request.getfixturevalue("pg").database()
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED / "llmrouter.jsonl.gz").exists():

@@ -4,47 +4,33 @@ replicas following each other's appends, concurrent writers, the one-time import
 written by the earlier code (torn tail included), schema versions."""
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import textwrap
 import threading
-from pathlib import Path
 
 import pytest
 
 from datastore.log import AppendLog
 from datastore.storage import MIGRATIONS, open_storage
 from router.core.errors import ConfigError
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
-def url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'caprouter.db'}"
-    return request.getfixturevalue("pg").database()
+from tests.crash import killed_after_acks
 
 
-def test_appends_are_replayed_in_order_after_a_reopen(url):
-    st = open_storage(url)
+def test_appends_are_replayed_in_order_after_a_reopen(db_url):
+    st = open_storage(db_url)
     fb = st.stream("feedback")
     assert fb.replayed == []
     fb.append([{"id": "a", "v": 1}, {"id": "b", "v": 2}])
     st.stream("registry").append([{"id": "r"}])
     fb.append([{"id": "c", "v": "ünïcode ✓"}])
     st.close()
-    again = open_storage(url)
+    again = open_storage(db_url)
     assert [r["id"] for r in again.stream("feedback").replayed] == ["a", "b", "c"]
     assert again.stream("feedback").replayed[2]["v"] == "ünïcode ✓"
     assert [r["id"] for r in again.stream("registry").replayed] == ["r"]
     again.close()
 
 
-def test_a_replica_follows_what_another_appended(url):
-    a, b = open_storage(url), open_storage(url)
+def test_a_replica_follows_what_another_appended(db_url):
+    a, b = open_storage(db_url), open_storage(db_url)
     fa, fb = a.stream("feedback"), b.stream("feedback")
     assert fb.follow() == []
     fa.append([{"n": 1}, {"n": 2}])
@@ -59,9 +45,9 @@ def test_a_replica_follows_what_another_appended(url):
     b.close()
 
 
-def test_concurrent_writers_lose_nothing_and_followers_see_each_once(url):
-    handles = [open_storage(url) for _ in range(2)]
-    watcher = open_storage(url)
+def test_concurrent_writers_lose_nothing_and_followers_see_each_once(db_url):
+    handles = [open_storage(db_url) for _ in range(2)]
+    watcher = open_storage(db_url)
     seen: list[int] = []
     stop = threading.Event()
 
@@ -84,41 +70,28 @@ def test_concurrent_writers_lose_nothing_and_followers_see_each_once(url):
     seen.extend(r["n"] for r in watcher.stream("feedback").follow())
     want = sorted(1000 * i + j for i in range(6) for j in range(40))
     assert sorted(seen) == want                                      # every one, exactly once
-    assert sorted(r["n"] for r in open_storage(url).stream("feedback").replayed) == want
+    assert sorted(r["n"] for r in open_storage(db_url).stream("feedback").replayed) == want
     for h in (*handles, watcher):
         h.close()
 
 
-def test_an_acknowledged_append_survives_a_kill_9(url):
-    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import sys
-        sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "proto")!r}]
+def test_an_acknowledged_append_survives_a_kill_9(db_url):
+    acked = killed_after_acks(f"""
         from datastore.storage import open_storage
-        s = open_storage({url!r}).stream("feedback")
-        for i in range(100000):
-            s.append([{{"n": i}}])
-            print(i, flush=True)
-        """)], stdout=subprocess.PIPE, text=True)
-    acked = -1
-    assert child.stdout is not None
-    for line in child.stdout:
-        acked = int(line)
-        if acked >= 150:
-            break
-    os.kill(child.pid, signal.SIGKILL)
-    child.wait()
-    got = [r["n"] for r in open_storage(url).stream("feedback").replayed]
+        s = open_storage({db_url!r}).stream("feedback")
+    """, 's.append([{"n": i}])', at=150)
+    got = [r["n"] for r in open_storage(db_url).stream("feedback").replayed]
     assert got[:acked + 1] == list(range(acked + 1))                 # every acknowledged one, in order
 
 
-def test_a_file_log_of_the_earlier_code_is_imported_once_torn_tail_and_all(url, tmp_path):
+def test_a_file_log_of_the_earlier_code_is_imported_once_torn_tail_and_all(db_url, tmp_path):
     path = tmp_path / "state" / "feedback.log"
     old = AppendLog.open(path)
     old.append([{"id": f"r{i}", "scores": {"b": i / 10}} for i in range(7)])
     old.close()
     with open(path, "ab") as f:                                       # a write torn by a crash
         f.write(b'1a2b3c4d {"id": "torn", "sco')
-    st = open_storage(url)
+    st = open_storage(db_url)
 
     def read(p):
         return AppendLog.open(p).replayed
@@ -126,16 +99,16 @@ def test_a_file_log_of_the_earlier_code_is_imported_once_torn_tail_and_all(url, 
     assert st.import_file_log("feedback", path, read) == 0            # once
     assert st.import_file_log("feedback", path, read) == 0
     st.close()
-    st = open_storage(url)
+    st = open_storage(db_url)
     assert [r["id"] for r in st.stream("feedback").replayed] == [f"r{i}" for i in range(7)]
     assert st.import_file_log("feedback", path, read) == 0
     st.close()
 
 
-def test_the_schema_is_versioned_and_migrated_once(url):
-    st = open_storage(url)
+def test_the_schema_is_versioned_and_migrated_once(db_url):
+    st = open_storage(db_url)
     st.close()
-    st = open_storage(url)                       # a second open migrates nothing
+    st = open_storage(db_url)                       # a second open migrates nothing
     db = st.db
     rows = db.read("nothing", 0)
     assert rows == []

@@ -4,12 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import signal
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -20,15 +14,7 @@ from router.core.errors import RateLimited
 from router.policy.selection import Knobs
 from router.serving.access import Access, AuditLog, SpendLedger, TokenBucket, period_bounds
 from router.serving.keys import OPEN, KeyFile, Limits
-
-ROOT = Path(__file__).resolve().parents[3]
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
-def url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'caprouter.db'}"
-    return request.getfixturevalue("pg").database()
+from tests.crash import killed_after_acks
 
 
 class Clock:
@@ -137,34 +123,21 @@ def test_periods_are_utc_days_and_months():
     assert period_bounds("month", t)[1] == dt.datetime(2027, 1, 1, tzinfo=dt.UTC).timestamp()
 
 
-def test_spend_survives_a_kill_9(tmp_path, url):
+def test_spend_survives_a_kill_9(tmp_path, db_url):
     """A child charges and reports each charge after it returned; killed with SIGKILL mid-stream,
     every charge it reported is in the reopened ledger (SQLite and PostgreSQL)."""
-    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import sys
-        sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "proto")!r}]
+    acked = killed_after_acks(f"""
         from datastore.storage import open_storage
         from router.serving.access import SpendLedger
-        led = SpendLedger(open_storage({url!r}).stream("spend"))
-        for i in range(100000):
-            led.charge("k1", "d2020-01-01", 0.25)
-            print(i, flush=True)
-        """)], stdout=subprocess.PIPE, text=True)
-    acked = -1
-    assert child.stdout is not None
-    for line in child.stdout:
-        acked = int(line)
-        if acked >= 200:
-            break
-    os.kill(child.pid, signal.SIGKILL)
-    child.wait()
-    led = SpendLedger(open_storage(url).stream("spend"))
+        led = SpendLedger(open_storage({db_url!r}).stream("spend"))
+    """, 'led.charge("k1", "d2020-01-01", 0.25)', at=200)
+    led = SpendLedger(open_storage(db_url).stream("spend"))
     assert led.spent("k1", "d2020-01-01") >= (acked + 1) * 0.25
 
 
-def test_replicas_read_each_others_spend(tmp_path, url):
-    a = SpendLedger(open_storage(url).stream("spend"), follow_s=0.0)
-    b = SpendLedger(open_storage(url).stream("spend"), follow_s=0.0)
+def test_replicas_read_each_others_spend(tmp_path, db_url):
+    a = SpendLedger(open_storage(db_url).stream("spend"), follow_s=0.0)
+    b = SpendLedger(open_storage(db_url).stream("spend"), follow_s=0.0)
     a.charge("k", "d2026-12-02", 1.5)
     b.charge("k", "d2026-12-02", 0.5)
     assert a.spent("k", "d2026-12-02") == b.spent("k", "d2026-12-02") == 2.0

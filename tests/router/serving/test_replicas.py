@@ -16,16 +16,9 @@ from router.serving.service import Query, RouterService
 from tests.fakes import OUTCOMES, ScriptedBackend, write_outcomes
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
-def url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'caprouter.db'}"
-    return request.getfixturevalue("pg").database()
-
-
-def _replica(tmp_path, name, url, encoder):
+def _replica(tmp_path, name, db_url, encoder):
     src = write_outcomes(tmp_path / "o.jsonl", OUTCOMES)
-    storage = open_storage(url)
+    storage = open_storage(db_url)
     ds = FaissKnnDatastore.open(tmp_path / name, encoder, [src], k=8, progress=False,
                                 feedback_log=storage.stream("feedback"))
     cfg = AppConfig.model_validate({"routing": {"cost_unit": "USD", "decision_cache_size": 1000}})
@@ -34,9 +27,9 @@ def _replica(tmp_path, name, url, encoder):
     return svc, storage
 
 
-def test_feedback_retractions_and_registrations_reach_the_other_replica(tmp_path, url, any_encoder):
-    a, sa = _replica(tmp_path, "a", url, any_encoder)
-    b, sb = _replica(tmp_path, "b", url, any_encoder)
+def test_feedback_retractions_and_registrations_reach_the_other_replica(tmp_path, db_url, any_encoder):
+    a, sa = _replica(tmp_path, "a", db_url, any_encoder)
+    b, sb = _replica(tmp_path, "b", db_url, any_encoder)
     q = "What is 40 + 2?"
     emb = any_encoder.encode([q])
 
