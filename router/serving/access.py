@@ -27,7 +27,7 @@ from datastore.storage import RecordLog
 from router.core.config import AuthConfig
 from router.core.errors import RateLimited
 from router.policy.selection import Knobs
-from router.serving.keys import Caller, Limits
+from router.serving.keys import ApiKey, Caller, Limits
 
 log = logging.getLogger(__name__)
 audit_log = logging.getLogger("caprouter.audit")
@@ -167,6 +167,10 @@ class Access:
             b = table[key_id] = TokenBucket(rate, capacity, now)
         return b
 
+    def _token_bucket(self, key: ApiKey, per_min: int, now: float) -> TokenBucket:
+        """The key's bucket of output tokens: ``per_min`` a minute, a minute's worth at most."""
+        return self._bucket(self._tokens, key.id, per_min / 60.0, per_min, now)
+
     def admit(self, caller: Caller, *, tokens: bool = False) -> None:
         """One request of ``caller``: RateLimited when its request rate or its output-token rate
         (``tokens``: a Generate) is used up."""
@@ -184,8 +188,7 @@ class Access:
                                       f"{lim.requests_per_s:g} requests/s; retry in {wait:.2f} s", retry_after_s=wait)
                 b.take(1.0, now)
             if tokens and lim.output_tokens_per_min is not None:
-                t = self._bucket(self._tokens, key.id, lim.output_tokens_per_min / 60.0, lim.output_tokens_per_min, now)
-                wait = t.wait_s(1.0, now)
+                wait = self._token_bucket(key, lim.output_tokens_per_min, now).wait_s(1.0, now)
                 if wait > 0:
                     raise RateLimited(f"API key {key.id} ({key.name}) is over its limit of "
                                       f"{lim.output_tokens_per_min} output tokens/min; retry in {wait:.1f} s",
@@ -272,8 +275,7 @@ class Access:
         if output_tokens and lim.output_tokens_per_min is not None:
             now = self._clock.monotonic()
             with self._lock:
-                self._bucket(self._tokens, key.id, lim.output_tokens_per_min / 60.0, lim.output_tokens_per_min,
-                             now).take(output_tokens, now)
+                self._token_bucket(key, lim.output_tokens_per_min, now).take(output_tokens, now)
         if lim.budget is not None and self.ledger is not None and math.isfinite(cost) and cost > 0:
             period, _ = period_bounds(lim.budget_period, self._clock.time())
             self.ledger.charge(key.id, period, cost)
