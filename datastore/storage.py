@@ -38,6 +38,7 @@ from typing import Any, Protocol
 from urllib.parse import urlparse
 
 from router.core.errors import ArtifactError, ConfigError
+from router.core.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -271,30 +272,34 @@ class Storage:
 
     def import_file_log(self, name: str, path: Path, read: Callable[[Path], list[dict[str, Any]]]) -> int:
         """Copy a file log (``read`` returns its records, torn tail dropped) into stream ``name``
-        once: the import is recorded in the ``imports`` stream with the file's size and content
-        hash, in the same transaction as the records, and a second call does nothing. The file
-        is left where it is. Returns the number of records imported."""
-        import hashlib
-
+        once: the import is recorded in the ``imports`` stream with the file's content hash, in
+        the same transaction as the records, and a second call does nothing. The file is left
+        where it is. Returns the number of records imported."""
         if not path.exists():
             return 0
-        records = read(path)        # first: reading drops a torn tail, which the hash must not see
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        marker: dict[str, Any] = {"source": str(path.resolve()), "sha256": digest, "stream": name}
-        done = self.stream("imports")
-        with self._lock:
-            if self._imported is None:
-                self._imported = {(r.get("stream"), r.get("sha256")) for r in done.replayed}
-            self._imported.update((r.get("stream"), r.get("sha256")) for r in done.follow())
-            if (name, digest) in self._imported:
-                return 0
-        marker["records"] = len(records)
+        # An imported file is recognised by its hash before it is parsed: an old feedback log can
+        # hold hundreds of MB of embeddings, not worth reading at every start.
+        if self._was_imported(name, sha256_file(path)):
+            return 0
+        records = read(path)        # drops a torn tail (truncating the file), which the hash must not see
+        digest = sha256_file(path)
+        if self._was_imported(name, digest):
+            return 0
+        marker = {"source": str(path.resolve()), "sha256": digest, "stream": name, "records": len(records)}
         self.db.insert([(name, _dumps(r)) for r in records] + [("imports", _dumps(marker))])
         with self._lock:
             assert self._imported is not None
             self._imported.add((name, digest))
         log.info("imported %d records of %s into the %s stream of %s", len(records), path, name, self.url)
         return len(records)
+
+    def _was_imported(self, name: str, digest: str) -> bool:
+        done = self.stream("imports")
+        with self._lock:
+            if self._imported is None:
+                self._imported = {(r.get("stream"), r.get("sha256")) for r in done.replayed}
+            self._imported.update((r.get("stream"), r.get("sha256")) for r in done.follow())
+            return (name, digest) in self._imported
 
     def close(self) -> None:
         self.db.close()

@@ -127,3 +127,21 @@ def test_bad_urls_are_config_errors(tmp_path):
         open_storage("postgresql://nobody:secret@127.0.0.1:1/db")
     except ConfigError as e:
         assert "secret" not in str(e)
+
+
+def test_an_imported_file_log_is_not_parsed_again(db_url, tmp_path):
+    path = tmp_path / "feedback.log"
+    old = AppendLog.open(path)
+    old.append([{"id": "r0", "scores": {"b": 1.0}}])
+    old.close()
+    reads = []
+
+    def read(p):
+        reads.append(p)
+        return AppendLog.open(p).replayed
+    st = open_storage(db_url)
+    assert st.import_file_log("feedback", path, read) == 1
+    assert st.import_file_log("feedback", path, read) == 0
+    st.close()
+    assert open_storage(db_url).import_file_log("feedback", path, read) == 0
+    assert len(reads) == 1                        # recognised by its hash, never parsed again
