@@ -101,8 +101,12 @@ class Stream:
     def append(self, records: list[dict[str, Any]]) -> None:
         if not records:
             return
-        seqs = self.db.insert([(self.name, _dumps(r)) for r in records])
+        rows = [(self.name, _dumps(r)) for r in records]
+        # Under the lock with the insert: a follow between the commit and noting the seqs would
+        # hand this handle its own rows back (applied twice: measured as one Feedback counted
+        # twice until a restart).
         with self._lock:
+            seqs = self.db.insert(rows)
             # Not _last: another writer's rows below these may not have been read yet.
             self._mine.update(seqs)
 
