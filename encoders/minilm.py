@@ -28,6 +28,7 @@ import numpy.typing as npt
 
 from encoders.base import ENCODERS
 from encoders.padding import length_groups
+from encoders.quantize import quantize_per_token
 from router.core.compute import Inline
 from router.core.errors import ConfigError
 
@@ -39,7 +40,7 @@ RUNTIMES = ("torch", "onnx", "onnx-int8")
 # torch a ~ 12 ms, b ~ 0.24 ms/token; ONNX Runtime fp32 a ~ 1.3 ms, b ~ 0.18 ms/token.
 _FORWARD_OVERHEAD_TOKENS = {"torch": 50.0, "onnx": 8.0, "onnx-int8": 8.0}
 # Bump when the exported graph or the quantization recipe changes: the key of the cached export.
-ONNX_FORMAT = 1
+ONNX_FORMAT = 3
 
 
 def default_model_path() -> Path:
@@ -119,17 +120,10 @@ class MiniLMEncoder:
         """texts: n strings -> float32 (n, 384), unit rows."""
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         all_ids = [self._ids(t) for t in texts]
-        if self.runtime == "onnx-int8":
-            # One prompt per forward. Dynamic quantization scales each activation by the range of
-            # the whole batch, padding included, so a batched prompt's embedding would depend on
-            # its neighbours (cosine 0.983 to its own unbatched embedding, measured). Batch 1
-            # costs ONNX Runtime little: no padding, and per prompt within ~30% of batch 16.
-            groups = [[i] for i in range(len(texts))]
-        else:
-            # Prompts of similar length share a forward (encoders/padding.py: one long prompt
-            # would otherwise pad every other one to its length).
-            groups = length_groups([len(c) for c in all_ids], max_batch=self.batch_size,
-                                   overhead_tokens=_FORWARD_OVERHEAD_TOKENS[self.runtime])
+        # Prompts of similar length share a forward (encoders/padding.py: one long prompt would
+        # otherwise pad every other one to its length).
+        groups = length_groups([len(c) for c in all_ids], max_batch=self.batch_size,
+                               overhead_tokens=_FORWARD_OVERHEAD_TOKENS[self.runtime])
         forward = self._forward if self._session is None else self._forward_onnx
         inputs = []
         for group in groups:
@@ -228,7 +222,7 @@ def onnx_model_folder(model_dir: Path, cache: Path, runtime: str) -> Path:
         fp32 = tmp / ("model.onnx" if runtime == "onnx" else "fp32.onnx")
         export_onnx(model_dir, fp32)
         if runtime == "onnx-int8":
-            quantize_int8(fp32, tmp / "model.onnx")
+            quantize_per_token(fp32, tmp / "model.onnx")
             fp32.unlink()
         (tmp / "export.json").write_text(json.dumps({"format": ONNX_FORMAT, "runtime": runtime,
                                                      "model_dir": str(model_dir), "key": key}, indent=2))
@@ -265,16 +259,6 @@ def export_onnx(model_dir: Path, dest: Path) -> None:
         warnings.simplefilter("ignore")     # tracer warnings on the model's Python branches
         torch.onnx.export(model, (ids, mask), str(dest), input_names=["input_ids", "attention_mask"],
                           output_names=["embedding"], dynamic_axes=axes, opset_version=17, dynamo=False)
-
-
-def quantize_int8(src: Path, dest: Path) -> None:
-    """Dynamic int8: weights int8 per output channel, activations quantized per forward.
-    Per channel and reduce_range (7-bit weights) because on AVX2 without VNNI the u8 x s8 kernels
-    saturate: measured cosine to torch, min / mean over 200 prompts: per tensor 0.914 / 0.959, per
-    channel 0.982 / 0.992, per channel + reduce_range 0.986 / 0.993, at the same speed."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(str(src), str(dest), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True)
 
 
 def onnx_session(path: Path, threads: int | None = None) -> Any:

@@ -18,6 +18,7 @@ Overloaded (RESOURCE_EXHAUSTED), the expected wait being the queue over the meas
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import threading
@@ -52,7 +53,19 @@ class _Item:
     texts: Sequence[str]
     chars: Sequence[int]
     backends: Mapping[str, Any] | None      # None: embed only (Feedback)
-    future: Future[Routed]
+    future: Future[Routed] | asyncio.Future[Routed]
+    loop: asyncio.AbstractEventLoop | None = None     # set: ``future`` is that loop's
+
+
+def _resolve(done: list[tuple[asyncio.Future[Routed], Routed | BaseException]]) -> None:
+    """On the event loop: hand each waiting coroutine its result (one wake-up for a whole batch)."""
+    for fut, res in done:
+        if fut.done():                  # its caller was cancelled meanwhile
+            continue
+        if isinstance(res, BaseException):
+            fut.set_exception(res)
+        else:
+            fut.set_result(res)
 
 
 Encode = Callable[[Sequence[str]], npt.NDArray[np.float32]]
@@ -89,6 +102,23 @@ class RouteBatcher:
         """Queue prompts for the next batch (``backends`` None: embeddings only, no prediction).
         ``arrived``: this caller called ``arrive`` first."""
         fut: Future[Routed] = Future()
+        self._enqueue(_Item(texts, chars, backends, fut), arrived)
+        return fut
+
+    def submit_async(self, texts: Sequence[str], chars: Sequence[int], backends: Mapping[str, Any] | None, *,
+                     arrived: bool = False) -> asyncio.Future[Routed]:
+        """``submit`` for a coroutine: a future of the running loop. The batcher resolves all of a
+        batch's futures of one loop in one ``call_soon_threadsafe``: one per future (what
+        ``asyncio.wrap_future`` does) wrote the loop's self-pipe once per caller, each write
+        giving up the GIL and waiting to get it back behind the other threads (profiled at 16
+        callers: a quarter of this thread's time)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Routed] = loop.create_future()
+        self._enqueue(_Item(texts, chars, backends, fut, loop), arrived)
+        return fut
+
+    def _enqueue(self, item: _Item, arrived: bool) -> None:
+        texts = item.texts
         with self._cond:
             if arrived:
                 self._arriving -= 1
@@ -99,13 +129,12 @@ class RouteBatcher:
                 raise Overloaded(f"routing is saturated: {self._pending} prompts wait to be embedded "
                                  f"(max_pending {self.max_pending}), expected wait {wait * 1e3:.0f} ms; retry later",
                                  retry_after_s=wait)
-            self._queue.append(_Item(texts, chars, backends, fut))
+            self._queue.append(item)
             self._pending += len(texts)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="route-batcher", daemon=True)
                 self._thread.start()
             self._cond.notify()
-        return fut
 
     def left(self) -> None:
         """A caller that arrived but will not submit (its request was invalid)."""
@@ -165,13 +194,28 @@ class RouteBatcher:
             if items is None:
                 return
             try:
-                self._serve(items)
+                results: list[Routed | BaseException] = list(self._serve(items))
             except BaseException as e:         # every waiting caller hears of it; the thread goes on
-                for it in items:
-                    if not it.future.done():
-                        it.future.set_exception(e)
+                results = [e] * len(items)
+            self._deliver(items, results)
 
-    def _serve(self, items: list[_Item]) -> None:
+    @staticmethod
+    def _deliver(items: list[_Item], results: list[Routed | BaseException]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Routed], Routed | BaseException]]] = {}
+        for it, res in zip(items, results, strict=True):
+            if it.loop is not None:
+                by_loop.setdefault(it.loop, []).append((it.future, res))   # type: ignore[arg-type]
+            elif isinstance(res, BaseException):
+                it.future.set_exception(res)
+            else:
+                it.future.set_result(res)
+        for loop, done in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve, done)
+            except RuntimeError:            # the loop closed: nobody waits any more
+                pass
+
+    def _serve(self, items: list[_Item]) -> list[Routed]:
         texts = [t for it in items for t in it.texts]
         t0 = time.perf_counter()
         X = self._encode(texts)
@@ -198,10 +242,12 @@ class RouteBatcher:
         self.batches += 1
         self.prompts += len(texts)
         emb_ms, pred_ms = (t1 - t0) * 1e3, (t2 - t1) * 1e3
+        out: list[Routed | None] = [None] * len(items)
         for idx in groups.values():
             p, off = preds[idx[0]], 0
             for i in idx:
                 n = len(items[i].texts)
                 part = Prediction(p.backends, p.quality[off:off + n], p.cost[off:off + n], p.support[off:off + n])
-                items[i].future.set_result(Routed(X[starts[i]:starts[i + 1]], part, emb_ms, pred_ms, len(texts)))
+                out[i] = Routed(X[starts[i]:starts[i + 1]], part, emb_ms, pred_ms, len(texts))
                 off += n
+        return out  # type: ignore[return-value]

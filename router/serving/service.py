@@ -13,7 +13,6 @@ import logging
 import math
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -41,6 +40,7 @@ from router.core.errors import (
     Unavailable,
     UnknownBackend,
 )
+from router.core.ids import RandomIds
 from router.core.messages import ROLES, Message, prompt_text
 from router.policy.budget import BudgetWindows, assign
 from router.policy.selection import Knobs, KnobsInput, Selection, promote, select
@@ -179,6 +179,7 @@ class RouterService:
         self._embeddings.fill(0.0)     # touch every page now
         self._next_row = 0
         self._dlock = threading.Lock()
+        self._ids = RandomIds()
         self.version = __version__
         # Backends the config defines (and can dispatch to) cannot be replaced by Onboard.
         self._configured = {n for n, b in self.backends.items() if b.kind != "route-only"}
@@ -270,7 +271,7 @@ class RouterService:
         """``route`` for the adapters: waits for its batch without holding a thread."""
         p = self._begin(query, dispatch)
         try:
-            routed = await asyncio.wrap_future(self.batcher.submit([p.text], [p.chars], p.backends, arrived=True))
+            routed = await self.batcher.submit_async([p.text], [p.chars], p.backends, arrived=True)
         except CaprouterError as e:
             self.telemetry.request(_rpc(dispatch), "", e.code.value.lower())
             raise
@@ -347,7 +348,7 @@ class RouterService:
             raise
         t2 = time.perf_counter()
         # Embedding and prediction are the batch's; waiting for the batch counts in the total.
-        decision = Decision(uuid.uuid4().hex, selection,
+        decision = Decision(self._ids.next_hex(), selection,
                             Timings(routed.embedding_ms, routed.prediction_ms + (t2 - t1) * 1e3, (t2 - p.t0) * 1e3),
                             p.msgs, p.text, emb)
         self._remember(decision)
@@ -449,7 +450,7 @@ class RouterService:
             sel = select(names, q, c, replace(knobs, cost_weight=float(lam)), support=s, unavailable=unavailable)
             if choice is not None:
                 sel = promote(sel, names[int(choice[i])])
-            d = Decision(uuid.uuid4().hex, sel, Timings((t1 - t0) * 1e3 / len(items), (t2 - t1) * 1e3 / len(items),
+            d = Decision(self._ids.next_hex(), sel, Timings((t1 - t0) * 1e3 / len(items), (t2 - t1) * 1e3 / len(items),
                                                         (t2 - t0) * 1e3 / len(items)), m, text, emb)
             self._remember(d)
             decisions.append(d)

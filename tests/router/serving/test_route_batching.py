@@ -134,6 +134,36 @@ def test_a_full_routing_queue_refuses_at_once_and_errors_reach_every_caller():
     b.close()
 
 
+def test_async_callers_get_their_rows_errors_and_cancellation_in_one_wake_up():
+    import asyncio
+
+    gate = threading.Event()
+
+    def encode(texts):
+        gate.wait(5)
+        if "boom" in texts:
+            raise RuntimeError("encoder boom")
+        return np.array([[float(t == "b"), 1.0, 0.0, 0.0] for t in texts], np.float32)
+    b = RouteBatcher(encode, _pred, window_s=0.0, max_prompts=8, max_pending=100)
+
+    async def main():
+        first = b.submit_async(["a"], [1], {"x": None})            # taken alone; the rest queue behind it
+        await asyncio.sleep(0.05)
+        mine = [b.submit_async([t], [1], {"x": None}) for t in ("a", "b", "c")]
+        gone = b.submit_async(["d"], [1], {"x": None})
+        gone.cancel()                                              # its caller left while queued
+        gate.set()
+        got = await asyncio.gather(first, *mine)
+        assert [r.embeddings[0, 0] for r in got] == [0.0, 0.0, 1.0, 0.0]   # each caller its own row
+        assert [r.batch_prompts for r in got] == [1, 4, 4, 4]              # the cancelled one still rode
+        failed = [b.submit_async([t], [1], {"x": None}) for t in ("boom", "e")]
+        for f in failed:
+            with pytest.raises(RuntimeError, match="encoder boom"):
+                await f
+    asyncio.run(main())
+    b.close()
+
+
 class QueuedBackend(ScriptedBackend):
     def __init__(self, name, wait_s, waiting=6, **kw):
         super().__init__(name, **kw)
