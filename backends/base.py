@@ -4,10 +4,11 @@ from __future__ import annotations
 import abc
 import enum
 import threading
-from collections.abc import AsyncGenerator, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from router.core.config import PASS_THROUGH
 from router.core.costs import CostModel
 from router.core.registry import Registry
 
@@ -27,8 +28,36 @@ class Status(str, enum.Enum):
     UNAVAILABLE = "unavailable"
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can serve, for eligibility: a request that needs more is routed elsewhere.
+
+    ``context_window``: prompt plus output tokens it holds (None: not declared, never excluded for
+    length). ``max_output_tokens``: the most it generates in one answer (None: no own limit).
+    ``tools``: function calling (tools, tool messages). ``json_mode``: a JSON ``response_format``.
+    ``params``: the PASS_THROUGH parameters it honours."""
+
+    ALL_PARAMS = frozenset(PASS_THROUGH)
+
+    context_window: int | None = None
+    max_output_tokens: int | None = None
+    tools: bool = False
+    json_mode: bool = False
+    params: frozenset[str] = frozenset()
+
+    def merged(self, override: Any) -> Capabilities:
+        """These, with every field ``override`` (a CapabilitiesConfig) sets replacing ours."""
+        if override is None:
+            return self
+        given = override.model_dump(exclude_none=True)
+        if "params" in given:
+            given["params"] = frozenset(given["params"])
+        return replace(self, **given)
+
+
 class FinishReason(str, enum.Enum):
     STOP = "stop"                    # the model ended its answer (EOS)
+    TOOL_CALLS = "tool_calls"        # the model asks the app to call tools
     LENGTH = "length"                # max_tokens reached
     STOP_SEQUENCE = "stop_sequence"  # a caller's stop string appeared
     CANCELLED = "cancelled"          # the caller went away or its deadline passed
@@ -47,15 +76,28 @@ class GenerationRequest:
     ignore_eos: bool = False
     # The prompt's unit-norm embedding (d,) when the router has it (backends that gate on it).
     embedding: Any = None
+    # PASS_THROUGH parameters of an OpenAI chat request, verbatim (only backends whose
+    # capabilities list them get requests that carry them).
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    # The OpenAI messages as the app sent them (tool calls, tool results, content parts), for
+    # backends that speak OpenAI; ``messages`` is their (role, text) reading. None: the same.
+    raw_messages: Sequence[Mapping[str, Any]] | None = None
     # time.monotonic() after which the caller no longer wants an answer: a queued request whose
     # deadline passed never starts, a running one stops (None: no deadline).
     deadline: float | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
+    # Set by a backend that queues (time.time_ns()) when the request leaves its queue and starts:
+    # the trace's queue span ends there.
+    started_ns: int | None = None
 
 
 @dataclass(frozen=True)
 class TextChunk:
     text: str
+    # OpenAI streaming deltas passed through from a remote backend: tool-call fragments (each
+    # with its ``index``) and the chunk's ``logprobs`` object.
+    tool_calls: tuple[Mapping[str, Any], ...] = ()
+    logprobs: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +137,24 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncGenerator[TextChunk | Finished]: ...
+
+    # The backend config's ``capabilities`` (set by kinds from their BackendConfig).
+    capabilities_config: Any = None
+
+    def capabilities(self) -> Capabilities:
+        """What it can serve (eligibility): what the kind knows, overridden by the config."""
+        return self.known_capabilities().merged(self.capabilities_config)
+
+    def known_capabilities(self) -> Capabilities:
+        """What the kind itself knows (a local model: its context window). Default: nothing
+        declared, no tools, no JSON mode, no pass-through parameters."""
+        return Capabilities()
+
+    def count_tokens(self, messages: Sequence[tuple[str, str]]) -> int:
+        """Prompt tokens of ``messages`` as this backend counts them. Default, for backends whose
+        tokenizer caprouter does not hold: an over-estimate of 1 token per 3 characters (English
+        averages about 4 in OpenAI's and Llama's tokenizers), so a window is not overrun."""
+        return sum(len(c) for _, c in messages) // 3 + 4 * len(messages)
 
     def queue_stats(self) -> QueueStats | None:
         """The backend's own queue (local models), or None when it keeps none (remote APIs)."""

@@ -229,6 +229,7 @@ class DecodeScheduler:
                 _fail([row], self.name, e)
                 continue
             row.t_start = time.monotonic()
+            req.started_ns = time.time_ns()
             self._prefilling.append(row)
 
     # ---- prefill ------------------------------------------------------------------------------

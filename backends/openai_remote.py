@@ -10,7 +10,8 @@ hosted API): ``kind: openai``.
 Streams ``/chat/completions`` (SSE). Connection failures, 429 and 5xx are retried with
 exponential backoff while nothing has been streamed; after the first token a failure ends the
 request (the router reports it, as for any backend). Every call has a connect timeout, a
-first-token timeout and a per-chunk timeout, so nothing hangs.
+first-token timeout and a per-chunk timeout, so nothing hangs. A backend whose calls failed (or
+whose probe did) is left out of routing for ``recheck_s``, then tried again by the next request.
 """
 from __future__ import annotations
 
@@ -19,19 +20,21 @@ import json
 import logging
 import os
 import random
+import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from backends.base import BACKENDS, Backend, Finished, FinishReason, GenerationRequest, Status, TextChunk
+from backends.base import BACKENDS, Backend, Capabilities, Finished, FinishReason, GenerationRequest, Status, TextChunk
 from router.core.config import BackendConfig
 from router.core.costs import CostModel
 from router.core.errors import BackendError, ConfigError
 
 log = logging.getLogger(__name__)
 
-_FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH}
+_FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "tool_calls": FinishReason.TOOL_CALLS,
+           "function_call": FinishReason.TOOL_CALLS}
 
 
 class OpenAIOptions(BaseModel):
@@ -48,6 +51,10 @@ class OpenAIOptions(BaseModel):
     backoff_s: float = Field(0.5, ge=0)
     # Probe GET {base_url}/models at start-up to report status.
     probe: bool = True
+    # After a failed call (or probe) the backend is left out of routing for this long; then the
+    # next request may try it again (a circuit breaker's half-open state): a success brings it
+    # back, a failure starts the wait again. Without it, one failure left it out until a restart.
+    recheck_s: float = Field(10.0, ge=0)
 
 
 class _Retryable(Exception):
@@ -67,9 +74,11 @@ class OpenAIBackend(Backend):
         if self.opts.api_key_env and not os.environ.get(self.opts.api_key_env):
             raise ConfigError(f"backend {cfg.name!r}: environment variable {self.opts.api_key_env} (its API key) is not set")
         self.name = cfg.name
+        self.capabilities_config = cfg.capabilities
         self.description = cfg.description or f"{self.opts.model} at {self.opts.base_url}"
         self._cost = CostModel.from_config(cfg.cost, cost_unit)
         self._status = (Status.LOADING, "not probed yet")
+        self._down_since: float | None = None     # time.monotonic() of the failure that took it out
         self._session: Any = None
 
     def _headers(self) -> dict[str, str]:
@@ -95,25 +104,47 @@ class OpenAIBackend(Backend):
                                           timeout=_timeout(self.opts.connect_timeout_s * 2)) as r:
                 if r.status >= 400:
                     raise RuntimeError(f"HTTP {r.status}")
-            self._status = (Status.READY, f"{self.opts.model} at {self.opts.base_url}")
+            self._up()
         except Exception as e:  # reported, not fatal: the endpoint may come up later
-            self._status = (Status.UNAVAILABLE, f"{self.opts.base_url} unreachable: {type(e).__name__}: {e}")
+            self._down(f"{self.opts.base_url} unreachable: {type(e).__name__}: {e}")
 
     def status(self) -> tuple[Status, str]:
+        st, detail = self._status
+        if st == Status.UNAVAILABLE and self._down_since is not None:
+            down = time.monotonic() - self._down_since
+            if down >= self.opts.recheck_s:
+                return Status.READY, f"trying again after {down:.0f} s out ({detail})"
         return self._status
+
+    def _down(self, detail: str) -> None:
+        self._status = (Status.UNAVAILABLE, detail)
+        self._down_since = time.monotonic()
+
+    def _up(self) -> None:
+        self._status = (Status.READY, f"{self.opts.model} at {self.opts.base_url}")
+        self._down_since = None
 
     def cost_model(self) -> CostModel:
         return self._cost
+
+    def known_capabilities(self) -> Capabilities:
+        """An OpenAI-compatible server takes every OpenAI parameter; whether the model behind
+        it does tools or JSON mode, and its window, only the config can say (``capabilities``):
+        by default tools and JSON mode are assumed, the window undeclared."""
+        return Capabilities(tools=True, json_mode=True, params=Capabilities.ALL_PARAMS)
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[TextChunk | Finished]:
-        body: dict[str, Any] = {"model": self.opts.model, "stream": True, "max_tokens": request.max_tokens,
-                                "temperature": request.temperature,
-                                "messages": [{"role": r, "content": c} for r, c in request.messages],
-                                "stream_options": {"include_usage": True}}
+        messages = ([dict(m) for m in request.raw_messages] if request.raw_messages is not None
+                    else [{"role": r, "content": c} for r, c in request.messages])
+        # The app's OpenAI parameters first: the ones caprouter owns (model, streaming, limits)
+        # are its own.
+        body: dict[str, Any] = {**request.extra, "model": self.opts.model, "stream": True,
+                                "max_tokens": request.max_tokens, "temperature": request.temperature,
+                                "messages": messages, "stream_options": {"include_usage": True}}
         if request.stop:
             body["stop"] = list(request.stop)
         if request.seed is not None:
@@ -126,11 +157,11 @@ class OpenAIBackend(Backend):
                     if isinstance(ev, TextChunk):
                         streamed += 1
                     yield ev
-                self._status = (Status.READY, f"{self.opts.model} at {self.opts.base_url}")
+                self._up()
                 return
             except _Retryable as e:
                 if streamed or attempt == self.opts.retries:
-                    self._status = (Status.UNAVAILABLE, f"last call failed: {e}")
+                    self._down(f"last call failed: {e}")
                     raise BackendError(self.name, str(e), tokens_streamed=streamed) from None
                 log.warning("backend %s: %s; retrying in %.2fs (%d/%d)", self.name, e, delay, attempt + 1,
                             self.opts.retries)
@@ -166,11 +197,13 @@ class OpenAIBackend(Backend):
                         raise BackendError(self.name, f"remote error: {msg['error']}", tokens_streamed=n_chunks)
                     usage = msg.get("usage") or usage
                     for ch in msg.get("choices") or []:
-                        text = (ch.get("delta") or {}).get("content") or ""
-                        if text:
+                        delta = ch.get("delta") or {}
+                        text = delta.get("content") or ""
+                        calls = tuple(delta.get("tool_calls") or ())
+                        if text or calls:
                             first = False
                             n_chunks += 1
-                            yield TextChunk(text)
+                            yield TextChunk(text, tool_calls=calls, logprobs=ch.get("logprobs"))
                         if ch.get("finish_reason"):
                             finish = _FINISH.get(ch["finish_reason"], FinishReason.STOP)
                 usage = usage or {}

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from backends import BACKENDS, register_builtin_backends
-from backends.base import Backend, Finished, FinishReason, GenerationRequest, Status, TextChunk
+from backends.base import Backend, Capabilities, Finished, FinishReason, GenerationRequest, Status, TextChunk
 from router.core.compute import Compute, ComputeThread
 from router.core.config import BackendConfig, RayConfig
 from router.core.costs import CostModel
@@ -63,8 +63,10 @@ class BackendReplica:
     def info(self) -> dict[str, Any]:
         st, detail = self.backend.status()
         active = getattr(self.backend, "active_parameters", None)
+        caps = self.backend.known_capabilities()
         return {"status": st.value, "detail": detail, "pid": os.getpid(), "kind": self.backend.kind,
-                "active_parameters": active() if callable(active) else None}
+                "active_parameters": active() if callable(active) else None,
+                "context_window": caps.context_window, "params": sorted(caps.params)}
 
     def check_health(self) -> None:
         if self.backend.status()[0] != Status.READY:
@@ -107,6 +109,7 @@ class RayBackend(Backend):
 
     def __init__(self, cfg: BackendConfig, handle: Any, ray_cfg: RayConfig, cost_unit: str, health: ServeHealth) -> None:
         self.name = cfg.name
+        self.capabilities_config = cfg.capabilities
         self.kind = cfg.kind
         self.description = cfg.description
         self._cfg = cfg
@@ -117,6 +120,7 @@ class RayBackend(Backend):
         self._cost = CostModel.from_config(cfg.cost, cost_unit)
         self._health = health
         self._loaded = (Status.LOADING, "waiting for a replica")
+        self._known = Capabilities()          # the replica's, once one answers
 
     async def load(self) -> None:
         try:
@@ -124,6 +128,8 @@ class RayBackend(Backend):
             # The same cost model as in-process mode: the config's, with the replica's weights counted.
             self._cost = CostModel.from_config(self._cfg.cost, self._cost_unit,
                                                active_parameters=info["active_parameters"])
+            self._known = Capabilities(context_window=info.get("context_window"),
+                                       params=frozenset(info.get("params") or ()))
             self._loaded = (Status.READY, f"Ray Serve deployment; replica: {info['detail']}")
         except Exception as e:  # a deployment that never came up is reported, not fatal
             log.exception("backend %s: no replica answered", self.name)
@@ -136,6 +142,9 @@ class RayBackend(Backend):
 
     def cost_model(self) -> CostModel:
         return self._cost
+
+    def known_capabilities(self) -> Capabilities:
+        return self._known
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[TextChunk | Finished]:
         gen = self._stream.generate.remote(_request_dict(request))

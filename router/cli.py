@@ -499,6 +499,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from router.offline.export import export
+
+    cfg = _config(args)
+    setup_logging(cfg.log_level, "text")
+    s = export(cfg, Path(args.out), offline=not args.no_offline)
+    print(f"wrote {args.out}: {s.served_rows} served rows from {s.feedback_records} feedback records "
+          f"({s.retracted} retracted left out), {s.offline_rows} offline outcomes")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from router.offline.training import eval_command
 
@@ -608,6 +619,13 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--test-share", type=float, default=0.2,
                    help="share held out for the test report when the data has no split of its own (0: none)")
     t.set_defaults(fn=cmd_train)
+
+    x = sub.add_parser("export", help="write a server's served feedback (and its offline outcomes) as training data")
+    with_config(x)
+    x.add_argument("--artifact", dest="artifact_serve", help="the artifact the server ran (`serve --artifact`)")
+    x.add_argument("--out", required=True, help="outcomes JSONL to write (.gz: compressed), what `train --data` reads")
+    x.add_argument("--no-offline", action="store_true", help="only the served feedback, not the offline outcomes")
+    x.set_defaults(fn=cmd_export)
 
     e = sub.add_parser("eval", help="evaluate an artifact: markdown + JSON report and a cost-quality PNG")
     with_config(e)

@@ -140,7 +140,7 @@ class LiveServer:
     """The real gRPC server (real MiniLM, real SmolLM2 backends, real FAISS) on a free port, run
     by an event loop in a background thread; tests call it over a real channel."""
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, tracer_provider=None) -> None:
         import asyncio
         import threading
 
@@ -150,7 +150,7 @@ class LiveServer:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.app = build_app(config)
+        self.app = build_app(config, tracer_provider=tracer_provider)
         self.server = self.call(self._make(GrpcServer))
         self.address = self.server.address
         self.call(self.server.start())

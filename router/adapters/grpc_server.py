@@ -207,7 +207,13 @@ class GrpcServer:
     def __init__(self, app: App, host: str, port: int, *, tls: ServerConfig | None = None) -> None:
         """``tls``: where the TLS files come from (default: the app's server config)."""
         self.app = app
-        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20)])
+        interceptors = []
+        if app.config.tracing.enabled:
+            from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+            interceptors.append(aio_server_interceptor(tracer_provider=app.tracer_provider))
+        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20)],
+                                      interceptors=interceptors)
         add_router(RouterServicer(app), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -26,8 +26,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from opentelemetry import propagate, trace
 
 from backends.base import TextChunk
+from router import __version__
 from router.adapters import guard
 from router.adapters import openai_convert as oa
 from router.core.compute import off_loop
@@ -93,6 +95,31 @@ async def _openai_errors(request: web.Request, handler: Callable[[web.Request], 
         return resp
 
 
+def _traced(provider: trace.TracerProvider) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """A SERVER span per HTTP request, child of the caller's W3C ``traceparent`` when it sends one.
+
+    Written here rather than taken from opentelemetry-instrumentation-aiohttp-server: the registry's
+    latest release (0.66b1) pins opentelemetry-instrumentation 0.66b1, which cannot be installed
+    beside the gRPC instrumentation (0.66b2) the gRPC server uses."""
+    tracer = provider.get_tracer("caprouter.http", __version__)
+
+    @web.middleware
+    async def traced(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                     ) -> web.StreamResponse:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else request.path
+        with tracer.start_as_current_span(f"{request.method} {route}", context=propagate.extract(dict(request.headers)),
+                                          kind=trace.SpanKind.SERVER,
+                                          attributes={"http.request.method": request.method, "http.route": route,
+                                                      "url.path": request.path}) as span:
+            resp = await handler(request)
+            span.set_attribute("http.response.status_code", resp.status)
+            if resp.status >= 500:
+                span.set_status(trace.Status(trace.StatusCode.ERROR))
+            return resp
+    return traced
+
+
 def ssl_context(cfg: ServerConfig) -> ssl.SSLContext | None:
     """TLS for the HTTP port from the same PEM files as gRPC's (None: plain text)."""
     if not cfg.tls:
@@ -118,7 +145,9 @@ class HttpServer:
         self.tls = tls or app.config.server
         self.host, self.port = host, port
         self.metrics = metrics
-        web_app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_openai_errors])
+        # The trace middleware outermost: its span covers the error middleware's answers too.
+        middlewares = [_traced(app.tracer_provider), _openai_errors] if app.config.tracing.enabled else [_openai_errors]
+        web_app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
         web_app.add_routes([web.post("/v1/chat/completions", self.chat), web.post("/v1/completions", self.completions),
                             web.get("/v1/models", self.models), web.post("/v1/feedback", self.feedback),
                             web.get("/healthz", self.healthz), web.get("/metrics", self.metrics_text)])
@@ -167,7 +196,7 @@ class HttpServer:
 
     async def _generate(self, request: web.Request, svc: RouterService, body: dict[str, Any], q: Query, *,
                         chat: bool) -> web.StreamResponse:
-        params = oa.gen_params(body)
+        params = oa.gen_params(body, chat=chat)
         stream_mode = bool(body.get("stream"))
         unit = svc.config.routing.cost_unit
         created = int(time.time())
@@ -179,20 +208,21 @@ class HttpServer:
             info = oa.decision_info(first.decision, first, unit)
             cid = ("chatcmpl-" if chat else "cmpl-") + first.decision.decision_id
             if not stream_mode:
-                parts: list[str] = []
+                answer = oa.Answer()
                 end: GenEnd | None = None
                 async for ev in events:
                     if isinstance(ev, TextChunk):
-                        parts.append(ev.text)
+                        answer.add(ev)
                     elif isinstance(ev, GenEnd):
                         end = ev
                 assert end is not None
                 f = end.finished
-                choice: dict[str, Any] = {"index": 0, "finish_reason": oa.FINISH[f.reason]}
+                choice: dict[str, Any] = {"index": 0, "finish_reason": oa.FINISH[f.reason],
+                                          "logprobs": answer.logprobs()}
                 if chat:
-                    choice["message"] = {"role": "assistant", "content": "".join(parts)}
+                    choice["message"] = answer.message()
                 else:
-                    choice.update(text="".join(parts), logprobs=None)
+                    choice.update(text=answer.text())
                 return web.json_response(
                     {"id": cid, "object": obj, "created": created, "model": end.backend, "choices": [choice],
                      "usage": {"prompt_tokens": f.prompt_tokens, "completion_tokens": f.completion_tokens,
@@ -204,12 +234,13 @@ class HttpServer:
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             obj_chunk = "chat.completion.chunk" if chat else "text_completion"
 
-            async def send(delta: Any, finish: str | None = None, extra: dict | None = None) -> None:
-                c: dict[str, Any] = {"index": 0, "finish_reason": finish}
+            async def send(delta: Any, finish: str | None = None, extra: dict | None = None,
+                           logprobs: Any = None) -> None:
+                c: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": logprobs}
                 if chat:
                     c["delta"] = delta
                 else:
-                    c.update(text=delta, logprobs=None)
+                    c["text"] = delta
                 payload = {"id": cid, "object": obj_chunk, "created": created, "model": info["backend"],
                            "choices": [c], **(extra or {})}
                 await resp.write(f"data: {json.dumps(payload)}\n\n".encode())
@@ -218,7 +249,7 @@ class HttpServer:
             try:
                 async for ev in events:
                     if isinstance(ev, TextChunk):
-                        await send({"content": ev.text} if chat else ev.text)
+                        await send(oa.delta(ev) if chat else ev.text, logprobs=ev.logprobs)
                     elif isinstance(ev, GenEnd):
                         f = ev.finished
                         await send({} if chat else "", oa.FINISH[f.reason])
@@ -249,7 +280,8 @@ class HttpServer:
         for v in svc.list_backends():
             data.append({"id": v.name, "object": "model", "created": now, "owned_by": "caprouter",
                          "caprouter": {"kind": v.kind, "status": v.status.value, "detail": v.detail,
-                                       "description": v.description, "cost": v.cost_model.summary()}})
+                                       "description": v.description, "cost": v.cost_model.summary(),
+                                       "capabilities": oa.capabilities(v.capabilities)}})
         return web.json_response({"object": "list", "data": data})
 
     @_guard("feedback")

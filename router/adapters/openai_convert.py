@@ -8,14 +8,15 @@ from typing import Any
 
 from aiohttp import web
 
-from backends.base import FinishReason
+from backends.base import Capabilities, FinishReason, TextChunk
+from router.core.config import PASS_THROUGH
 from router.core.errors import HTTP_STATUS, OPENAI_ERROR_TYPE, ErrorCode, InvalidArgument, NotFound
 from router.policy.selection import KnobsInput
 from router.serving.service import Decision, GenParams, GenStart
 
 ROUTED_MODELS = ("caprouter", "auto")
 FINISH = {FinishReason.STOP: "stop", FinishReason.STOP_SEQUENCE: "stop", FinishReason.LENGTH: "length",
-          FinishReason.CANCELLED: "stop"}
+          FinishReason.CANCELLED: "stop", FinishReason.TOOL_CALLS: "tool_calls"}
 _HEADER_KNOBS = {"x-caprouter-cost-weight": "cost_weight", "x-caprouter-min-quality": "min_quality",
                  "x-caprouter-max-cost": "max_cost", "x-caprouter-budget-per-request": "budget_per_request"}
 
@@ -128,18 +129,34 @@ def _content(c: Any) -> str:
 
 
 def chat_messages(body: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """The (role, text) reading of OpenAI chat messages, which routing embeds: "developer" is a
+    system message, an assistant turn that only calls tools reads as its calls, a tool result as
+    its text. The messages themselves go to OpenAI-speaking backends untouched (``raw_messages``)."""
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise InvalidArgument("messages must be a non-empty list")
     out = []
-    for m in msgs:
+    for i, m in enumerate(msgs):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise InvalidArgument("each message needs a role and content")
-        out.append((m["role"], _content(m.get("content"))))
+        role = "system" if m["role"] == "developer" else m["role"]
+        text = _content(m.get("content"))
+        calls = m.get("tool_calls")
+        if calls is not None:
+            if role != "assistant" or not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+                raise InvalidArgument(f"messages[{i}].tool_calls must be a list of tool calls on an assistant message")
+            text = "\n".join([text] * bool(text) + [_call_text(c) for c in calls])
+        out.append((role, text))
     return tuple(out)
 
 
-def gen_params(body: dict[str, Any]) -> GenParams:
+def _call_text(call: dict[str, Any]) -> str:
+    fn = call.get("function")
+    fn = fn if isinstance(fn, dict) else {}
+    return f"[tool call] {fn.get('name', '')}({fn.get('arguments', '')})"
+
+
+def gen_params(body: dict[str, Any], *, chat: bool = True) -> GenParams:
     if body.get("n", 1) != 1:
         raise InvalidArgument("n must be 1")
     mt = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -152,8 +169,89 @@ def gen_params(body: dict[str, Any]) -> GenParams:
         if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
             raise InvalidArgument(f"{name} must be an integer")
     temp = body.get("temperature")
+    extra = {k: body[k] for k in PASS_THROUGH if body.get(k) is not None}
+    _check_extra(extra)
+    if not chat:
+        extra.pop("tools", None)        # completions have no tools; OpenAI ignores the rest alike
+    raw = body["messages"] if chat and any(
+        isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls") or m.get("role") == "developer"
+                                 or not isinstance(m.get("content"), str)) for m in body["messages"]) else None
     return GenParams(max_tokens=mt, temperature=None if temp is None else number(temp, "temperature"),
-                     stop=tuple(stop), seed=body.get("seed"))
+                     stop=tuple(stop), seed=body.get("seed"), extra=extra, raw_messages=raw)
+
+
+def _check_extra(extra: dict[str, Any]) -> None:
+    """The shapes OpenAI documents, checked here so that a malformed request is a 400 from
+    caprouter, not a failure of whichever backend it was routed to."""
+    tools = extra.get("tools")
+    if tools is not None and (not isinstance(tools, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("function"), dict) and isinstance(t["function"].get("name"), str)
+            for t in tools)):
+        raise InvalidArgument("tools must be a list of {type: function, function: {name, parameters}} objects")
+    fmt = extra.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") in ("text", "json_object", "json_schema")):
+        raise InvalidArgument("response_format must be {type: text | json_object | json_schema}")
+    if fmt == {"type": "text"}:
+        del extra["response_format"]    # the default: asks nothing of the backend
+    for name in ("top_p", "presence_penalty", "frequency_penalty"):
+        if name in extra:
+            number(extra[name], name)
+    if "logprobs" in extra and not isinstance(extra["logprobs"], bool):
+        raise InvalidArgument("logprobs must be a boolean")
+    if extra.get("logprobs") is False:
+        del extra["logprobs"]
+    if "user" in extra and not isinstance(extra["user"], str):
+        raise InvalidArgument("user must be a string")
+
+
+def delta(ev: TextChunk) -> dict[str, Any]:
+    """A streamed chat chunk's delta: its text, and the tool-call fragments passed through."""
+    out: dict[str, Any] = {"content": ev.text} if ev.text or not ev.tool_calls else {}
+    if ev.tool_calls:
+        out["tool_calls"] = [dict(c) for c in ev.tool_calls]
+    return out
+
+
+class Answer:
+    """A whole (non-streamed) answer assembled from its chunks: the text, tool calls merged
+    from their fragments by index (the id, type and name come once, the arguments in pieces),
+    and the logprobs' token lists concatenated."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.calls: dict[int, dict[str, Any]] = {}
+        self.tokens: dict[str, list[Any]] = {}
+
+    def add(self, ev: TextChunk) -> None:
+        self.parts.append(ev.text)
+        for frag in ev.tool_calls:
+            call = self.calls.setdefault(int(frag.get("index", len(self.calls))),
+                                         {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+            call["id"] = frag.get("id") or call["id"]
+            call["type"] = frag.get("type") or call["type"]
+            fn = frag.get("function") or {}
+            call["function"]["name"] += fn.get("name") or ""
+            call["function"]["arguments"] += fn.get("arguments") or ""
+        for key, items in (ev.logprobs or {}).items():
+            if isinstance(items, list):
+                self.tokens.setdefault(key, []).extend(items)
+
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def message(self) -> dict[str, Any]:
+        msg: dict[str, Any] = {"role": "assistant", "content": self.text() or (None if self.calls else "")}
+        if self.calls:
+            msg["tool_calls"] = [self.calls[i] for i in sorted(self.calls)]
+        return msg
+
+    def logprobs(self) -> dict[str, Any] | None:
+        return dict(self.tokens) if self.tokens else None
+
+
+def capabilities(c: Capabilities) -> dict[str, Any]:
+    return {"context_window": c.context_window, "max_output_tokens": c.max_output_tokens, "tools": c.tools,
+            "json_mode": c.json_mode, "params": sorted(c.params)}
 
 
 def decision_info(d: Decision, ev: GenStart | None, unit: str) -> dict[str, Any]:
@@ -162,6 +260,7 @@ def decision_info(d: Decision, ev: GenStart | None, unit: str) -> dict[str, Any]
             "predicted_cost": chosen.cost, "cost_unit": unit, "cost_weight": d.selection.cost_weight,
             "candidates": [{"backend": s.backend, "predicted_quality": s.quality, "predicted_cost": s.cost,
                             "utility": s.utility, "rank": s.rank} for s in d.selection.ranked],
+            "excluded": [{"backend": e.backend, "reason": e.reason} for e in d.selection.excluded],
             "fallbacks": [{"backend": b, "error": e} for b, e in (ev.fallbacks if ev else ())]}
 
 

@@ -144,9 +144,11 @@ def backend_info(v: BackendView) -> pb.BackendInfo:
                       output_per_million_tokens=c.output_per_million_tokens, active_parameters=c.active_parameters,
                       expected_output_tokens=c.expected_output_tokens, summary=c.summary(),
                       price_per_gflop=c.price_per_gflop if c.kind == "compute" else 0.0)
-    q = v.queue
+    q, c2 = v.queue, v.capabilities
     queue = None if q is None else pb.QueueInfo(running=q.running, waiting=q.waiting, max_batch=q.max_batch,
                                                 max_queue=q.max_queue, expected_wait_ms=q.expected_wait_s * 1e3)
     return pb.BackendInfo(name=v.name, kind=v.kind, cost_model=cm, status=STATUS[v.status], description=v.description,
                           status_detail=v.detail, prior_quality=0.0 if math.isnan(v.prior_quality) else v.prior_quality,
-                          outcomes=v.outcomes, queue=queue)
+                          outcomes=v.outcomes, queue=queue, capabilities=pb.Capabilities(
+                              context_window=c2.context_window or 0, max_output_tokens=c2.max_output_tokens or 0,
+                              tools=c2.tools, json_mode=c2.json_mode, params=sorted(c2.params)))

@@ -110,11 +110,12 @@ class EncoderConfig(_Model):
     max_tokens: int = Field(256, ge=16, le=512)
     batch_size: int = Field(32, ge=1)
     device: str = "cpu"
-    # What computes MiniLM: ONNX Runtime on an export cached under the models directory (fp32:
-    # torch's embeddings to 2e-7, the same AIQ on the shared data sets, Route 1.7-1.8x faster:
-    # benchmarks/encoder_runtime.py, benchmarks/load.py), torch, or onnx-int8 (an approximation:
-    # cosine >= 0.978 to torch's). See encoders/minilm.py and docs/serving.md.
-    runtime: Literal["torch", "onnx", "onnx-int8"] = "onnx"
+    # What computes MiniLM, on an ONNX export cached under the models directory: onnx-int8
+    # (per-token int8: Route 1.23x fp32's at 16 callers, median of 5 interleaved runs; cosine >=
+    # 0.9916 to torch's, AIQ within 0.0035 on the shared data sets, inside the 0.005 the default
+    # must keep), onnx (fp32: torch's embeddings to 2e-7, the same AIQ), or torch. Measured by
+    # benchmarks/encoder_runtime.py and benchmarks/load.py; see docs/serving.md.
+    runtime: Literal["torch", "onnx", "onnx-int8"] = "onnx-int8"
 
 
 class DatastoreConfig(_Model):
@@ -158,6 +159,24 @@ class CostModelConfig(_Model):
     expected_output_tokens: int = Field(64, ge=0)
 
 
+# OpenAI chat parameters beyond the core ones (max_tokens, temperature, stop, seed) that caprouter
+# hands to a backend untouched, where the backend honours them (its capabilities' params).
+PASS_THROUGH = ("tools", "tool_choice", "parallel_tool_calls", "response_format", "logprobs", "top_logprobs",
+                "top_p", "user", "presence_penalty", "frequency_penalty", "logit_bias", "service_tier", "metadata",
+                "reasoning_effort", "prediction", "modalities", "audio", "store")
+
+
+class CapabilitiesConfig(_Model):
+    """A backend's capabilities (eligibility), each overriding what its kind knows; unset: the
+    kind's own (a local model's context window comes from its config)."""
+
+    context_window: int | None = Field(None, ge=1)
+    max_output_tokens: int | None = Field(None, ge=1)
+    tools: bool | None = None
+    json_mode: bool | None = None
+    params: list[Literal[PASS_THROUGH]] | None = None   # type: ignore[valid-type]
+
+
 class BackendConfig(_Model):
     name: str = Field(pattern=BACKEND_NAME)
     kind: str
@@ -165,6 +184,7 @@ class BackendConfig(_Model):
     cost: CostModelConfig = Field(default_factory=CostModelConfig)
     # Kind-specific options, validated by the backend kind's own model.
     options: dict[str, Any] = Field(default_factory=dict)
+    capabilities: CapabilitiesConfig | None = None
 
 
 class RoutingConfig(_Model):
@@ -253,6 +273,17 @@ class RayConfig(_Model):
     torch_threads: int | None = Field(None, ge=1)
 
 
+class TracingConfig(_Model):
+    """OpenTelemetry traces of the request path (router/serving/tracing.py)."""
+
+    enabled: bool = False
+    service_name: str = "caprouter"
+    # OTLP/gRPC collector, e.g. "http://127.0.0.1:4317"; None: spans go to no exporter of ours.
+    otlp_endpoint: str | None = None
+    otlp_insecure: bool = True
+    sample_ratio: float = Field(1.0, ge=0, le=1)     # of new traces; a caller's sampled flag wins
+
+
 class AppConfig(_Model):
     server: ServerConfig = Field(default_factory=ServerConfig)
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
@@ -264,6 +295,7 @@ class AppConfig(_Model):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     aptitude: AptitudeConfig = Field(default_factory=AptitudeConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
     backends: list[BackendConfig] = Field(default_factory=list)
     # A trained router (`caprouter train`): its capability encoder is blended with the datastore,
     # its outcomes are the datastore's base, and its backends that are not configured above are

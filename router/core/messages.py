@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-ROLES = ("system", "user", "assistant")
+# "tool": a tool's result sent back to the model (function calling); only backends with tool
+# calling are eligible for requests that carry one.
+ROLES = ("system", "user", "assistant", "tool")
 
 Message = tuple[str, str]
 """(role, content), oldest first."""

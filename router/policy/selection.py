@@ -108,13 +108,16 @@ class Selection:
 
 
 def select(backends: Sequence[str], quality: Sequence[float], cost: Sequence[float], knobs: Knobs, *,
-           support: Sequence[float] | None = None, unavailable: Mapping[str, str] | None = None) -> Selection:
+           support: Sequence[float] | None = None, unavailable: Mapping[str, str] | None = None,
+           ineligible: Mapping[str, str] | None = None) -> Selection:
     """Rank the eligible backends by utility (ties: cheaper first, then name).
 
     backends/quality/cost/support: aligned sequences of length B. unavailable: name -> reason.
+    ineligible: name -> what the request needs that the backend lacks (router.policy.eligibility).
     Raises NoEligibleBackend, listing why each backend was excluded, when none is left.
     """
     unavailable = unavailable or {}
+    ineligible = ineligible or {}
     support = support if support is not None else [0.0] * len(backends)
     kept: list[Scored] = []
     excluded: list[Exclusion] = []
@@ -123,6 +126,8 @@ def select(backends: Sequence[str], quality: Sequence[float], cost: Sequence[flo
             excluded.append(Exclusion(b, "not in allowed_backends"))
         elif b in knobs.denied:
             excluded.append(Exclusion(b, "in denied_backends"))
+        elif b in ineligible:
+            excluded.append(Exclusion(b, f"ineligible: {ineligible[b]}"))
         elif b in unavailable:
             excluded.append(Exclusion(b, f"unavailable: {unavailable[b]}"))
         elif q < knobs.min_quality:

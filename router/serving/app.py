@@ -19,6 +19,7 @@ from datastore.storage import RecordLog, Storage, open_storage
 from datastore.store import AnnSettings
 from encoders import ENCODERS, register_builtin_encoders
 from encoders.base import PromptEncoder
+from router import __version__
 from router.core.compute import Compute, ComputeThread
 from router.core.config import AppConfig, BackendConfig, CostModelConfig, builtin_data, caprouter_home
 from router.prediction import artifact as art
@@ -28,6 +29,7 @@ from router.serving.keys import KeyFile
 from router.serving.registrations import log_path
 from router.serving.service import RouterService
 from router.serving.telemetry import PrometheusTelemetry, Telemetry
+from router.serving.tracing import tracer_provider
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +157,13 @@ class App:
     keys: KeyFile = field(init=False)    # API keys (config.auth); read on every authentication
     storage: Storage | None = None       # the system of record, opened by load
     _backends: dict[str, Backend] = field(default_factory=dict)
+    # Where spans go (router/serving/tracing.py); None: what config.tracing asks for.
+    tracer_provider: Any = None
 
     def __post_init__(self) -> None:
         self.keys = KeyFile(self.config.auth.keys_path(), required=self.config.auth.required)
+        if self.tracer_provider is None:
+            self.tracer_provider = tracer_provider(self.config.tracing)
 
     @property
     def ready(self) -> bool:
@@ -193,7 +199,7 @@ class App:
         if self.keys.enabled():
             await loop.run_in_executor(None, lambda: access.ledger)     # replay what keys spent, now
         service = RouterService(cfg, encoder, store, self._backends, capability=capability, telemetry=self.telemetry,
-                                access=access)
+                                access=access, tracer=self.tracer_provider.get_tracer("caprouter", __version__))
         self.loading_detail = "restoring onboarded backends"
         restored = await loop.run_in_executor(None, service.attach_registry, storage.stream("registry"))
         if restored:
@@ -205,6 +211,9 @@ class App:
         log.info("caprouter ready: %d backends, %d outcomes in the datastore", len(self._backends), len(store))
 
     async def close(self) -> None:
+        shutdown = getattr(self.tracer_provider, "shutdown", None)
+        if shutdown is not None:
+            shutdown()          # exports what is buffered
         if self.service is not None:
             await self.service.close()
         else:
@@ -215,6 +224,7 @@ class App:
         self.compute.shutdown()
 
 
-def build_app(config: AppConfig) -> App:
-    """The composition root. Nothing is loaded until ``await app.load()``."""
-    return App(config)
+def build_app(config: AppConfig, *, tracer_provider: Any = None) -> App:
+    """The composition root. Nothing is loaded until ``await app.load()``. ``tracer_provider``:
+    where spans go (default: what ``config.tracing`` asks for)."""
+    return App(config, tracer_provider=tracer_provider)

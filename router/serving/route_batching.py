@@ -46,6 +46,11 @@ class Routed:
     embedding_ms: float                      # the batch's encoder call
     prediction_ms: float                     # the batch's prediction
     batch_prompts: int                       # prompts in the batch it rode in
+    # Wall-clock times (time.time_ns) of the batch, for traces: taken from the queue, embedded,
+    # predicted.
+    started_ns: int = 0
+    embedded_ns: int = 0
+    predicted_ns: int = 0
 
 
 @dataclass(eq=False)
@@ -217,9 +222,11 @@ class RouteBatcher:
 
     def _serve(self, items: list[_Item]) -> list[Routed]:
         texts = [t for it in items for t in it.texts]
+        ns0 = time.time_ns()
         t0 = time.perf_counter()
         X = self._encode(texts)
         t1 = time.perf_counter()
+        ns1 = time.time_ns()
         # Usually one group: items differ in backends only when an Onboard lands between them.
         groups: dict[int, list[int]] = {}
         for i, it in enumerate(items):
@@ -237,6 +244,7 @@ class RouteBatcher:
             chars = [c for i in idx for c in items[i].chars]
             preds[idx[0]] = self._predict(X[rows], chars, backends)
         t2 = time.perf_counter()
+        ns2 = time.time_ns()
         with self._cond:
             self._s_per_prompt = 0.8 * self._s_per_prompt + 0.2 * (t2 - t0) / len(texts)
         self.batches += 1
@@ -248,6 +256,6 @@ class RouteBatcher:
             for i in idx:
                 n = len(items[i].texts)
                 part = Prediction(p.backends, p.quality[off:off + n], p.cost[off:off + n], p.support[off:off + n])
-                out[i] = Routed(X[starts[i]:starts[i + 1]], part, emb_ms, pred_ms, len(texts))
+                out[i] = Routed(X[starts[i]:starts[i + 1]], part, emb_ms, pred_ms, len(texts), ns0, ns1, ns2)
                 off += n
         return out  # type: ignore[return-value]

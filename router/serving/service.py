@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from opentelemetry import trace
 
-from backends.base import Backend, Finished, GenerationRequest, QueueStats, Status, TextChunk
+from backends.base import Backend, Capabilities, Finished, GenerationRequest, QueueStats, Status, TextChunk
 from backends.route_only import RouteOnlyBackend
 from datastore.base import Datastore
 from datastore.storage import RecordLog
@@ -43,6 +44,7 @@ from router.core.errors import (
 from router.core.ids import RandomIds
 from router.core.messages import ROLES, Message, prompt_text
 from router.policy.budget import BudgetWindows, assign
+from router.policy.eligibility import Needs, ineligible
 from router.policy.selection import Knobs, KnobsInput, Selection, promote, select
 from router.prediction.onboarding import fit_capability
 from router.prediction.predictor import Capability, Prediction, Predictor
@@ -51,6 +53,7 @@ from router.serving.access import Access
 from router.serving.keys import OPEN, Caller
 from router.serving.route_batching import RouteBatcher, Routed
 from router.serving.telemetry import Telemetry
+from router.serving.tracing import BACKEND, DECISION_ID, failed, span_between
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,7 @@ class Query:
     messages: Sequence[Message] = ()
     knobs: KnobsInput = field(default_factory=KnobsInput)
     caller: Caller = OPEN
+    needs: Needs | None = None       # what the request asks of a backend (eligibility); None: nothing
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,11 @@ class _Routing:
     chars: int
     caller: Caller
     budget_capped: bool = False        # knobs.max_cost is what is left of the caller's budget ("fit")
+    needs: Needs | None = None
+
+
+# Parameters that eligibility checks as capabilities of their own (tools, JSON mode), not as params.
+_CAPABILITY_PARAMS = frozenset({"tools", "tool_choice", "parallel_tool_calls", "response_format"})
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,19 @@ class GenParams:
     stop: Sequence[str] = ()
     seed: int | None = None
     deadline: float | None = None      # time.monotonic() when the caller stops waiting
+    # PASS_THROUGH parameters (OpenAI chat) for the backend, verbatim; and the OpenAI messages as
+    # sent (tool calls and results), where the (role, text) messages lose something.
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    raw_messages: Sequence[Mapping[str, Any]] | None = None
+
+    def needs(self, max_tokens: int) -> Needs:
+        """What these parameters ask of a backend."""
+        fmt = self.extra.get("response_format")
+        json_mode = isinstance(fmt, Mapping) and fmt.get("type") in ("json_object", "json_schema")
+        tools = bool(self.extra.get("tools")) or any(
+            m.get("role") == "tool" or m.get("tool_calls") for m in self.raw_messages or ())
+        return Needs(max_tokens=max_tokens, tools=tools, json_mode=json_mode,
+                     params=frozenset(self.extra) - _CAPABILITY_PARAMS)
 
 
 @dataclass(frozen=True)
@@ -143,6 +165,7 @@ class BackendView:
     prior_quality: float
     outcomes: int
     queue: QueueStats | None = None
+    capabilities: Capabilities = Capabilities()
 
 
 @dataclass(frozen=True)
@@ -158,8 +181,10 @@ def _rpc(dispatch: bool) -> str:
 class RouterService:
     def __init__(self, config: AppConfig, encoder: PromptEncoder, datastore: Datastore,
                  backends: Mapping[str, Backend], *, capability: Capability | None = None,
-                 telemetry: Telemetry | None = None, access: Access | None = None) -> None:
+                 telemetry: Telemetry | None = None, access: Access | None = None,
+                 tracer: trace.Tracer | None = None) -> None:
         self.config = config
+        self._tracer = tracer or trace.NoOpTracer()
         self.access = access or Access(config.auth)
         self.encoder = encoder
         self.datastore = datastore
@@ -256,30 +281,55 @@ class RouterService:
     def route(self, query: Query, *, dispatch: bool = False) -> Decision:
         """Decide for one prompt (blocking). dispatch: the decision is for Generate, so route-only
         backends (which caprouter cannot call) are not eligible."""
-        p = self._begin(query, dispatch)
-        try:
-            routed = self.batcher.submit([p.text], [p.chars], p.backends, arrived=True).result()
-        except CaprouterError as e:
-            self.telemetry.request(_rpc(dispatch), "", e.code.value.lower())
-            raise
-        d = self._finish_observed(p, dispatch, routed)
-        if not dispatch and p.caller.limits.budget is not None:
-            self.access.charge(p.caller, d.selection.chosen.cost)     # a route-only decision: its predicted cost
-        return d
+        with self._tracer.start_as_current_span("caprouter.route") as span:
+            submitted = time.time_ns()
+            p = self._begin(query, dispatch)
+            try:
+                routed = self.batcher.submit([p.text], [p.chars], p.backends, arrived=True).result()
+            except CaprouterError as e:
+                self.telemetry.request(_rpc(dispatch), "", e.code.value.lower())
+                raise
+            decided = time.time_ns()
+            d = self._finish_observed(p, dispatch, routed)
+            self._trace_route(span, submitted, routed, decided, d)
+            if not dispatch and p.caller.limits.budget is not None:
+                self.access.charge(p.caller, d.selection.chosen.cost)     # a route-only decision: its predicted cost
+            return d
 
-    async def route_async(self, query: Query, *, dispatch: bool = False) -> Decision:
-        """``route`` for the adapters: waits for its batch without holding a thread."""
-        p = self._begin(query, dispatch)
-        try:
-            routed = await self.batcher.submit_async([p.text], [p.chars], p.backends, arrived=True)
-        except CaprouterError as e:
-            self.telemetry.request(_rpc(dispatch), "", e.code.value.lower())
-            raise
-        d = self._finish_observed(p, dispatch, routed)
-        if not dispatch and p.caller.limits.budget is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.access.charge, p.caller,
-                                                             d.selection.chosen.cost)
-        return d
+    async def route_async(self, query: Query, *, dispatch: bool = False, parent: trace.Span | None = None) -> Decision:
+        """``route`` for the adapters: waits for its batch without holding a thread. ``parent``:
+        the span to trace under (default: the current one)."""
+        ctx = None if parent is None else trace.set_span_in_context(parent)
+        with self._tracer.start_as_current_span("caprouter.route", context=ctx) as span:
+            submitted = time.time_ns()
+            p = self._begin(query, dispatch)
+            try:
+                routed = await self.batcher.submit_async([p.text], [p.chars], p.backends, arrived=True)
+            except CaprouterError as e:
+                self.telemetry.request(_rpc(dispatch), "", e.code.value.lower())
+                raise
+            decided = time.time_ns()
+            d = self._finish_observed(p, dispatch, routed)
+            self._trace_route(span, submitted, routed, decided, d)
+            if not dispatch and p.caller.limits.budget is not None:
+                await asyncio.get_running_loop().run_in_executor(None, self.access.charge, p.caller,
+                                                                 d.selection.chosen.cost)
+            return d
+
+    def _trace_route(self, span: trace.Span, submitted_ns: int, routed: Routed, decided_ns: int, d: Decision) -> None:
+        """The route span's attributes and its children: the batch's times, this request's decision."""
+        if not span.is_recording():
+            return
+        c = d.selection.chosen
+        span.set_attributes({DECISION_ID: d.decision_id, BACKEND: d.backend, "caprouter.predicted_quality": c.quality,
+                             "caprouter.predicted_cost": c.cost, "caprouter.batch_prompts": routed.batch_prompts,
+                             "caprouter.excluded": len(d.selection.excluded)})
+        t = self._tracer
+        span_between(t, "caprouter.route.queue", submitted_ns, routed.started_ns, span)
+        span_between(t, "caprouter.route.embed", routed.started_ns, routed.embedded_ns, span,
+                     **{"caprouter.batch_prompts": routed.batch_prompts})
+        span_between(t, "caprouter.route.predict", routed.embedded_ns, routed.predicted_ns, span)
+        span_between(t, "caprouter.route.decide", decided_ns, time.time_ns(), span)
 
     def _begin(self, query: Query, dispatch: bool) -> _Routing:
         """Validate, telling the batcher a prompt is on its way (so it may wait the window for it)."""
@@ -317,7 +367,7 @@ class RouterService:
         self.access.admit(query.caller, tokens=dispatch)
         budgeted = self.access.budgeted(query.caller, knobs)
         return _Routing(t0, msgs, backends, budgeted, prompt_text(None, msgs), sum(len(c) for _, c in msgs),
-                        query.caller, budgeted.max_cost != knobs.max_cost)
+                        query.caller, budgeted.max_cost != knobs.max_cost, query.needs)
 
     def _decide(self, p: _Routing, dispatch: bool, routed: Routed) -> Decision:
         backends, knobs = p.backends, p.knobs
@@ -331,12 +381,20 @@ class RouterService:
             unavailable.update({n: "route-only (caprouter chooses it, the app calls it)" for n in route_only})
         if knobs.max_queue_ms is not None:
             unavailable.update(self.saturated(backends, knobs.max_queue_ms, exclude=unavailable))
+        lacking = ineligible(p.needs, backends, p.msgs) if p.needs is not None else {}
         try:
-            selection = select(names, quality, cost, knobs, support=support, unavailable=unavailable)
+            selection = select(names, quality, cost, knobs, support=support, unavailable=unavailable,
+                               ineligible=lacking)
             if knobs.budget is not None:
                 selection = self._window_budget(knobs, knobs.budget, names, quality, cost, support, unavailable,
                                                 selection)
         except NoEligibleBackend as e:
+            permitted = [n for n in names if (not knobs.allowed or n in knobs.allowed) and n not in knobs.denied]
+            if lacking and permitted and all(n in lacking for n in permitted):
+                # What the request asks is the reason, not the server's state: a 400 naming it.
+                why = "; ".join(f"{n}: {r}" for n, r in lacking.items())
+                raise InvalidArgument(f"no backend of this server can serve this request ({why}). Drop what they "
+                                      "lack from the request, or add a backend that has it") from None
             if p.budget_capped:
                 raise self.access.over_budget(p.caller, f"has too little left ({knobs.max_cost:.4g}) for any eligible "
                                               f"backend ({e}) of its budget") from None
@@ -490,7 +548,7 @@ class RouterService:
         if p.seed is not None and not -(2 ** 63) <= p.seed < 2 ** 63:
             raise InvalidArgument("seed must fit in 64 bits")
         return GenerationRequest(messages=list(msgs), max_tokens=mt, temperature=temp, stop=list(p.stop), seed=p.seed,
-                                 embedding=embedding, deadline=p.deadline)
+                                 embedding=embedding, deadline=p.deadline, extra=p.extra, raw_messages=p.raw_messages)
 
     async def generate(self, query: Query, params: GenParams) -> AsyncGenerator[GenStart | TextChunk | GenEnd]:
         """Route, then stream from the best backend; fall back down the ranking while nothing has
@@ -501,10 +559,32 @@ class RouterService:
         deadline, failure after streaming began), for the chunks streamed. While it runs, its
         worst case (max_tokens on the chosen backend) is held against the key's budget."""
         t0 = time.perf_counter()
+        # Not the current span: this generator yields to its consumer between chunks, and a
+        # context attached here would leak into the consumer's code meanwhile.
+        gspan = self._tracer.start_span("caprouter.generate")
+        events = self._generate(query, params, t0, gspan)
+        try:
+            async for ev in events:
+                yield ev
+        except BaseException as e:
+            if not isinstance(e, (GeneratorExit, asyncio.CancelledError)):
+                failed(gspan, e)
+            else:
+                gspan.set_attribute("caprouter.cancelled", True)
+            raise
+        finally:
+            try:
+                await events.aclose()       # now, not when collected: the backend stops at once
+            finally:
+                gspan.end()
+
+    async def _generate(self, query: Query, params: GenParams, t0: float,
+                        gspan: trace.Span) -> AsyncGenerator[GenStart | TextChunk | GenEnd]:
         msgs = self._messages(query.prompt, query.messages)
         max_tokens = self._gen_request(msgs, params).max_tokens  # validate before spending time on routing
         self._refuse_if_all_full(query.knobs)
-        decision = await self.route_async(query, dispatch=True)
+        decision = await self.route_async(replace(query, needs=params.needs(max_tokens)), dispatch=True, parent=gspan)
+        gspan.set_attribute(DECISION_ID, decision.decision_id)
         caller = query.caller
         owed = self.access.charges(caller)
         held = self.access.hold(caller, self.backends[decision.backend].cost_model().predict(
@@ -516,6 +596,10 @@ class RouterService:
             for cand in decision.selection.ranked:
                 backend = self.backends[cand.backend]
                 req = self._gen_request(msgs, params, decision.embedding)
+                dspan = self._tracer.start_span("caprouter.dispatch", context=trace.set_span_in_context(gspan),
+                                                attributes={BACKEND: cand.backend, "caprouter.rank": cand.rank,
+                                                            DECISION_ID: decision.decision_id})
+                dispatched = first = time.time_ns()
                 stream = backend.generate(req)
                 started = False
                 try:
@@ -523,6 +607,8 @@ class RouterService:
                         if not started:
                             started, answering = True, cand.backend
                             ttft = (time.perf_counter() - t0) * 1e3
+                            first = time.time_ns()
+                            self._trace_start(dspan, dispatched, req.started_ns, first)
                             yield GenStart(decision, cand.backend, tuple(fallbacks))
                         if isinstance(ev, Finished):
                             if owed:
@@ -537,6 +623,13 @@ class RouterService:
                             log.info("generated %d tokens in %.0f ms", ev.completion_tokens, total,
                                      extra={"decision_id": decision.decision_id, "backend": cand.backend,
                                             "rpc": "Generate"})
+                            if dspan.is_recording():
+                                span_between(self._tracer, "caprouter.decode", first, time.time_ns(), dspan,
+                                             **{"gen_ai.usage.output_tokens": ev.completion_tokens})
+                                gspan.set_attributes({BACKEND: cand.backend, "caprouter.fallbacks": len(fallbacks),
+                                                      "gen_ai.usage.input_tokens": ev.prompt_tokens,
+                                                      "gen_ai.usage.output_tokens": ev.completion_tokens,
+                                                      "caprouter.finish_reason": ev.reason.value})
                             yield GenEnd(cand.backend, ev, total, ttft)
                             return
                         streamed += 1
@@ -544,10 +637,12 @@ class RouterService:
                     if not started:
                         raise BackendError(cand.backend, "ended without a result")
                     raise BackendError(cand.backend, "stream ended without a finish event", tokens_streamed=1)
-                except Overloaded:
+                except Overloaded as e:
+                    failed(dspan, e)
                     self.telemetry.request("Generate", cand.backend, "resource_exhausted")
                     raise
                 except BackendError as e:
+                    failed(dspan, e)
                     if started:
                         self.telemetry.request("Generate", cand.backend, "unavailable")
                         raise BackendError(cand.backend, f"{e} (after streaming began; no fallback possible)",
@@ -560,6 +655,7 @@ class RouterService:
                 finally:
                     req.cancel.set()
                     await stream.aclose()
+                    dspan.end()
             tried = "; ".join(f"{b}: {err}" for b, err in fallbacks)
             self.telemetry.request("Generate", "", "unavailable")
             raise Unavailable(f"every eligible backend failed before answering ({tried})")
@@ -568,6 +664,15 @@ class RouterService:
                 # Cut off, or nothing produced: charge the chunks that went out (a cancelled task
                 # cannot await, so the charge runs on its own; it gives the hold back after it).
                 loop.run_in_executor(None, self._settle, caller, answering, decision.text, streamed, held)
+
+    def _trace_start(self, span: trace.Span, dispatched_ns: int, started_ns: int | None, first_ns: int) -> None:
+        """A dispatch's queue span (a backend that queues says when the request started) and its
+        first-token span."""
+        if not span.is_recording():
+            return
+        if started_ns is not None:
+            span_between(self._tracer, "caprouter.queue", dispatched_ns, started_ns, span)
+        span_between(self._tracer, "caprouter.first_token", started_ns or dispatched_ns, first_ns, span)
 
     def _settle(self, caller: Caller, backend: str, text: str, tokens: int, held: float) -> None:
         """Charge a generation's realized cost (blocking: the ledger's fsync), then give back what
@@ -740,7 +845,8 @@ class RouterService:
             st, detail = b.status()
             s = stats.get(name)
             out.append(BackendView(name, b.kind, b.description, st, detail, b.cost_model(),
-                                   s.mean_score if s else math.nan, s.outcomes if s else 0, b.queue_stats()))
+                                   s.mean_score if s else math.nan, s.outcomes if s else 0, b.queue_stats(),
+                                   b.capabilities()))
         return out
 
     async def close(self) -> None:

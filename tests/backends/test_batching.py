@@ -172,13 +172,17 @@ def test_a_request_whose_deadline_passes_while_queued_never_starts(ops):
     started: list[int] = []
     ops.step_hook = started.append
     events: list[object] = []
-    s.submit(_req("runs", 5), lambda ev: None)
-    s.submit(_req("late", 5, deadline=time.monotonic() + 0.01), events.append)
+    runs, late = _req("runs", 5), _req("late", 5, deadline=time.monotonic() + 0.01)
+    queued = time.time_ns()
+    s.submit(runs, lambda ev: None)
+    s.submit(late, events.append)
     time.sleep(0.02)
     while s._busy():
         s.iterate()
     assert len(events) == 1 and isinstance(events[0], DeadlineExceeded) and "not started" in str(events[0])
     assert started == list(range(5))           # only the first request ever decoded
+    # When a request left the queue is recorded (the trace's queue span ends there).
+    assert late.started_ns is None and queued <= runs.started_ns <= time.time_ns()
 
 
 def test_a_failing_row_fails_alone_and_a_failing_forward_fails_its_batch(ops):

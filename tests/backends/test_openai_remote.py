@@ -169,3 +169,25 @@ def test_against_a_real_openai_compatible_server_with_a_real_model(live_server):
         assert evs[-1].completion_tokens >= 1 and evs[-1].prompt_tokens > 5
     finally:
         live_server.call(http.stop())
+
+
+@pytest.mark.slow  # starts a loopback OpenAI-compatible server
+def test_a_failed_backend_is_tried_again_after_recheck_s_and_a_success_brings_it_back():
+    async def go():
+        s = Scripted(fail=1)
+        runner, url = await _serve(s)
+        try:
+            b = _backend(url, retries=0, recheck_s=0.3)
+            await b.load()
+            with pytest.raises(BackendError):
+                await _collect(b)
+            assert b.status()[0] == Status.UNAVAILABLE and "last call failed" in b.status()[1]
+            await asyncio.sleep(0.35)
+            st, detail = b.status()
+            assert st == Status.READY and detail.startswith("trying again after")   # half-open
+            text, fin = await _collect(b)
+            assert text == "Hello from remote" and b.status() == (Status.READY, f"m at {url}")
+            await b.close()
+        finally:
+            await runner.cleanup()
+    asyncio.run(go())

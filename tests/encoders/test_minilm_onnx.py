@@ -13,12 +13,12 @@ from encoders.minilm import cached_folder, onnx_cache_key
 # ---- fast: no model ---------------------------------------------------------------------------------
 
 
-def test_runtime_config_defaults_to_onnx_and_validates():
+def test_runtime_config_defaults_to_onnx_int8_and_validates():
     from router.core.config import EncoderConfig, load_config
     from router.core.errors import ConfigError
 
-    assert EncoderConfig().runtime == "onnx"
-    assert load_config(None, {"encoder.runtime": "onnx-int8"}).encoder.runtime == "onnx-int8"
+    assert EncoderConfig().runtime == "onnx-int8"
+    assert load_config(None, {"encoder.runtime": "onnx"}).encoder.runtime == "onnx"
     with pytest.raises((ConfigError, ValueError)):
         load_config(None, {"encoder.runtime": "tensorrt"})
 
@@ -145,9 +145,10 @@ def test_onnx_fp32_matches_torch(onnx_encoders, encoder):
 
 @pytest.mark.slow
 def test_onnx_int8_agrees_with_torch(onnx_encoders, encoder):
-    # Measured on 450 real prompts (aptitude suite and the three routing sets): min 0.985, mean 0.992.
+    # Per-token int8, measured on the 5,645 test prompts of the three routing sets: min 0.9916,
+    # mean 0.9965 (ONNX Runtime's per-batch quantize_dynamic: min 0.978, mean 0.992).
     cos = (onnx_encoders["onnx-int8"].encode(PROMPTS) * encoder.encode(PROMPTS)).sum(1)
-    assert cos.min() >= 0.975 and cos.mean() >= 0.985, cos
+    assert cos.min() >= 0.985 and cos.mean() >= 0.993, cos
     a, b, c = onnx_encoders["onnx-int8"].encode(["What is 12 plus 30?", "Compute 15 + 27.",
                                                   "Write a love poem about the sea."])
     assert a @ b > a @ c

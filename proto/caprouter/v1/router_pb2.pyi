@@ -312,7 +312,7 @@ class CostModel(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., unit: _Optional[str] = ..., per_request: _Optional[float] = ..., input_per_million_tokens: _Optional[float] = ..., output_per_million_tokens: _Optional[float] = ..., active_parameters: _Optional[int] = ..., expected_output_tokens: _Optional[int] = ..., summary: _Optional[str] = ..., price_per_gflop: _Optional[float] = ...) -> None: ...
 
 class BackendInfo(_message.Message):
-    __slots__ = ("name", "kind", "cost_model", "status", "description", "status_detail", "prior_quality", "outcomes", "queue")
+    __slots__ = ("name", "kind", "cost_model", "status", "description", "status_detail", "prior_quality", "outcomes", "queue", "capabilities")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     COST_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -322,6 +322,7 @@ class BackendInfo(_message.Message):
     PRIOR_QUALITY_FIELD_NUMBER: _ClassVar[int]
     OUTCOMES_FIELD_NUMBER: _ClassVar[int]
     QUEUE_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     cost_model: CostModel
@@ -331,7 +332,22 @@ class BackendInfo(_message.Message):
     prior_quality: float
     outcomes: int
     queue: QueueInfo
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., cost_model: _Optional[_Union[CostModel, _Mapping]] = ..., status: _Optional[_Union[BackendStatus, str]] = ..., description: _Optional[str] = ..., status_detail: _Optional[str] = ..., prior_quality: _Optional[float] = ..., outcomes: _Optional[int] = ..., queue: _Optional[_Union[QueueInfo, _Mapping]] = ...) -> None: ...
+    capabilities: Capabilities
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., cost_model: _Optional[_Union[CostModel, _Mapping]] = ..., status: _Optional[_Union[BackendStatus, str]] = ..., description: _Optional[str] = ..., status_detail: _Optional[str] = ..., prior_quality: _Optional[float] = ..., outcomes: _Optional[int] = ..., queue: _Optional[_Union[QueueInfo, _Mapping]] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ...) -> None: ...
+
+class Capabilities(_message.Message):
+    __slots__ = ("context_window", "max_output_tokens", "tools", "json_mode", "params")
+    CONTEXT_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    MAX_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
+    JSON_MODE_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    context_window: int
+    max_output_tokens: int
+    tools: bool
+    json_mode: bool
+    params: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, context_window: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., tools: _Optional[bool] = ..., json_mode: _Optional[bool] = ..., params: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class QueueInfo(_message.Message):
     __slots__ = ("running", "waiting", "max_batch", "max_queue", "expected_wait_ms")
