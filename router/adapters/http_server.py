@@ -196,6 +196,8 @@ class HttpServer:
 
     async def _generate(self, request: web.Request, svc: RouterService, body: dict[str, Any], q: Query, *,
                         chat: bool) -> web.StreamResponse:
+        if request.headers.get("x-caprouter-cache", "").lower() in ("off", "false", "0", "no"):
+            body = {**body, "caprouter": {**(body.get("caprouter") or {}), "cache": False}}
         params = oa.gen_params(body, chat=chat)
         stream_mode = bool(body.get("stream"))
         unit = svc.config.routing.cost_unit

@@ -91,10 +91,10 @@ def knobs(request: web.Request, body: dict[str, Any], known: set[str]) -> KnobsI
     extra = body.get("caprouter") or {}
     if not isinstance(extra, dict):
         raise InvalidArgument("the caprouter field must be an object of routing knobs")
-    unknown = set(extra) - {*_HEADER_KNOBS.values(), "allowed_backends", "denied_backends", "budget_key"}
+    unknown = set(extra) - {*_HEADER_KNOBS.values(), "allowed_backends", "denied_backends", "budget_key", "cache"}
     if unknown:
         raise InvalidArgument(f"unknown routing knob(s): {', '.join(sorted(unknown))}")
-    raw.update(extra)
+    raw.update({k: v for k, v in extra.items() if k != "cache"})      # cache: a generation setting (gen_params)
     allowed = _names(raw.get("allowed_backends"), "allowed_backends")
     model = body.get("model") or "caprouter"
     if not isinstance(model, str):
@@ -177,7 +177,17 @@ def gen_params(body: dict[str, Any], *, chat: bool = True) -> GenParams:
         isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls") or m.get("role") == "developer"
                                  or not isinstance(m.get("content"), str)) for m in body["messages"]) else None
     return GenParams(max_tokens=mt, temperature=None if temp is None else number(temp, "temperature"),
-                     stop=tuple(stop), seed=body.get("seed"), extra=extra, raw_messages=raw)
+                     stop=tuple(stop), seed=body.get("seed"), extra=extra, raw_messages=raw, cache=_cache(body))
+
+
+def _cache(body: dict[str, Any]) -> bool:
+    """Whether the answer cache may serve (and keep) this answer: ``"caprouter": {"cache": false}``
+    opts out (the ``x-caprouter-cache: off`` header is read by the adapter into the body)."""
+    extra = body.get("caprouter")
+    v = extra.get("cache", True) if isinstance(extra, dict) else True
+    if not isinstance(v, bool):
+        raise InvalidArgument("caprouter.cache must be true or false")
+    return v
 
 
 def _check_extra(extra: dict[str, Any]) -> None:
@@ -261,11 +271,14 @@ def decision_info(d: Decision, ev: GenStart | None, unit: str) -> dict[str, Any]
             "candidates": [{"backend": s.backend, "predicted_quality": s.quality, "predicted_cost": s.cost,
                             "utility": s.utility, "rank": s.rank} for s in d.selection.ranked],
             "excluded": [{"backend": e.backend, "reason": e.reason} for e in d.selection.excluded],
-            "fallbacks": [{"backend": b, "error": e} for b, e in (ev.fallbacks if ev else ())]}
+            "fallbacks": [{"backend": b, "error": e} for b, e in (ev.fallbacks if ev else ())],
+            "cache": None if ev is None or ev.cache is None else {"hit": ev.cache.kind,
+                                                                   "similarity": ev.cache.similarity}}
 
 
 def decision_headers(info: dict[str, Any]) -> dict[str, str]:
-    return {"x-caprouter-backend": info["backend"], "x-caprouter-decision-id": info["decision_id"],
+    cache = {"x-caprouter-cache": info["cache"]["hit"]} if info.get("cache") else {}
+    return {**cache, "x-caprouter-backend": info["backend"], "x-caprouter-decision-id": info["decision_id"],
             "x-caprouter-predicted-quality": f"{info['predicted_quality']:.6f}",
             "x-caprouter-predicted-cost": f"{info['predicted_cost']:.6g}", "x-caprouter-cost-unit": info["cost_unit"]}
 

@@ -68,7 +68,8 @@ def gen_params(p: pb.GenerationParams, time_remaining: float | None = None) -> G
     return GenParams(max_tokens=p.max_tokens if p.HasField("max_tokens") else None,
                      temperature=p.temperature if p.HasField("temperature") else None,
                      stop=tuple(p.stop), seed=p.seed if p.HasField("seed") else None,
-                     deadline=None if time_remaining is None else time.monotonic() + time_remaining)
+                     deadline=None if time_remaining is None else time.monotonic() + time_remaining,
+                     cache=p.cache if p.HasField("cache") else True)
 
 
 def _candidates(d: Decision) -> list[pb.Candidate]:
@@ -127,7 +128,9 @@ def generate_chunk(svc: RouterService, ev: GenStart | TextChunk | GenEnd) -> pb.
         start = pb.GenerateStart(decision_id=d.decision_id, backend=ev.backend, candidates=_candidates(d),
                                  excluded=_excluded(d), timings=_timings(d), cost_unit=svc.config.routing.cost_unit,
                                  cost_weight=d.selection.cost_weight,
-                                 fallbacks=[pb.FallbackAttempt(backend=b, error=e) for b, e in ev.fallbacks])
+                                 fallbacks=[pb.FallbackAttempt(backend=b, error=e) for b, e in ev.fallbacks],
+                                 cache=ev.cache.kind if ev.cache else "",
+                                 cache_similarity=ev.cache.similarity if ev.cache else 0.0)
         return pb.GenerateChunk(metadata=metadata(svc), start=start)
     if isinstance(ev, TextChunk):
         return pb.GenerateChunk(text=ev.text)

@@ -273,6 +273,18 @@ class RayConfig(_Model):
     torch_threads: int | None = Field(None, ge=1)
 
 
+class CacheConfig(_Model):
+    """The answer cache (router/serving/answer_cache.py): off by default."""
+
+    enabled: bool = False
+    max_entries: int = Field(10_000, ge=1, le=10_000_000)
+    ttl_s: float = Field(3600.0, gt=0)
+    # Semantic hits on the routing embedding (temperature 0 only), at or above this cosine.
+    semantic: bool = False
+    semantic_threshold: float = Field(0.95, gt=0, le=1)
+    max_answer_chars: int = Field(64_000, ge=1)
+
+
 class TracingConfig(_Model):
     """OpenTelemetry traces of the request path (router/serving/tracing.py)."""
 
@@ -296,6 +308,7 @@ class AppConfig(_Model):
     aptitude: AptitudeConfig = Field(default_factory=AptitudeConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
     backends: list[BackendConfig] = Field(default_factory=list)
     # A trained router (`caprouter train`): its capability encoder is blended with the datastore,
     # its outcomes are the datastore's base, and its backends that are not configured above are

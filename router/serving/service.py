@@ -22,7 +22,16 @@ import numpy as np
 import numpy.typing as npt
 from opentelemetry import trace
 
-from backends.base import Backend, Capabilities, Finished, GenerationRequest, QueueStats, Status, TextChunk
+from backends.base import (
+    Backend,
+    Capabilities,
+    Finished,
+    FinishReason,
+    GenerationRequest,
+    QueueStats,
+    Status,
+    TextChunk,
+)
 from backends.route_only import RouteOnlyBackend
 from datastore.base import Datastore
 from datastore.storage import RecordLog
@@ -50,6 +59,7 @@ from router.prediction.onboarding import fit_capability
 from router.prediction.predictor import Capability, Prediction, Predictor
 from router.serving import registrations as reg
 from router.serving.access import Access
+from router.serving.answer_cache import AnswerCache, CachedAnswer, Hit, params_of, request_key
 from router.serving.keys import OPEN, Caller
 from router.serving.route_batching import RouteBatcher, Routed
 from router.serving.telemetry import Telemetry
@@ -99,6 +109,7 @@ class GenParams:
     # sent (tool calls and results), where the (role, text) messages lose something.
     extra: Mapping[str, Any] = field(default_factory=dict)
     raw_messages: Sequence[Mapping[str, Any]] | None = None
+    cache: bool = True                 # False: neither read nor write the answer cache
 
     def needs(self, max_tokens: int) -> Needs:
         """What these parameters ask of a backend."""
@@ -144,6 +155,7 @@ class GenStart:
     decision: Decision
     backend: str
     fallbacks: tuple[tuple[str, str], ...]
+    cache: Hit | None = None           # the answer comes from the answer cache
 
 
 @dataclass(frozen=True)
@@ -185,6 +197,7 @@ class RouterService:
                  tracer: trace.Tracer | None = None) -> None:
         self.config = config
         self._tracer = tracer or trace.NoOpTracer()
+        self.cache = AnswerCache(config.cache, encoder.dim) if config.cache.enabled else None
         self.access = access or Access(config.auth)
         self.encoder = encoder
         self.datastore = datastore
@@ -581,11 +594,19 @@ class RouterService:
     async def _generate(self, query: Query, params: GenParams, t0: float,
                         gspan: trace.Span) -> AsyncGenerator[GenStart | TextChunk | GenEnd]:
         msgs = self._messages(query.prompt, query.messages)
-        max_tokens = self._gen_request(msgs, params).max_tokens  # validate before spending time on routing
+        first = self._gen_request(msgs, params)          # validate before spending time on routing
+        max_tokens = first.max_tokens
         self._refuse_if_all_full(query.knobs)
         decision = await self.route_async(replace(query, needs=params.needs(max_tokens)), dispatch=True, parent=gspan)
         gspan.set_attribute(DECISION_ID, decision.decision_id)
         caller = query.caller
+        cached = self.cache is not None and params.cache and AnswerCache.cacheable(first.temperature, first.seed)
+        if cached:
+            hit = self._cache_get(caller, decision, msgs, params, first)
+            if hit is not None:
+                async for out in self._replay(decision, hit, t0, gspan):
+                    yield out
+                return
         owed = self.access.charges(caller)
         held = self.access.hold(caller, self.backends[decision.backend].cost_model().predict(
             len(decision.text), output_tokens=max_tokens)) if owed else 0.0
@@ -599,16 +620,18 @@ class RouterService:
                 dspan = self._tracer.start_span("caprouter.dispatch", context=trace.set_span_in_context(gspan),
                                                 attributes={BACKEND: cand.backend, "caprouter.rank": cand.rank,
                                                             DECISION_ID: decision.decision_id})
-                dispatched = first = time.time_ns()
+                dispatched = first_ns = time.time_ns()
                 stream = backend.generate(req)
                 started = False
+                parts: list[str] = []
+                calls: list[Mapping[str, Any]] = []
                 try:
                     async for ev in stream:
                         if not started:
                             started, answering = True, cand.backend
                             ttft = (time.perf_counter() - t0) * 1e3
-                            first = time.time_ns()
-                            self._trace_start(dspan, dispatched, req.started_ns, first)
+                            first_ns = time.time_ns()
+                            self._trace_start(dspan, dispatched, req.started_ns, first_ns)
                             yield GenStart(decision, cand.backend, tuple(fallbacks))
                         if isinstance(ev, Finished):
                             if owed:
@@ -623,8 +646,10 @@ class RouterService:
                             log.info("generated %d tokens in %.0f ms", ev.completion_tokens, total,
                                      extra={"decision_id": decision.decision_id, "backend": cand.backend,
                                             "rpc": "Generate"})
+                            if cached and ev.reason != FinishReason.CANCELLED:
+                                self._cache_put(caller, cand.backend, msgs, params, first, decision, parts, calls, ev)
                             if dspan.is_recording():
-                                span_between(self._tracer, "caprouter.decode", first, time.time_ns(), dspan,
+                                span_between(self._tracer, "caprouter.decode", first_ns, time.time_ns(), dspan,
                                              **{"gen_ai.usage.output_tokens": ev.completion_tokens})
                                 gspan.set_attributes({BACKEND: cand.backend, "caprouter.fallbacks": len(fallbacks),
                                                       "gen_ai.usage.input_tokens": ev.prompt_tokens,
@@ -633,6 +658,9 @@ class RouterService:
                             yield GenEnd(cand.backend, ev, total, ttft)
                             return
                         streamed += 1
+                        if cached:
+                            parts.append(ev.text)
+                            calls.extend(ev.tool_calls)
                         yield ev
                     if not started:
                         raise BackendError(cand.backend, "ended without a result")
@@ -664,6 +692,47 @@ class RouterService:
                 # Cut off, or nothing produced: charge the chunks that went out (a cancelled task
                 # cannot await, so the charge runs on its own; it gives the hold back after it).
                 loop.run_in_executor(None, self._settle, caller, answering, decision.text, streamed, held)
+
+    # ---- the answer cache ----------------------------------------------------------------------
+    def _cache_keys(self, caller: Caller, backend: str, msgs: Sequence[Message], params: GenParams,
+                    req: GenerationRequest) -> tuple[str, str]:
+        tenant = caller.key.id if caller.key is not None else ""       # never across API keys
+        messages = params.raw_messages if params.raw_messages is not None else [list(m) for m in msgs]
+        return request_key(tenant, backend, messages,
+                           params_of(req.max_tokens, req.temperature, req.stop, req.seed, req.extra))
+
+    def _cache_get(self, caller: Caller, decision: Decision, msgs: Sequence[Message], params: GenParams,
+                   req: GenerationRequest) -> Hit | None:
+        assert self.cache is not None
+        exact, scope = self._cache_keys(caller, decision.backend, msgs, params, req)
+        hit = self.cache.get(exact, scope, decision.embedding, semantic=req.temperature == 0)
+        self.telemetry.cache(decision.backend, hit.kind if hit else "miss")
+        return hit
+
+    def _cache_put(self, caller: Caller, backend: str, msgs: Sequence[Message], params: GenParams,
+                   req: GenerationRequest, decision: Decision, parts: list[str], calls: list[Mapping[str, Any]],
+                   fin: Finished) -> None:
+        assert self.cache is not None
+        exact, scope = self._cache_keys(caller, backend, msgs, params, req)
+        self.cache.put(exact, scope, decision.embedding, CachedAnswer("".join(parts), tuple(calls), fin.reason.value,
+                                                                      fin.prompt_tokens, fin.completion_tokens))
+
+    async def _replay(self, decision: Decision, hit: Hit, t0: float,
+                      gspan: trace.Span) -> AsyncGenerator[GenStart | TextChunk | GenEnd]:
+        """A cached answer as a stream: the decision, the whole text at once, the end."""
+        a = hit.answer
+        ttft = (time.perf_counter() - t0) * 1e3
+        gspan.set_attributes({BACKEND: decision.backend, "caprouter.cache": hit.kind,
+                              "caprouter.cache_similarity": hit.similarity})
+        yield GenStart(decision, decision.backend, (), hit)
+        if a.text or a.tool_calls:
+            yield TextChunk(a.text, tool_calls=a.tool_calls)
+        total = (time.perf_counter() - t0) * 1e3
+        self.telemetry.request("Generate", decision.backend, "ok")
+        log.info("answered from the cache (%s, similarity %.3f)", hit.kind, hit.similarity,
+                 extra={"decision_id": decision.decision_id, "backend": decision.backend, "rpc": "Generate"})
+        yield GenEnd(decision.backend, Finished(FinishReason(a.finish_reason), a.prompt_tokens, a.completion_tokens,
+                                                0.0), total, ttft)
 
     def _trace_start(self, span: trace.Span, dispatched_ns: int, started_ns: int | None, first_ns: int) -> None:
         """A dispatch's queue span (a backend that queues says when the request started) and its

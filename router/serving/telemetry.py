@@ -34,6 +34,9 @@ class Telemetry:
 
     def fallback(self, backend: str) -> None: ...
 
+    def cache(self, backend: str, result: str) -> None:
+        """An answer-cache lookup: result "exact", "semantic" (hits) or "miss"."""
+
     def watch_datastore(self, size: Callable[[], int]) -> None: ...
 
     def watch_queues(self, backends: Callable[[], dict[str, tuple[int, int, float]]],
@@ -65,6 +68,8 @@ class PrometheusTelemetry(Telemetry):
         self._fallbacks = Counter("caprouter_fallbacks", "Dispatches that failed before the first token",
                                   ["backend"], registry=r)
         self._ds = Gauge("caprouter_datastore_records", "Outcomes in the datastore", registry=r)
+        self._cache = Counter("caprouter_answer_cache_lookups", "Answer-cache lookups by result (exact, semantic, miss)",
+                              ["backend", "result"], registry=r)
 
     def request(self, rpc: str, backend: str, status: str) -> None:
         self._requests.labels(rpc, backend or "-", status).inc()
@@ -81,6 +86,9 @@ class PrometheusTelemetry(Telemetry):
 
     def fallback(self, backend: str) -> None:
         self._fallbacks.labels(backend).inc()
+
+    def cache(self, backend: str, result: str) -> None:
+        self._cache.labels(backend, result).inc()
 
     def watch_datastore(self, size: Callable[[], int]) -> None:
         self._ds.set_function(lambda: float(size()))

@@ -172,16 +172,18 @@ class RouteBatchResponse(_message.Message):
     def __init__(self, metadata: _Optional[_Union[ResponseMetadata, _Mapping]] = ..., decisions: _Optional[_Iterable[_Union[RouteResponse, _Mapping]]] = ..., cost_weight: _Optional[float] = ..., predicted_mean_cost: _Optional[float] = ..., predicted_mean_quality: _Optional[float] = ..., cost_unit: _Optional[str] = ...) -> None: ...
 
 class GenerationParams(_message.Message):
-    __slots__ = ("max_tokens", "temperature", "stop", "seed")
+    __slots__ = ("max_tokens", "temperature", "stop", "seed", "cache")
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
     max_tokens: int
     temperature: float
     stop: _containers.RepeatedScalarFieldContainer[str]
     seed: int
-    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ...) -> None: ...
+    cache: bool
+    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., cache: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompt", "messages", "knobs", "params")
@@ -212,7 +214,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateStart(_message.Message):
-    __slots__ = ("decision_id", "backend", "candidates", "excluded", "timings", "fallbacks", "cost_unit", "cost_weight")
+    __slots__ = ("decision_id", "backend", "candidates", "excluded", "timings", "fallbacks", "cost_unit", "cost_weight", "cache", "cache_similarity")
     DECISION_ID_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
@@ -221,6 +223,8 @@ class GenerateStart(_message.Message):
     FALLBACKS_FIELD_NUMBER: _ClassVar[int]
     COST_UNIT_FIELD_NUMBER: _ClassVar[int]
     COST_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
     decision_id: str
     backend: str
     candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
@@ -229,7 +233,9 @@ class GenerateStart(_message.Message):
     fallbacks: _containers.RepeatedCompositeFieldContainer[FallbackAttempt]
     cost_unit: str
     cost_weight: float
-    def __init__(self, decision_id: _Optional[str] = ..., backend: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., excluded: _Optional[_Iterable[_Union[Exclusion, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., fallbacks: _Optional[_Iterable[_Union[FallbackAttempt, _Mapping]]] = ..., cost_unit: _Optional[str] = ..., cost_weight: _Optional[float] = ...) -> None: ...
+    cache: str
+    cache_similarity: float
+    def __init__(self, decision_id: _Optional[str] = ..., backend: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., excluded: _Optional[_Iterable[_Union[Exclusion, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., fallbacks: _Optional[_Iterable[_Union[FallbackAttempt, _Mapping]]] = ..., cost_unit: _Optional[str] = ..., cost_weight: _Optional[float] = ..., cache: _Optional[str] = ..., cache_similarity: _Optional[float] = ...) -> None: ...
 
 class GenerateEnd(_message.Message):
     __slots__ = ("finish_reason", "usage", "latency_ms", "time_to_first_token_ms", "tokens_per_second", "backend")

@@ -11,6 +11,7 @@ import asyncio
 import json
 import threading
 import time
+import urllib.request
 
 import pytest
 from aiohttp import web
@@ -64,8 +65,7 @@ class ToolServer:
         return resp
 
 
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory, models_dir):
+def _gateway(tmp_path_factory, models_dir, **overrides):
     from router.adapters.http_server import HttpServer
     from tests.conftest import LiveServer, default_config
 
@@ -96,7 +96,7 @@ def gateway(tmp_path_factory, models_dir):
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(spans))
     srv = LiveServer(default_config(tmp, models_dir, backends=backends, **{"routing.cost_unit": "USD",
-                                                                         "tracing.enabled": True}),
+                                                                         "tracing.enabled": True, **overrides}),
                      tracer_provider=provider)
     srv.call(srv.server.load_and_serve())
     http = HttpServer(srv.app, "127.0.0.1", 0, metrics=srv.app.telemetry)
@@ -107,6 +107,18 @@ def gateway(tmp_path_factory, models_dir):
     asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory, models_dir):
+    yield from _gateway(tmp_path_factory, models_dir)
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory, models_dir):
+    """The same gateway with the answer cache on, semantic hits at cosine 0.9."""
+    yield from _gateway(tmp_path_factory, models_dir, **{"cache.enabled": True, "cache.semantic": True,
+                                                         "cache.semantic_threshold": 0.9})
 
 
 @pytest.fixture(scope="module")
@@ -303,3 +315,65 @@ def test_an_http_request_joins_the_callers_trace_and_a_failed_dispatch_is_an_err
     assert [d.attributes["caprouter.backend"] for d in dispatches] == ["small", "big"]
     assert not dispatches[0].status.is_ok and dispatches[1].status.is_unset
     assert all(format(s.context.trace_id, "032x") == trace_id for s in spans)
+
+
+def test_the_answer_cache_serves_repeats_and_paraphrases_and_honours_opt_out(cached):
+    remote = cached["remote"]
+    ask = {"model": "caprouter", "messages": [{"role": "user", "content": "What is the capital city of France?"}],
+           "max_tokens": 8, "temperature": 0}
+    n = len(remote.seen)
+    status, first = _post(cached, ask, CHEAP)
+    assert status == 200 and first["caprouter"]["cache"] is None and len(remote.seen) == n + 1
+    status, again = _post(cached, ask, CHEAP)
+    assert status == 200 and len(remote.seen) == n + 1                       # not asked again
+    assert again["caprouter"]["cache"] == {"hit": "exact", "similarity": 1.0}
+    assert again["choices"][0]["message"] == first["choices"][0]["message"] and again["model"] == first["model"]
+    assert again["caprouter"]["decision_id"] != first["caprouter"]["decision_id"]   # a decision of its own
+    para = {**ask, "messages": [{"role": "user", "content": "What is the capital city of France ?"}]}
+    status, near = _post(cached, para, CHEAP)
+    assert status == 200 and near["caprouter"]["cache"]["hit"] == "semantic" and len(remote.seen) == n + 1
+    assert near["caprouter"]["cache"]["similarity"] >= 0.9
+    other = {**ask, "messages": [{"role": "user", "content": "Write a limerick about a cat."}]}
+    assert _post(cached, other, CHEAP)[1]["caprouter"]["cache"] is None and len(remote.seen) == n + 2
+    # Opting out, other parameters, sampling without a seed: the backend answers.
+    assert _post(cached, ask, {**CHEAP, "x-caprouter-cache": "off"})[1]["caprouter"]["cache"] is None
+    assert _post(cached, {**ask, "caprouter": {"cache": False}}, CHEAP)[1]["caprouter"]["cache"] is None
+    assert _post(cached, {**ask, "max_tokens": 9}, CHEAP)[1]["caprouter"]["cache"] is None
+    assert _post(cached, {**ask, "temperature": 0.7}, CHEAP)[1]["caprouter"]["cache"] is None
+    assert _post(cached, {**ask, "temperature": 0.7}, CHEAP)[1]["caprouter"]["cache"] is None
+    assert len(remote.seen) == n + 7
+    seeded = {**ask, "temperature": 0.7, "seed": 5}
+    _post(cached, seeded, CHEAP)
+    assert _post(cached, seeded, CHEAP)[1]["caprouter"]["cache"]["hit"] == "exact"      # a seed makes it repeatable
+    assert _post(cached, {**seeded, "messages": para["messages"]}, CHEAP)[1]["caprouter"]["cache"] is None   # no
+    # semantic hits above temperature 0
+    with urllib.request.urlopen(f"http://{cached['http']}/metrics", timeout=30) as r:
+        metrics = r.read().decode()
+    assert 'caprouter_answer_cache_lookups_total{backend="small",result="exact"}' in metrics
+
+
+def test_a_cached_tool_call_streams_back_whole_over_grpc_and_http(cached):
+    import grpc
+
+    from caprouter.v1 import router_pb2 as pb
+    from caprouter.v1 import router_pb2_grpc
+
+    remote = cached["remote"]
+    body = {"model": "caprouter", "messages": ASK, "max_tokens": 32, "tools": TOOLS, "temperature": 0}
+    _post(cached, body, CHEAP)
+    n = len(remote.seen)
+    status, r = _post(cached, body, CHEAP)
+    assert status == 200 and r["caprouter"]["cache"]["hit"] == "exact" and len(remote.seen) == n
+    call = r["choices"][0]["message"]["tool_calls"][0]
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    assert r["choices"][0]["finish_reason"] == "tool_calls"
+    # gRPC: the same prompt at temperature 0, cached for the backend the router picks.
+    req = pb.GenerateRequest(prompt="Name a prime number.", params=pb.GenerationParams(max_tokens=8, temperature=0))
+    with grpc.insecure_channel(cached["grpc"]) as ch:
+        stub = router_pb2_grpc.RouterStub(ch)
+        a = list(stub.Generate(req, timeout=60))
+        b = list(stub.Generate(req, timeout=60))
+        req.params.cache = False
+        c = list(stub.Generate(req, timeout=60))
+    assert (a[0].start.cache, b[0].start.cache, c[0].start.cache) == ("", "exact", "")
+    assert "".join(x.text for x in b) == "".join(x.text for x in a) == "Sunny in Paris"
