@@ -20,7 +20,9 @@ threshold (router/serving/answer_cache.py). Whether that is right depends on the
 Embeddings are the server's (``build_encoder`` with ``--runtime``, the default's by default).
 Prints one table (threshold, paraphrase hit rate, share of hits that are wrong, wrong hits per
 query, unrelated-prompt hit rate) and the threshold it recommends: the lowest whose wrong hits stay
-under 1% of paraphrase queries and 0.1% of unrelated prompts. Figures also go to
+under 1% of paraphrase queries and 0.5% of unrelated prompts. (The unrelated prompts that hit at
+high thresholds are near-duplicates in the data: one exam question with another option list, whose
+answer letter may differ, so every such hit counts as wrong.) Figures also go to
 benchmarks/out/answer_cache.json. Not a test. The last line is key=value figures.
 """
 from __future__ import annotations
@@ -159,11 +161,11 @@ def main() -> None:
         table.append(row)
         print(f"| {t:.2f} | {row['hit_rate']:.1%} | {row['wrong_share_of_hits']:.1%} | {row['wrong_per_query']:.2%} "
               f"| {u:.2%} |")
-    ok = [r for r in table if r["wrong_per_query"] < 0.01 and not r["unrelated_hit_rate"] >= 0.001]
+    ok = [r for r in table if r["wrong_per_query"] < 0.01 and not r["unrelated_hit_rate"] >= 0.005]
     rec = min(ok, key=lambda r: r["threshold"]) if ok else None
     print()
     if rec is None:
-        print("no threshold keeps wrong hits under 1% of paraphrase queries and 0.1% of unrelated prompts")
+        print("no threshold keeps wrong hits under 1% of paraphrase queries and 0.5% of unrelated prompts")
     else:
         print(f"recommended semantic_threshold: {rec['threshold']:.2f} (paraphrase hit rate {rec['hit_rate']:.1%}, "
               f"wrong hits {rec['wrong_per_query']:.2%} of queries, unrelated hits {rec['unrelated_hit_rate']:.2%})")

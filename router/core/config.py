@@ -279,9 +279,10 @@ class CacheConfig(_Model):
     enabled: bool = False
     max_entries: int = Field(10_000, ge=1, le=10_000_000)
     ttl_s: float = Field(3600.0, gt=0)
-    # Semantic hits on the routing embedding (temperature 0 only), at or above this cosine.
+    # Semantic hits on the routing embedding (temperature 0 only), at or above this cosine: 0.97
+    # by benchmarks/answer_cache.py (docs/gateway.md has its table).
     semantic: bool = False
-    semantic_threshold: float = Field(0.95, gt=0, le=1)
+    semantic_threshold: float = Field(0.97, gt=0, le=1)
     max_answer_chars: int = Field(64_000, ge=1)
 
 
