@@ -152,9 +152,12 @@ class Backend(abc.ABC):
 
     def count_tokens(self, messages: Sequence[tuple[str, str]]) -> int:
         """Prompt tokens of ``messages`` as this backend counts them. Default, for backends whose
-        tokenizer caprouter does not hold: an over-estimate of 1 token per 3 characters (English
-        averages about 4 in OpenAI's and Llama's tokenizers), so a window is not overrun."""
-        return sum(len(c) for _, c in messages) // 3 + 4 * len(messages)
+        tokenizer caprouter does not hold: an over-estimate, so a window is not overrun: a token
+        per 3 ASCII characters (English averages about 4 in OpenAI's and Llama's tokenizers) and
+        one per other character (CJK text takes 1-3)."""
+        text = "".join(c for _, c in messages)
+        ascii_chars = sum(ch < "\x80" for ch in text)
+        return ascii_chars // 3 + (len(text) - ascii_chars) + 4 * len(messages)
 
     def queue_stats(self) -> QueueStats | None:
         """The backend's own queue (local models), or None when it keeps none (remote APIs)."""

@@ -11,7 +11,8 @@ Streams ``/chat/completions`` (SSE). Connection failures, 429 and 5xx are retrie
 exponential backoff while nothing has been streamed; after the first token a failure ends the
 request (the router reports it, as for any backend). Every call has a connect timeout, a
 first-token timeout and a per-chunk timeout, so nothing hangs. A backend whose calls failed (or
-whose probe did) is left out of routing for ``recheck_s``, then tried again by the next request.
+whose probe did) is left out of routing for ``recheck_s``; then one request at a time tries it again
+(a circuit breaker's half-open state: the others fail over at once) until one succeeds.
 """
 from __future__ import annotations
 
@@ -79,6 +80,7 @@ class OpenAIBackend(Backend):
         self._cost = CostModel.from_config(cfg.cost, cost_unit)
         self._status = (Status.LOADING, "not probed yet")
         self._down_since: float | None = None     # time.monotonic() of the failure that took it out
+        self._trial = False                       # a request is trying it again (half-open)
         self._session: Any = None
 
     def _headers(self) -> dict[str, str]:
@@ -119,10 +121,21 @@ class OpenAIBackend(Backend):
     def _down(self, detail: str) -> None:
         self._status = (Status.UNAVAILABLE, detail)
         self._down_since = time.monotonic()
+        self._trial = False
 
     def _up(self) -> None:
         self._status = (Status.READY, f"{self.opts.model} at {self.opts.base_url}")
         self._down_since = None
+        self._trial = False
+
+    def _admit_trial(self) -> None:
+        """While it is out, one request at a time tries it (half-open); the others fail at once,
+        so the router falls back without each paying the connect timeout and the retries."""
+        if self._down_since is None:
+            return
+        if self._trial:
+            raise BackendError(self.name, f"being tried again after a failure ({self._status[1]}); not this request")
+        self._trial = True
 
     def cost_model(self) -> CostModel:
         return self._cost
@@ -149,6 +162,14 @@ class OpenAIBackend(Backend):
             body["stop"] = list(request.stop)
         if request.seed is not None:
             body["seed"] = request.seed
+        self._admit_trial()
+        try:
+            async for ev in self._attempts(body):
+                yield ev
+        finally:
+            self._trial = False         # a trial that ended otherwise (cancelled, a 4xx) lets the next one try
+
+    async def _attempts(self, body: dict[str, Any]) -> AsyncGenerator[TextChunk | Finished]:
         delay = self.opts.backoff_s
         for attempt in range(self.opts.retries + 1):
             streamed = 0

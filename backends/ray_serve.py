@@ -36,7 +36,8 @@ def _request_dict(req: GenerationRequest) -> dict[str, Any]:
     left = None if req.deadline is None else max(0.0, req.deadline - time.monotonic())
     return {"messages": [list(m) for m in req.messages], "max_tokens": req.max_tokens,
             "temperature": req.temperature, "stop": list(req.stop), "seed": req.seed,
-            "ignore_eos": req.ignore_eos, "embedding": emb, "seconds_left": left}
+            "ignore_eos": req.ignore_eos, "embedding": emb, "seconds_left": left, "extra": dict(req.extra),
+            "raw_messages": None if req.raw_messages is None else [dict(m) for m in req.raw_messages]}
 
 
 class BackendReplica:
@@ -63,10 +64,11 @@ class BackendReplica:
     def info(self) -> dict[str, Any]:
         st, detail = self.backend.status()
         active = getattr(self.backend, "active_parameters", None)
-        caps = self.backend.known_capabilities()
+        caps = self.backend.capabilities()
         return {"status": st.value, "detail": detail, "pid": os.getpid(), "kind": self.backend.kind,
                 "active_parameters": active() if callable(active) else None,
-                "context_window": caps.context_window, "params": sorted(caps.params)}
+                "capabilities": {"context_window": caps.context_window, "max_output_tokens": caps.max_output_tokens,
+                                 "tools": caps.tools, "json_mode": caps.json_mode, "params": sorted(caps.params)}}
 
     def check_health(self) -> None:
         if self.backend.status()[0] != Status.READY:
@@ -85,7 +87,10 @@ class BackendReplica:
         try:
             async for ev in self.backend.generate(req):
                 if isinstance(ev, TextChunk):
-                    yield ("text", ev.text)
+                    if ev.tool_calls or ev.logprobs is not None:
+                        yield ("text", ev.text, [dict(c) for c in ev.tool_calls], ev.logprobs)
+                    else:
+                        yield ("text", ev.text)
                 else:
                     yield ("end", ev.reason.value, ev.prompt_tokens, ev.completion_tokens, ev.decode_s)
         except Overloaded as e:       # the replica's queue is full: refused, nothing started
@@ -128,8 +133,9 @@ class RayBackend(Backend):
             # The same cost model as in-process mode: the config's, with the replica's weights counted.
             self._cost = CostModel.from_config(self._cfg.cost, self._cost_unit,
                                                active_parameters=info["active_parameters"])
-            self._known = Capabilities(context_window=info.get("context_window"),
-                                       params=frozenset(info.get("params") or ()))
+            caps = dict(info.get("capabilities") or {})
+            caps["params"] = frozenset(caps.get("params") or ())
+            self._known = Capabilities(**caps)
             self._loaded = (Status.READY, f"Ray Serve deployment; replica: {info['detail']}")
         except Exception as e:  # a deployment that never came up is reported, not fatal
             log.exception("backend %s: no replica answered", self.name)
@@ -169,7 +175,7 @@ class RayBackend(Backend):
                                        tokens_streamed=streamed) from None
                 if ev[0] == "text":
                     streamed += 1
-                    yield TextChunk(ev[1])
+                    yield TextChunk(ev[1]) if len(ev) == 2 else TextChunk(ev[1], tool_calls=tuple(ev[2]), logprobs=ev[3])
                 elif ev[0] == "end":
                     finished = True
                     yield Finished(FinishReason(ev[1]), ev[2], ev[3], ev[4])

@@ -3,14 +3,14 @@
 Three runtimes (``runtime``):
 
 - ``torch``: the transformers model, every forward on the compute thread.
-- ``onnx`` (the server's default): the model exported once to ONNX (``torch.onnx.export``),
+- ``onnx``: the model exported once to ONNX (``torch.onnx.export``),
   cached under the models directory, run by ONNX Runtime: torch's embedding to 1e-6, 1.2-2.5x
   faster on 2 cores.
-- ``onnx-int8``: that export with every weight matmul in int8, activations quantized per token
+- ``onnx-int8`` (the server's default): that export with every weight matmul in int8, activations quantized per token
   (``encoders/quantize.py``), so a prompt's embedding does not depend on its batch. An
   approximation: cosine to torch's >= 0.9916, mean 0.9965 on the shared data sets; AIQ within
-  0.0035 of torch's (benchmarks/encoder_runtime.py); Route about 1.15x fp32's at 16 callers
-  (docs/serving.md).
+  0.0035 of torch's (benchmarks/encoder_runtime.py); Route 1.23x fp32's at 16 callers (median of
+  five interleaved runs, docs/serving.md).
 """
 from __future__ import annotations
 

@@ -108,7 +108,7 @@ def _traced(provider: trace.TracerProvider) -> Callable[..., Awaitable[web.Strea
                      ) -> web.StreamResponse:
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else request.path
-        with tracer.start_as_current_span(f"{request.method} {route}", context=propagate.extract(dict(request.headers)),
+        with tracer.start_as_current_span(f"{request.method} {route}", context=propagate.extract(request.headers),
                                           kind=trace.SpanKind.SERVER,
                                           attributes={"http.request.method": request.method, "http.route": route,
                                                       "url.path": request.path}) as span:

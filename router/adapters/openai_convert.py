@@ -170,9 +170,13 @@ def gen_params(body: dict[str, Any], *, chat: bool = True) -> GenParams:
             raise InvalidArgument(f"{name} must be an integer")
     temp = body.get("temperature")
     extra = {k: body[k] for k in PASS_THROUGH if body.get(k) is not None}
-    _check_extra(extra)
     if not chat:
-        extra.pop("tools", None)        # completions have no tools; OpenAI ignores the rest alike
+        extra.pop("tools", None)        # completions have no tools
+        if extra.get("logprobs") in (0, False):
+            extra.pop("logprobs")       # completions' logprobs is an integer (0: none)
+        elif "logprobs" in extra and not isinstance(extra["logprobs"], bool) and isinstance(extra["logprobs"], int):
+            extra["logprobs"] = True    # asks for them, as a chat request's true does
+    _check_extra(extra)
     raw = body["messages"] if chat and any(
         isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls") or m.get("role") == "developer"
                                  or not isinstance(m.get("content"), str)) for m in body["messages"]) else None
@@ -212,6 +216,15 @@ def _check_extra(extra: dict[str, Any]) -> None:
         del extra["logprobs"]
     if "user" in extra and not isinstance(extra["user"], str):
         raise InvalidArgument("user must be a string")
+    # Values that ask for nothing (what many client wrappers send by default) are not needs: a
+    # backend that does not take the parameter serves them as it is.
+    for name, neutral in _NEUTRAL.items():
+        if name in extra and extra[name] == neutral:
+            del extra[name]
+
+
+_NEUTRAL: dict[str, Any] = {"top_p": 1, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {},
+                            "parallel_tool_calls": True, "tool_choice": "none", "store": False, "metadata": {}}
 
 
 def delta(ev: TextChunk) -> dict[str, Any]:

@@ -42,7 +42,8 @@ _TEMPLATE_TOKENS_PER_MESSAGE = 16
 def ineligible(needs: Needs, backends: Mapping[str, Capable], messages: Sequence[Message]) -> dict[str, str]:
     """name -> why the backend cannot serve the request, for each backend that cannot."""
     out: dict[str, str] = {}
-    chars = sum(len(c) for _, c in messages)
+    # Byte-level BPE tokens cover at least one UTF-8 byte each (a CJK character may be 2-3 tokens).
+    size = sum(len(c.encode("utf-8")) for _, c in messages)
     for name, backend in backends.items():
         caps = backend.capabilities()
         why: list[str] = []
@@ -57,9 +58,9 @@ def ineligible(needs: Needs, backends: Mapping[str, Capable], messages: Sequence
         if caps.max_output_tokens is not None and out_tokens > caps.max_output_tokens:
             why.append(f"max_tokens {out_tokens} > its max output {caps.max_output_tokens} tokens")
         if caps.context_window is not None:
-            # No token is shorter than a character: a prompt whose characters (and template
-            # tokens) fit needs no tokenizer call.
-            bound = chars + _TEMPLATE_TOKENS_PER_MESSAGE * (len(messages) + 1)
+            # No token is shorter than a byte: a prompt whose bytes (and template tokens) fit
+            # needs no tokenizer call.
+            bound = size + _TEMPLATE_TOKENS_PER_MESSAGE * (len(messages) + 1)
             if bound + out_tokens > caps.context_window:
                 prompt = backend.count_tokens(messages)
                 if prompt + out_tokens > caps.context_window:

@@ -159,9 +159,11 @@ class App:
     _backends: dict[str, Backend] = field(default_factory=dict)
     # Where spans go (router/serving/tracing.py); None: what config.tracing asks for.
     tracer_provider: Any = None
+    _owns_tracer: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         self.keys = KeyFile(self.config.auth.keys_path(), required=self.config.auth.required)
+        self._owns_tracer = self.tracer_provider is None      # one handed in is its owner's to shut down
         if self.tracer_provider is None:
             self.tracer_provider = tracer_provider(self.config.tracing)
 
@@ -211,9 +213,6 @@ class App:
         log.info("caprouter ready: %d backends, %d outcomes in the datastore", len(self._backends), len(store))
 
     async def close(self) -> None:
-        shutdown = getattr(self.tracer_provider, "shutdown", None)
-        if shutdown is not None:
-            shutdown()          # exports what is buffered
         if self.service is not None:
             await self.service.close()
         else:
@@ -222,6 +221,10 @@ class App:
         if self.storage is not None:
             self.storage.close()
         self.compute.shutdown()
+        shutdown = getattr(self.tracer_provider, "shutdown", None)
+        if self._owns_tracer and shutdown is not None:
+            # Exports what is buffered (the spans of requests cut off by the close too): blocking.
+            await asyncio.get_running_loop().run_in_executor(None, shutdown)
 
 
 def build_app(config: AppConfig, *, tracer_provider: Any = None) -> App:

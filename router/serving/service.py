@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import math
 import threading
@@ -400,7 +401,7 @@ class RouterService:
                                ineligible=lacking)
             if knobs.budget is not None:
                 selection = self._window_budget(knobs, knobs.budget, names, quality, cost, support, unavailable,
-                                                selection)
+                                                selection, lacking)
         except NoEligibleBackend as e:
             permitted = [n for n in names if (not knobs.allowed or n in knobs.allowed) and n not in knobs.denied]
             if lacking and permitted and all(n in lacking for n in permitted):
@@ -450,11 +451,13 @@ class RouterService:
         return out
 
     def _window_budget(self, knobs: Knobs, budget: float, names: list[str], quality: list[float], cost: list[float],
-                       support: list[float], unavailable: dict[str, str], eligible: Selection) -> Selection:
+                       support: list[float], unavailable: dict[str, str], eligible: Selection,
+                       lacking: Mapping[str, str] | None = None) -> Selection:
         ok = {s.backend for s in eligible.ranked}
         idx, lam = self._budgets.decide(knobs.budget_key, names, np.array(quality), np.array(cost), budget,
                                         np.array([n in ok for n in names]))
-        sel = select(names, quality, cost, replace(knobs, cost_weight=lam), support=support, unavailable=unavailable)
+        sel = select(names, quality, cost, replace(knobs, cost_weight=lam), support=support, unavailable=unavailable,
+                     ineligible=lacking)
         sel = promote(sel, names[idx])
         self._budgets.commit(knobs.budget_key, names, sel.chosen.cost)
         return sel
@@ -600,7 +603,9 @@ class RouterService:
         decision = await self.route_async(replace(query, needs=params.needs(max_tokens)), dispatch=True, parent=gspan)
         gspan.set_attribute(DECISION_ID, decision.decision_id)
         caller = query.caller
-        cached = self.cache is not None and params.cache and AnswerCache.cacheable(first.temperature, first.seed)
+        # Logprobs are not kept with a cached answer: such requests go to the backend.
+        cached = (self.cache is not None and params.cache and AnswerCache.cacheable(first.temperature, first.seed)
+                  and not params.extra.get("logprobs"))
         if cached:
             hit = self._cache_get(caller, decision, msgs, params, first)
             if hit is not None:
@@ -698,8 +703,16 @@ class RouterService:
                     req: GenerationRequest) -> tuple[str, str]:
         tenant = caller.key.id if caller.key is not None else ""       # never across API keys
         messages = params.raw_messages if params.raw_messages is not None else [list(m) for m in msgs]
+        # A semantic hit may vary only the last user turn's text (what the routing embedding stands
+        # for): the system prompt, the other turns (tool calls and results), content parts must
+        # match, so they are part of the scope.
+        last = max((i for i, (r, _) in enumerate(msgs) if r == "user"), default=-1)
+        context: list[Any] = [list(m) for i, m in enumerate(msgs) if i != last]
+        if params.raw_messages is not None:
+            context.append(json.dumps(params.raw_messages, sort_keys=True, default=str))
         return request_key(tenant, backend, messages,
-                           params_of(req.max_tokens, req.temperature, req.stop, req.seed, req.extra))
+                           {**params_of(req.max_tokens, req.temperature, req.stop, req.seed, req.extra),
+                            "context": context})
 
     def _cache_get(self, caller: Caller, decision: Decision, msgs: Sequence[Message], params: GenParams,
                    req: GenerationRequest) -> Hit | None:

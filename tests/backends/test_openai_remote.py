@@ -185,6 +185,14 @@ def test_a_failed_backend_is_tried_again_after_recheck_s_and_a_success_brings_it
             await asyncio.sleep(0.35)
             st, detail = b.status()
             assert st == Status.READY and detail.startswith("trying again after")   # half-open
+            s.delay = 0.3
+            trial = asyncio.ensure_future(_collect(b))          # one request tries it again ...
+            await asyncio.sleep(0.1)
+            with pytest.raises(BackendError, match="being tried again"):
+                await _collect(b)                               # ... the others fall back at once
+            text, fin = await trial
+            assert text == "Hello from remote" and b.status() == (Status.READY, f"m at {url}")
+            s.delay = 0.0
             text, fin = await _collect(b)
             assert text == "Hello from remote" and b.status() == (Status.READY, f"m at {url}")
             await b.close()

@@ -222,6 +222,14 @@ def test_a_request_only_backends_without_the_capability_may_serve_is_a_400_namin
     assert status == 400 and "tools must be a list" in r["error"]["message"]
 
 
+def test_a_traffic_budget_keeps_the_capability_exclusions(gateway):
+    status, r = _post(gateway, {"model": "caprouter", "messages": ASK, "max_tokens": 8, "tools": TOOLS},
+                      {"x-caprouter-budget-per-request": "1", "x-caprouter-budget-key": "team-a"})
+    assert status == 200 and r["model"] == "big"
+    assert _excluded(r)["small"].startswith("ineligible: no tool calling")
+    assert [c["backend"] for c in r["caprouter"]["candidates"]] == ["big"]     # no fallback to small
+
+
 def test_fallback_after_a_failure_stays_among_the_capable_backends(gateway):
     remote = gateway["remote"]
     remote.failing.add("big-model")
@@ -367,6 +375,15 @@ def test_a_cached_tool_call_streams_back_whole_over_grpc_and_http(cached):
     call = r["choices"][0]["message"]["tool_calls"][0]
     assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
     assert r["choices"][0]["finish_reason"] == "tool_calls"
+    # The agent sends the tool's result back: the routing text (the last user turn) is the same,
+    # but the conversation is not, so no semantic hit replays the tool call.
+    follow = {**body, "messages": [*ASK, r["choices"][0]["message"],
+                                   {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}]}
+    status, r2 = _post(cached, follow, CHEAP)
+    assert status == 200 and r2["caprouter"]["cache"] is None and len(remote.seen) == n + 1
+    system = {**body, "messages": [{"role": "system", "content": "Answer in German."}, *ASK]}
+    assert _post(cached, system, CHEAP)[1]["caprouter"]["cache"] is None       # another system prompt
+    assert _post(cached, {**body, "logprobs": True}, CHEAP)[1]["caprouter"]["cache"] is None
     # gRPC: the same prompt at temperature 0, cached for the backend the router picks.
     req = pb.GenerateRequest(prompt="Name a prime number.", params=pb.GenerationParams(max_tokens=8, temperature=0))
     with grpc.insecure_channel(cached["grpc"]) as ch:

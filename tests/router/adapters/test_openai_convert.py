@@ -68,3 +68,11 @@ def test_an_answer_merges_tool_call_fragments_by_index_and_concatenates_logprobs
     assert [t["token"] for t in b.logprobs()["content"]] == ["Hel", "lo"]
     assert oa.delta(TextChunk("x")) == {"content": "x"}
     assert oa.delta(TextChunk("", tool_calls=({"index": 0},))) == {"tool_calls": [{"index": 0}]}
+
+
+def test_neutral_values_ask_nothing_and_completions_take_an_integer_logprobs():
+    body = {"messages": [{"role": "user", "content": "hi"}], "top_p": 1, "presence_penalty": 0,
+            "frequency_penalty": 0.0, "logit_bias": {}, "parallel_tool_calls": True, "user": "u"}
+    assert oa.gen_params(body).extra == {"user": "u"}
+    assert oa.gen_params({"prompt": "hi", "logprobs": 0}, chat=False).extra == {}
+    assert oa.gen_params({"prompt": "hi", "logprobs": 3}, chat=False).needs(4).params == frozenset({"logprobs"})

@@ -56,3 +56,16 @@ def test_max_output_tokens_and_config_overrides():
     over = LOCAL.merged(CapabilitiesConfig(context_window=4096, params=["user", "top_p"]))
     assert over.context_window == 4096 and over.params == frozenset({"user", "top_p"}) and not over.tools
     assert LOCAL.merged(None) is LOCAL
+
+
+def test_non_ascii_text_is_bounded_by_bytes_and_estimated_at_a_token_a_character():
+    from backends.base import Backend
+
+    cjk = [("user", "天气很好" * 500)]                      # 2,000 characters, 6,000 UTF-8 bytes
+    assert Backend.count_tokens(None, cjk) == 2000 + 4        # type: ignore[arg-type]
+    fits = Model(Capabilities(context_window=4000), chars_per_token=1.0)
+    assert ineligible(Needs(max_tokens=16), {"m": fits}, cjk) == {}
+    assert fits.counted == 1                                   # 2,000 characters but 6,000 bytes: counted
+    wide = Model(Capabilities(context_window=4000), chars_per_token=0.4)      # 2.5 tokens a character
+    assert ineligible(Needs(max_tokens=16), {"m": wide}, cjk) == {
+        "m": "context window 4000 tokens < 5003 prompt + 16 max_tokens"}
