@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import inspect
 import ipaddress
 import logging
@@ -239,6 +240,13 @@ class GrpcServer:
 
     async def load_and_serve(self, *, progress: bool = False) -> None:
         await self.app.load(progress=progress)
+        # What loading made (models, tokenizers, the datastore's records: millions of objects)
+        # lives as long as the server: moved out of the garbage collector's sight, so that its
+        # full collections no longer walk it. Measured under load (benchmarks/load.py, gc
+        # callbacks): full collections paused the server 240-250 ms each, twice a run, and set
+        # the refusals' p99 (58 and 76 ms); frozen, they take 2.3 ms and that p99 is 34 ms.
+        gc.collect()
+        gc.freeze()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("caprouter serving on %s", self.address)
