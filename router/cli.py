@@ -491,7 +491,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"wrote artifact {args.out}: {len(m['backends'])} backends, best epoch {m['metrics']['best_epoch']}, "
           f"datastore weight {min(w.values()):.2f}..{max(w.values()):.2f}")
     test = m["metrics"].get("test")
-    if test:
+    if test and test.get("equal_costs"):
+        print(f"every backend costs the same (quality-only routing): test accuracy {test['accuracy']:.3f}, "
+              f"best single backend {test['best_single']:.3f}, oracle {test['oracle']:.3f}")
+    elif test:
         zero = m["metrics"]["test_zero_router"]
         print(f"test AIQ {test['aiq']:.3f} (zero router {zero['aiq']:.3f}); quality at the best single model's "
               f"cost {test['q_at_best_cost']:.3f}; its quality reached at {test['cost_share_for_best_quality']:.0%} "

@@ -64,9 +64,15 @@ def cost_to_reach(points: Points, quality: float) -> float:
 
 def aiq(points: Points, c_min: float, c_max: float, *, grid: int = 4001) -> float:
     """RouterBench's Average Improvement in Quality: the envelope integrated over
-    [c_min, c_max] (cheapest and dearest single model), divided by (c_max - c_min)."""
-    if c_max <= c_min:
-        raise ValueError("c_max must exceed c_min")
+    [c_min, c_max] (cheapest and dearest single model), divided by (c_max - c_min).
+
+    When every backend costs the same (c_max == c_min: quality-only routing), the interval is a
+    point and the mean is the envelope's value there: the best quality reached at that cost, i.e.
+    the router's accuracy."""
+    if c_max < c_min:
+        raise ValueError("c_max must not be below c_min")
+    if c_max - c_min <= 1e-12 * max(1.0, abs(c_max)):
+        return quality_at(points, c_max)
     h = envelope(points)
     xs = np.linspace(c_min, c_max, grid)
     ys = np.where(xs < h[0, 0], 0.0, np.interp(xs, h[:, 0], h[:, 1]))
@@ -144,12 +150,18 @@ def evaluate(Qhat: npt.NDArray, Chat: npt.NDArray, Y: npt.NDArray, C: npt.NDArra
     costs = [c for c, _ in single]
     c_min, c_max = min(costs), max(costs)
     best = max(single, key=lambda p: (p[1], -p[0]))
-    return {
+    out = {
         "aiq": aiq(pts, c_min, c_max),
         "q_at_best_cost": quality_at(pts, best[0]),
-        "cost_share_for_best_quality": cost_to_reach(pts, best[1]) / best[0],
+        "cost_share_for_best_quality": cost_to_reach(pts, best[1]) / best[0] if best[0] > 0 else float("nan"),
         "max_quality": max(q for _, q in pts),
     }
+    if c_max - c_min <= 1e-12 * max(1.0, abs(c_max)):
+        # Quality-only routing: what fits is accuracy, against the best single backend and the oracle.
+        n = np.arange(Y.shape[0])
+        out.update(equal_costs=1.0, accuracy=float(Y[n, np.argmax(Qhat, axis=1)].mean()),
+                   best_single=float(best[1]), oracle=float(Y.max(axis=1).mean()))
+    return out
 
 
 def zero_router(Y: npt.NDArray, C: npt.NDArray) -> dict[str, float]:
@@ -157,7 +169,7 @@ def zero_router(Y: npt.NDArray, C: npt.NDArray) -> dict[str, float]:
     costs = [c for c, _ in single]
     best = max(single, key=lambda p: (p[1], -p[0]))
     return {"aiq": aiq(single, min(costs), max(costs)), "q_at_best_cost": quality_at(single, best[0]),
-            "cost_share_for_best_quality": cost_to_reach(single, best[1]) / best[0],
+            "cost_share_for_best_quality": cost_to_reach(single, best[1]) / best[0] if best[0] > 0 else float("nan"),
             "max_quality": max(q for _, q in single)}
 
 

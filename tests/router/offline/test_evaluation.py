@@ -70,3 +70,18 @@ def test_per_backend_accuracy():
 def test_envelope_needs_points():
     with pytest.raises(ValueError):
         M.envelope([])
+
+
+def test_equal_costs_reduce_aiq_to_the_best_quality_at_that_cost_and_report_accuracy():
+    import numpy as np
+
+    from router.offline.evaluation import aiq, evaluate, zero_router
+
+    Y = np.array([[1, 0], [0, 1], [1, 1], [0, 0]], np.float32)
+    C = np.ones_like(Y)
+    Qhat = np.array([[0.9, 0.1], [0.2, 0.8], [0.5, 0.4], [0.3, 0.6]], np.float32)
+    m = evaluate(Qhat, C, Y, C)
+    assert m["equal_costs"] == 1.0 and m["accuracy"] == 0.75 and m["oracle"] == 0.75 and m["best_single"] == 0.5
+    assert m["aiq"] == 0.75
+    assert zero_router(Y, C)["aiq"] == 0.5
+    assert aiq([(1.0, 0.4), (1.0, 0.7)], 1.0, 1.0) == 0.7
