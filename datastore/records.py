@@ -45,7 +45,8 @@ class OutcomeRecord:
         return d
 
 
-def _float_map(obj: Any, what: str, where: str, *, unit: bool) -> dict[str, float]:
+def _float_map(obj: Any, what: str, where: str, *, unit: bool, clipped: list[str] | None = None) -> dict[str, float]:
+    """``clipped``: a list to note scores clipped into [0, 1] in (None: such a score is an error)."""
     if obj is None:
         return {}
     if not isinstance(obj, dict):
@@ -55,21 +56,26 @@ def _float_map(obj: Any, what: str, where: str, *, unit: bool) -> dict[str, floa
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise InvalidArgument(f"{where}: {what}[{k!r}] must be a finite number, got {v!r}")
         if unit and not 0.0 <= v <= 1.0:
-            raise InvalidArgument(f"{where}: {what}[{k!r}] = {v} is outside [0, 1]")
+            if clipped is None:
+                raise InvalidArgument(f"{where}: {what}[{k!r}] = {v} is outside [0, 1] (rescale the scores, or pass "
+                                      "--clip-scores to `caprouter train` to clip them into [0, 1])")
+            clipped.append(f"{where}: {what}[{k!r}] = {v}")
+            v = min(1.0, max(0.0, float(v)))
         if not unit and v < 0:
             raise InvalidArgument(f"{where}: {what}[{k!r}] = {v} is negative")
         out[str(k)] = float(v)
     return out
 
 
-def parse_record(obj: Any, where: str) -> OutcomeRecord:
-    """Validate one decoded JSON object; ``where`` (file:line) prefixes every error message."""
+def parse_record(obj: Any, where: str, *, clipped: list[str] | None = None) -> OutcomeRecord:
+    """Validate one decoded JSON object; ``where`` (file:line) prefixes every error message.
+    ``clipped``: clip scores outside [0, 1] and note each here (None: refuse them)."""
     if not isinstance(obj, dict):
         raise InvalidArgument(f"{where}: expected a JSON object")
     prompt = obj.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise InvalidArgument(f"{where}: 'prompt' must be a non-empty string")
-    scores = _float_map(obj.get("scores"), "scores", where, unit=True)
+    scores = _float_map(obj.get("scores"), "scores", where, unit=True, clipped=clipped)
     if not scores:
         raise InvalidArgument(f"{where}: 'scores' must name at least one backend")
     return OutcomeRecord(
@@ -84,8 +90,9 @@ def parse_record(obj: Any, where: str) -> OutcomeRecord:
     )
 
 
-def read_outcomes(path: str | Path) -> Iterator[OutcomeRecord]:
-    """Yield the records of a .jsonl or .jsonl.gz file; blank lines are skipped."""
+def read_outcomes(path: str | Path, *, clipped: list[str] | None = None) -> Iterator[OutcomeRecord]:
+    """Yield the records of a .jsonl or .jsonl.gz file; blank lines are skipped. ``clipped``: see
+    ``parse_record``."""
     p = Path(path)
     if not p.exists():
         raise InvalidArgument(f"outcomes file not found: {p}")
@@ -99,4 +106,4 @@ def read_outcomes(path: str | Path) -> Iterator[OutcomeRecord]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise InvalidArgument(f"{where}: not valid JSON ({e.msg})") from None
-            yield parse_record(obj, where)
+            yield parse_record(obj, where, clipped=clipped)

@@ -486,7 +486,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _config(args)
     setup_logging(cfg.log_level, "text")
     m = train_command(cfg, args.data, args.out, costs=args.costs, seed=args.seed, max_epochs=args.epochs,
-                      test_share=args.test_share, progress=sys.stderr.isatty())
+                      test_share=args.test_share, progress=sys.stderr.isatty(), clip_scores=args.clip_scores)
+    if m["data"].get("clipped_scores"):
+        print(f"clipped {m['data']['clipped_scores']} score(s) into [0, 1] (--clip-scores)")
     w = {b: sum(v) for b, v in m["knn_weights"].items()}
     print(f"wrote artifact {args.out}: {len(m['backends'])} backends, best epoch {m['metrics']['best_epoch']}, "
           f"datastore weight {min(w.values()):.2f}..{max(w.values()):.2f}")
@@ -621,6 +623,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, help="maximum epochs (early stopping decides before)")
     t.add_argument("--test-share", type=float, default=0.2,
                    help="share held out for the test report when the data has no split of its own (0: none)")
+    t.add_argument("--clip-scores", action="store_true",
+                   help="clip scores outside [0, 1] into it (and say how many) instead of refusing the file")
     t.set_defaults(fn=cmd_train)
 
     x = sub.add_parser("export", help="write a server's served feedback (and its offline outcomes) as training data")

@@ -55,13 +55,15 @@ class RoutingData:
                            self.C[:, cols], self.source_hash, self.records)
 
 
-def load_routing_data(path: str | Path, costs: Mapping[str, float] | None = None) -> RoutingData:
-    """Read an outcome file; raise InvalidArgument when a backend has no cost facts at all."""
+def load_routing_data(path: str | Path, costs: Mapping[str, float] | None = None, *,
+                      clipped: list[str] | None = None) -> RoutingData:
+    """Read an outcome file; raise InvalidArgument when a backend has no cost facts at all.
+    ``clipped``: clip scores outside [0, 1], noting each there (None: refuse them)."""
     p = Path(path)
     records: list[OutcomeRecord] = []
     prices: list[dict[str, float]] = []
     raw_meta = _read_price_meta(p)
-    for i, r in enumerate(read_outcomes(p)):
+    for i, r in enumerate(read_outcomes(p, clipped=clipped)):
         records.append(r)
         prices.append(raw_meta[i] if raw_meta else {})
     backends = sorted({b for r in records for b in r.scores})

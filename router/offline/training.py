@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from router.offline.routing_data import RoutingData, load_routing_data, split_in
 from router.prediction import artifact as art
 from router.prediction.predictor import Capability, Predictor, knn_quality, knn_store
 from router.serving.app import build_encoder
+
+log = logging.getLogger(__name__)
 
 
 def out_of_fold_knn(X: npt.NDArray[np.float32], records: Sequence[OutcomeRecord], backends: list[str],
@@ -115,14 +118,18 @@ def _embed(encoder: PromptEncoder, data: RoutingData, progress: bool) -> npt.NDA
 
 
 def train_command(config: AppConfig, data_path: str, out: str, *, costs: str | None = None, seed: int = 0,
-                  max_epochs: int | None = None, test_share: float = 0.2, progress: bool = True) -> dict[str, Any]:
+                  max_epochs: int | None = None, test_share: float = 0.2, progress: bool = True,
+                  clip_scores: bool = False) -> dict[str, Any]:
     """Train and write an artifact. The data's own test split is held out where it has one, else a
     seeded ``test_share`` of it (0: none, for a router that serves rather than is measured).
     Validation (10% of the rest) picks the loss weights and the epoch; the served datastore
     then holds every outcome that is not test data (training and validation)."""
     if not 0.0 <= test_share < 1.0:
         raise InvalidArgument(f"--test-share must be in [0, 1), got {test_share}")
-    data = load_routing_data(data_path, _costs(costs))
+    clipped: list[str] | None = [] if clip_scores else None
+    data = load_routing_data(data_path, _costs(costs), clipped=clipped)
+    if clipped:
+        log.warning("clipped %d score(s) into [0, 1], the first %s", len(clipped), clipped[0])
     bad = invalid_backend_names(data.backends)
     if bad:
         # Refused here, not at `serve --artifact`: whatever train writes, serve must load.
@@ -158,6 +165,7 @@ def train_command(config: AppConfig, data_path: str, out: str, *, costs: str | N
         "cost": {"mean_per_request": {b: float(v) for b, v in zip(data.backends, fallback)}},
         "data": {"path": str(data_path), "sha256": data.source_hash, "n_train": int(len(tr)),
                  "n_val": int(len(va)), "n_test": int(len(te)), "seed": seed, "test_share": test_share,
+                 "clipped_scores": len(clipped or ()),
                  "served_outcomes": "train+val"},
         "capability": config_dict(cfg),
         "knn_weights": {b: [float(x) for x in w] for b, w in zip(data.backends, res.model.w.detach().numpy())},

@@ -53,3 +53,16 @@ def test_reads_the_shared_llmrouter_prices(shared_data):
     d = load_routing_data(shared_data / "llmrouter.jsonl.gz")
     assert len(d.backends) == 9 and not np.isnan(d.C).any()
     assert (d.splits.count("test"), d.splits.count("train")) == (500, 5608)
+
+
+def test_a_score_outside_the_unit_interval_is_refused_with_the_way_out_or_clipped_when_asked(tmp_path):
+    p = tmp_path / "o.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "a", "scores": {"x": 1.5, "y": 0.2}, "cost": {"x": 1, "y": 1}},
+        {"prompt": "b", "scores": {"x": 0.5, "y": -0.25}, "cost": {"x": 1, "y": 1}}]) + "\n")
+    with pytest.raises(InvalidArgument, match=r"o.jsonl:1: scores\['x'\] = 1.5 is outside \[0, 1\].*--clip-scores"):
+        load_routing_data(p)
+    clipped: list[str] = []
+    data = load_routing_data(p, clipped=clipped)
+    assert data.Y.tolist() == [[1.0, pytest.approx(0.2)], [0.5, 0.0]]
+    assert clipped == ["o.jsonl:1: scores['x'] = 1.5", "o.jsonl:2: scores['y'] = -0.25"]

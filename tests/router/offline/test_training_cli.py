@@ -206,26 +206,30 @@ def _costs(tmp_path: Path, costs: dict) -> Path:
 
 def test_equal_costs_train_and_report_accuracy_against_best_single_and_oracle(slice_file, tmp_path):
     """Quality-only routing (every backend costs the same) used to die with 'c_max must exceed
-    c_min'; it trains, reports accuracy next to the best single backend and the oracle, and serves."""
+    c_min'; it trains, reports accuracy next to the best single backend and the oracle, and serves.
+    A score out of [0, 1] is clipped with --clip-scores, and said."""
     rows = []
     for line in gzip.open(slice_file, "rt"):
         r = json.loads(line)
         r["meta"].pop("price_per_M_tokens", None)
         r.pop("cost", None)
         rows.append(r)
+    first = next(iter(rows[0]["scores"]))
+    rows[0]["scores"][first] = 1.2                               # one score out of range: --clip-scores
     data = tmp_path / "equal.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     costs = tmp_path / "costs.json"
     costs.write_text(json.dumps({b: 1.0 for b in rows[0]["scores"]}))
     out = tmp_path / "router"
     r = subprocess.run([str(BIN), "train", "--data", str(data), "--out", str(out), "--epochs", "5", "--costs",
-                        str(costs)],
+                        str(costs), "--clip-scores"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     test = json.loads((out / "manifest.json").read_text())["metrics"]["test"]
     assert test["equal_costs"] == 1.0 and 0 < test["best_single"] <= test["oracle"] <= 1
     assert 0 < test["accuracy"] <= test["oracle"] and test["aiq"] >= test["accuracy"]
-    assert "accuracy" in r.stdout and "best single" in r.stdout
+    assert "accuracy" in r.stdout and "best single" in r.stdout and "clipped 1 score(s)" in r.stdout
+    assert json.loads((out / "manifest.json").read_text())["data"]["clipped_scores"] == 1
     from router.prediction.artifact import load
 
     assert load(out).backends == sorted(rows[0]["scores"])          # what serve --artifact loads
