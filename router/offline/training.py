@@ -165,7 +165,7 @@ def train_command(config: AppConfig, data_path: str, out: str, *, costs: str | N
         "cost": {"mean_per_request": {b: float(v) for b, v in zip(data.backends, fallback)}},
         "data": {"path": str(data_path), "sha256": data.source_hash, "n_train": int(len(tr)),
                  "n_val": int(len(va)), "n_test": int(len(te)), "seed": seed, "test_share": test_share,
-                 "clipped_scores": len(clipped or ()),
+                 **({"clipped_scores": len(clipped)} if clipped is not None else {}),
                  "served_outcomes": "train+val"},
         "capability": config_dict(cfg),
         "knn_weights": {b: [float(x) for x in w] for b, w in zip(data.backends, res.model.w.detach().numpy())},
