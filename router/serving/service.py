@@ -303,9 +303,7 @@ class RouterService:
             except CaprouterError as e:
                 self.telemetry.request(_rpc(dispatch), "", e.code.value.lower())
                 raise
-            decided = time.time_ns()
-            d = self._finish_observed(p, dispatch, routed)
-            self._trace_route(span, submitted, routed, decided, d)
+            d = self._finish_observed(p, dispatch, routed, span, submitted)
             if not dispatch and p.caller.limits.budget is not None:
                 self.access.charge(p.caller, d.selection.chosen.cost)     # a route-only decision: its predicted cost
             return d
@@ -322,9 +320,7 @@ class RouterService:
             except CaprouterError as e:
                 self.telemetry.request(_rpc(dispatch), "", e.code.value.lower())
                 raise
-            decided = time.time_ns()
-            d = self._finish_observed(p, dispatch, routed)
-            self._trace_route(span, submitted, routed, decided, d)
+            d = self._finish_observed(p, dispatch, routed, span, submitted)
             if not dispatch and p.caller.limits.budget is not None:
                 await asyncio.get_running_loop().run_in_executor(None, self.access.charge, p.caller,
                                                                  d.selection.chosen.cost)
@@ -358,13 +354,17 @@ class RouterService:
             self.batcher.left()
             raise
 
-    def _finish_observed(self, p: _Routing, dispatch: bool, routed: Routed) -> Decision:
+    def _finish_observed(self, p: _Routing, dispatch: bool, routed: Routed, span: trace.Span,
+                         submitted_ns: int) -> Decision:
+        """Decide, then tell the metrics, the logs and the route span (submitted at ``submitted_ns``)."""
         rpc = _rpc(dispatch)
+        decided = time.time_ns()
         try:
             d = self._decide(p, dispatch, routed)
         except CaprouterError as e:
             self.telemetry.request(rpc, "", e.code.value.lower())
             raise
+        self._trace_route(span, submitted_ns, routed, decided, d)
         self.telemetry.routing(d.timings.total_ms / 1e3)
         if not dispatch:
             self.telemetry.request(rpc, d.backend, "ok")
