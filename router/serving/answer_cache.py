@@ -49,7 +49,6 @@ class Hit:
 @dataclass
 class _Entry:
     answer: CachedAnswer
-    scope: str                              # tenant, backend and parameters: what must match
     expires: float
     row: int                                # its row of the embedding matrix (-1: none)
 
@@ -116,7 +115,7 @@ class AnswerCache:
                 row = self._free.pop()
                 self._emb[row] = embedding
                 self._row_scope[row], self._row_key[row] = scope, exact
-            self._entries[exact] = _Entry(answer, scope, time.monotonic() + self.cfg.ttl_s, row)
+            self._entries[exact] = _Entry(answer, time.monotonic() + self.cfg.ttl_s, row)
 
     def _release(self, e: _Entry) -> None:
         if e.row >= 0:
