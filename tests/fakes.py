@@ -4,14 +4,17 @@ MiniLM and SmolLM2; the service and datastore tests run with MiniLM too, under t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import zlib
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from aiohttp import web
 
 from backends.base import Backend, Finished, FinishReason, GenerationRequest, Status, TextChunk
 from router.core.config import CostModelConfig
@@ -91,3 +94,26 @@ OUTCOMES = (
        for i, t in enumerate(["the sea", "autumn", "a cat", "the moon", "rain", "mountains", "love", "bread",
                               "trains", "winter", "a garden", "the city"])]
 )
+
+
+async def serve_openai(handler: Any) -> tuple[web.AppRunner, str]:
+    """A loopback OpenAI-compatible server on a free port: ``handler.models`` answers GET /v1/models,
+    ``handler.chat`` POST /v1/chat/completions. Returns the runner (``cleanup()`` stops it) and
+    the base URL."""
+    app = web.Application()
+    app.add_routes([web.get("/v1/models", handler.models), web.post("/v1/chat/completions", handler.chat)])
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"
+
+
+@contextlib.asynccontextmanager
+async def openai_server(handler: Any) -> AsyncIterator[str]:
+    """``serve_openai`` for the length of a block; yields the base URL."""
+    runner, url = await serve_openai(handler)
+    try:
+        yield url
+    finally:
+        await runner.cleanup()

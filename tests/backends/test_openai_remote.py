@@ -13,6 +13,7 @@ from backends.base import Finished, GenerationRequest, Status, TextChunk
 from backends.openai_remote import OpenAIBackend
 from router.core.config import BackendConfig
 from router.core.errors import BackendError, ConfigError
+from tests.fakes import openai_server
 
 
 class Scripted:
@@ -41,16 +42,6 @@ class Scripted:
         return resp
 
 
-async def _serve(handler: Scripted):
-    app = web.Application()
-    app.add_routes([web.get("/v1/models", handler.models), web.post("/v1/chat/completions", handler.chat)])
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"
-
-
 def _backend(url: str, **opts) -> OpenAIBackend:
     return OpenAIBackend(BackendConfig(name="remote", kind="openai",
                                        cost={"kind": "per_token", "input_per_million_tokens": 0.5,
@@ -75,8 +66,7 @@ def test_streams_with_the_key_and_retries_with_backoff(monkeypatch):
 
     async def go():
         s = Scripted(fail=2)
-        runner, url = await _serve(s)
-        try:
+        async with openai_server(s) as url:
             b = _backend(url, api_key_env="REMOTE_KEY", retries=2)
             await b.load()
             assert b.status()[0] == Status.READY
@@ -84,8 +74,6 @@ def test_streams_with_the_key_and_retries_with_backoff(monkeypatch):
             text, fin = await _collect(b, stop=["\n"], seed=3)
             await b.close()
             return s, text, fin, time.perf_counter() - t, b
-        finally:
-            await runner.cleanup()
 
     s, text, fin, dt, b = asyncio.run(go())
     assert text == "Hello from remote" and isinstance(fin, Finished)
@@ -101,16 +89,13 @@ def test_streams_with_the_key_and_retries_with_backoff(monkeypatch):
 def test_gives_up_after_the_retries_and_reports_unavailable():
     async def go():
         s = Scripted(fail=10)
-        runner, url = await _serve(s)
-        try:
+        async with openai_server(s) as url:
             b = _backend(url, retries=1)
             await b.load()
             with pytest.raises(BackendError, match="HTTP 503"):
                 await _collect(b)
             await b.close()
             return s, b
-        finally:
-            await runner.cleanup()
 
     s, b = asyncio.run(go())
     assert s.calls == 2 and b.status()[0] == Status.UNAVAILABLE
@@ -120,15 +105,12 @@ def test_gives_up_after_the_retries_and_reports_unavailable():
 def test_first_token_timeout_and_unreachable_endpoint():
     async def go():
         s = Scripted(delay=3.0)
-        runner, url = await _serve(s)
-        try:
+        async with openai_server(s) as url:
             b = _backend(url, retries=0, first_token_timeout_s=0.5)
             # The server answers after 3 s; the timeout fires first (else the tokens would arrive).
             with pytest.raises(BackendError, match="Timeout"):
                 await _collect(b)
             await b.close()
-        finally:
-            await runner.cleanup()
         dead = _backend("http://127.0.0.1:9/v1", retries=0, connect_timeout_s=0.5)
         await dead.load()
         await dead.close()
@@ -175,8 +157,7 @@ def test_against_a_real_openai_compatible_server_with_a_real_model(live_server):
 def test_a_failed_backend_is_tried_again_after_recheck_s_and_a_success_brings_it_back():
     async def go():
         s = Scripted(fail=1)
-        runner, url = await _serve(s)
-        try:
+        async with openai_server(s) as url:
             b = _backend(url, retries=0, recheck_s=0.3)
             await b.load()
             with pytest.raises(BackendError):
@@ -196,6 +177,4 @@ def test_a_failed_backend_is_tried_again_after_recheck_s_and_a_success_brings_it
             text, fin = await _collect(b)
             assert text == "Hello from remote" and b.status() == (Status.READY, f"m at {url}")
             await b.close()
-        finally:
-            await runner.cleanup()
     asyncio.run(go())

@@ -68,21 +68,14 @@ class ToolServer:
 def _gateway(tmp_path_factory, models_dir, **overrides):
     from router.adapters.http_server import HttpServer
     from tests.conftest import LiveServer, default_config
+    from tests.fakes import serve_openai
 
     remote = ToolServer()
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
 
-    async def serve():
-        app = web.Application()
-        app.add_routes([web.get("/v1/models", remote.models), web.post("/v1/chat/completions", remote.chat)])
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"
-    runner, url = asyncio.run_coroutine_threadsafe(serve(), loop).result(30)
+    runner, url = asyncio.run_coroutine_threadsafe(serve_openai(remote), loop).result(30)
     price = {"kind": "per_token", "input_per_million_tokens": 1.0, "output_per_million_tokens": 1.0}
     backends = [
         {"name": "small", "kind": "openai", "cost": price, "options": {"base_url": url, "model": "small-model",
