@@ -54,6 +54,7 @@ class Row:
     enqueued: float
     ids: list[int] = field(default_factory=list)    # prompt token ids (after truncation)
     key: Hashable = None                             # requests with equal keys share a batch
+    member: Any = None                               # the backend that submitted it, when not ops'
     setup: Callable[[], None] | None = None          # run before each forward of its batch
     gen: Any = None                                  # torch.Generator when sampling
     prefilled: int = 0                               # prompt tokens already in a cache
@@ -81,9 +82,11 @@ class DecodeScheduler:
 
     ``model_ops`` is the backend: it supplies ``tokenize(messages) -> list[int]``,
     ``prepare(req) -> (key, setup)``, ``generator(req)`` (its sampler state),
-    ``forward(ids, mask, cache, setup) -> (last-position logits (B, V), cache)`` and
+    ``forward(ids, mask, cache, setup, members) -> (last-position logits (B, V), cache)`` and
     ``pick(logits, rows) -> tokens`` (both run on the compute thread), ``eos`` (token ids),
-    ``decode(ids) -> str`` and ``step_hook``.
+    ``decode(ids) -> str`` and ``step_hook``. ``members`` names, per row, the backend that
+    submitted it (None: ``model_ops`` itself): architecture codes of one base model share their
+    base's scheduler (backends/shared_base.py), and its forward runs each row as its code.
     """
 
     def __init__(self, name: str, model_ops: Any, compute: Any, *, max_batch: int, max_queue: int,
@@ -104,9 +107,10 @@ class DecodeScheduler:
         self._service_s = 1.0
 
     # ---- the caller's side ----------------------------------------------------------------------
-    def submit(self, req: GenerationRequest, emit: Emit) -> None:
+    def submit(self, req: GenerationRequest, emit: Emit, member: Any = None) -> None:
         """Queue a request; its events go to ``emit`` from the driver thread. Raises Overloaded
-        at once when ``max_queue`` requests already wait."""
+        at once when ``max_queue`` requests already wait. ``member``: the backend submitting it
+        when that is not ``model_ops`` (a code sharing its base's batch)."""
         with self._cond:
             if self._closed:
                 raise BackendError(self.name, "shutting down")
@@ -115,7 +119,7 @@ class DecodeScheduler:
                 raise Overloaded(f"backend {self.name!r} is saturated: {len(self._waiting)} requests wait "
                                  f"(max_queue {self.max_queue}), expected wait {wait:.1f} s; retry later or "
                                  "allow another backend", retry_after_s=wait)
-            self._waiting.append(Row(req, emit, time.monotonic()))
+            self._waiting.append(Row(req, emit, time.monotonic(), member=member))
             self._cond.notify()
 
     def _running(self) -> int:
@@ -222,9 +226,10 @@ class DecodeScheduler:
                                             f"{self.name!r}'s queue; the request was not started"))
                 continue
             try:
-                row.ids = self.ops.tokenize(req.messages)
-                row.key, row.setup = self.ops.prepare(req)
-                row.gen = self.ops.generator(req)
+                ops = row.member or self.ops
+                row.ids = ops.tokenize(req.messages)
+                row.key, row.setup = ops.prepare(req)
+                row.gen = ops.generator(req)
             except Exception as e:
                 _fail([row], self.name, e)
                 continue
@@ -282,7 +287,7 @@ class DecodeScheduler:
 
             ids = torch.tensor([chunk], dtype=torch.long)
             mask = torch.ones((1, total), dtype=torch.long)
-            toks, cache = self._forward(ids, mask, row.cache, row.setup, [row] if last else None)
+            toks, cache = self._forward(ids, mask, row.cache, row.setup, [row], pick=last)
             return toks, cache, mask
         toks, row.cache, mask = self.compute.run(run)
         row.prefilled = total
@@ -302,7 +307,7 @@ class DecodeScheduler:
             for i, r in enumerate(rows):
                 ids[i, width - len(r.ids):] = torch.tensor(r.ids)
                 mask[i, width - len(r.ids):] = 1
-            toks, cache = self._forward(ids, mask, None, rows[0].setup, rows)
+            toks, cache = self._forward(ids, mask, None, rows[0].setup, rows, pick=True)
             return toks, cache, mask
         toks, cache, mask = self.compute.run(run)
         for r in rows:
@@ -333,7 +338,7 @@ class DecodeScheduler:
 
             ids = torch.tensor([[r.last] for r in b.rows], dtype=torch.long)
             mask = torch.cat([b.mask, torch.ones((len(b.rows), 1), dtype=torch.long)], dim=1)
-            toks, cache = self._forward(ids, mask, b.cache, b.setup, b.rows)
+            toks, cache = self._forward(ids, mask, b.cache, b.setup, b.rows, pick=True)
             return toks, cache, mask
         try:
             toks, b.cache, b.mask = self.compute.run(run)
@@ -352,10 +357,10 @@ class DecodeScheduler:
                 self._batches.pop(b.key, None)
 
     def _forward(self, ids: Any, mask: Any, cache: Any, setup: Callable[[], None] | None,
-                 rows: Sequence[Row] | None) -> tuple[list[int], Any]:
-        """One forward and, when ``rows`` are given, their next tokens: one compute-thread call."""
-        logits, cache = self.ops.forward(ids, mask, cache, setup)
-        return ([] if rows is None else self.ops.pick(logits, rows)), cache
+                 rows: Sequence[Row], *, pick: bool) -> tuple[list[int], Any]:
+        """One forward of ``rows`` and, with ``pick``, their next tokens: one compute-thread call."""
+        logits, cache = self.ops.forward(ids, mask, cache, setup, tuple(r.member for r in rows))
+        return (self.ops.pick(logits, rows) if pick else []), cache
 
     def _take(self, r: Row, tok: int) -> bool:
         """Give a row its next token: stream what is safe to show; False when it finished

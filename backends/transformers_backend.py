@@ -55,6 +55,9 @@ class TransformersOptions(BaseModel):
     prefill_chunk: int = Field(256, ge=16, le=32_768)
     # Prompt tokens kept (the most recent); SmolLM2 was trained at 8k, CPU latency argues shorter.
     max_prompt_tokens: int = Field(2048, ge=16)
+    # A width-pruned code of a base backend served here decodes in the base's batch
+    # (backends/shared_base.py); false keeps a scheduler of its own.
+    share_batch: bool = True
 
 
 @BACKENDS.register("transformers")
@@ -87,6 +90,10 @@ class TransformersBackend(Backend):
         self._warm_s = 1.0
         # Test hook: a callable run before each decode step (lets tests inject faults on the real path).
         self.step_hook: Callable[[int], None] | None = None
+        # Codes decoding in this backend's batch, or the base whose batch this one decodes in
+        # (backends/shared_base.py).
+        self._masks: Any = None
+        self._base: TransformersBackend | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------
     async def load(self) -> None:
@@ -178,9 +185,22 @@ class TransformersBackend(Backend):
         return self._cost
 
     async def close(self) -> None:
-        if self._scheduler is not None:
+        if self._scheduler is not None and self._base is None:      # a shared one is its base's to close
             await asyncio.get_running_loop().run_in_executor(None, self._scheduler.close)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def adopt(self, code: TransformersBackend, kept: Sequence[Any]) -> None:
+        """Decode ``code``'s requests in this backend's batch from now on; ``kept``: per layer,
+        the neurons of this model that it keeps (backends/shared_base.py)."""
+        from backends.shared_base import NeuronMasks
+
+        assert self._scheduler is not None and code._scheduler is not None
+        if self._masks is None:
+            self._masks = self._compute.run(NeuronMasks, self.model)
+        self._compute.run(self._masks.add, code, kept)
+        own, code._scheduler, code._base = code._scheduler, self._scheduler, self
+        own.close()
+        code._status = (code._status[0], f"{code._status[1]}; decodes in the batch of {self.name}")
 
     # ---- generation: the model operations the scheduler calls (backends/batching.py) --------------
     def tokenize(self, messages: Any) -> list[int]:
@@ -207,21 +227,34 @@ class TransformersBackend(Backend):
     def decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
-    def forward(self, ids: Any, mask: Any, cache: Any, setup: Callable[[], None] | None) -> tuple[Any, Any]:
+    def forward(self, ids: Any, mask: Any, cache: Any, setup: Callable[[], None] | None,
+                members: Sequence[Any] = ()) -> tuple[Any, Any]:
         """ids (B, S) new tokens, mask (B, T + S) over cached and new tokens (0: left padding),
-        cache of T columns or None -> (logits (B, V) at each row's last position, cache)."""
+        cache of T columns or None -> (logits (B, V) at each row's last position, cache).
+        ``members``: per row, the code that submitted it (None: this backend), when codes share
+        this backend's batch: rows all of one code run that code's model, mixed rows this model
+        with each row's neurons masked."""
+        import contextlib
+
         import torch
 
         if setup is not None:
             setup()
+        model, scope = self.model, contextlib.nullcontext()
+        if self._masks is not None and any(m is not None and m is not self for m in members):
+            distinct = {m if m is not None else self for m in members}
+            if len(distinct) == 1:
+                model = distinct.pop().model
+            else:
+                scope = self._masks.rows(members)
         dev = self.opts.device
         pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]   # each row counts its own tokens
         kw = self._cache_kw()
         extra = {} if cache is None else {kw: cache}
-        with torch.inference_mode():
+        with torch.inference_mode(), scope:
             # No mask when nothing is padded: the model then skips building one (batch 1 stays as fast).
-            out = self.model(input_ids=ids.to(dev), attention_mask=None if bool(mask.all()) else mask.to(dev),
-                             position_ids=pos.to(dev), use_cache=True, logits_to_keep=1, **extra)
+            out = model(input_ids=ids.to(dev), attention_mask=None if bool(mask.all()) else mask.to(dev),
+                        position_ids=pos.to(dev), use_cache=True, logits_to_keep=1, **extra)
         return out.logits[:, -1, :], getattr(out, kw)
 
     def pick(self, logits: Any, rows: Sequence[Any]) -> list[int]:
@@ -259,7 +292,8 @@ class TransformersBackend(Backend):
         def put(item: Any) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        self._scheduler.submit(request, put)     # Overloaded at once when the queue is full
+        # Overloaded at once when the queue is full; a code sharing its base's batch names itself.
+        self._scheduler.submit(request, put, self if self._base is not None else None)
         try:
             while True:
                 item = await queue.get()

@@ -12,6 +12,7 @@ from typing import Any
 from backends import BACKENDS, register_builtin_backends
 from backends.base import Backend
 from backends.route_only import RouteOnlyBackend
+from backends.shared_base import share_batches
 from datastore import DATASTORES
 from datastore.base import Datastore
 from datastore.log import AppendLog
@@ -197,6 +198,8 @@ class App:
         for b in self._backends.values():
             self.loading_detail = f"loading backend {b.name}"
             await b.load()
+        # Width-pruned codes decode in their base model's batch (backends/shared_base.py).
+        await loop.run_in_executor(None, self.compute.run, share_batches, self._backends)
         access = Access(cfg.auth, lambda: SpendLedger(storage.stream("spend")), AuditLog(cfg.auth.audit_path()))
         if self.keys.enabled():
             await loop.run_in_executor(None, lambda: access.ledger)     # replay what keys spent, now
