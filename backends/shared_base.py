@@ -131,7 +131,7 @@ class NeuronMasks:
             return (inputs[0] * self._active[layer],)
         return pre
 
-    def rows(self, members: Sequence[Any]) -> "_Masked":
+    def rows(self, members: Sequence[Any]) -> _Masked:
         """A context for one forward of rows ``members`` (None or an unadopted backend: all neurons)."""
         import torch
 

@@ -35,7 +35,7 @@ def _default_scales() -> list[list[float]]:
 @dataclass
 class CapabilityConfig:
     dim: int = 64
-    hidden: int = 256
+    hidden: int = 256         # 0: the prompt map is linear (with codes=1 and no kNN: RouteLLM's MF)
     codes: int = 8
     dropout: float = 0.1
     w_con: float = 0.2
@@ -57,6 +57,9 @@ class CapabilityConfig:
     # datastore's own setting). None: the datastore's neighbourhood only. Default: its own (sharp:
     # the closest few dominate) and a broad one (128 neighbours, nearly a plain average).
     knn_scales: list[list[float]] | None = field(default_factory=lambda: _default_scales())
+    # False: the datastore's estimates are not an input (their weights stay 0): a plain learned
+    # router, which `caprouter train` weighs against the blend (router/offline/candidates.py).
+    knn_blend: bool = True
 
     @property
     def n_scales(self) -> int:
@@ -74,14 +77,16 @@ def build_model(in_dim: int, n_backends: int, cfg: CapabilityConfig):
         def __init__(self) -> None:
             super().__init__()
             self.f = nn.Sequential(nn.Linear(in_dim, cfg.hidden), nn.GELU(), nn.Dropout(cfg.dropout),
-                                   nn.Linear(cfg.hidden, cfg.dim))
+                                   nn.Linear(cfg.hidden, cfg.dim)) if cfg.hidden else nn.Sequential(nn.Linear(in_dim, cfg.dim))
             self.g = nn.Parameter(torch.randn(n_backends, cfg.dim) * 0.05)
             self.beta = nn.Parameter(torch.zeros(n_backends))
             self.mu = nn.Parameter(torch.randn(cfg.codes, cfg.dim))
             self.H = nn.Parameter(torch.zeros(cfg.codes, n_backends))
             # Per-backend, per-neighbourhood weight of the datastore's kNN estimates (as logits):
             # the learned blend.
-            self.w = nn.Parameter(torch.full((n_backends, cfg.n_scales), cfg.knn_init / cfg.n_scales))
+            self.w = nn.Parameter(torch.full((n_backends, cfg.n_scales), cfg.knn_init / cfg.n_scales)
+                                  if cfg.knn_blend else torch.zeros((n_backends, cfg.n_scales)),
+                                  requires_grad=cfg.knn_blend)
 
         def embed(self, x):
             return self.f(x)
@@ -271,9 +276,10 @@ class FrozenCapability:
         def a(t):
             return t.detach().cpu().numpy().astype(np.float64)
 
-        lin1, lin2 = model.f[0], model.f[3]
+        lin1, lin2 = model.f[0], model.f[-1]
         self.W1, self.b1 = a(lin1.weight).T, a(lin1.bias)
         self.W2, self.b2 = a(lin2.weight).T, a(lin2.bias)
+        self.linear = len(model.f) == 1
         mu = a(model.mu)
         self.mu_n = mu / np.maximum(np.linalg.norm(mu, axis=1, keepdims=True), 1e-12)
         self.g, self.beta, self.H, self.w = a(model.g), a(model.beta), a(model.H), a(model.w)
@@ -284,8 +290,11 @@ class FrozenCapability:
         from scipy.special import erf
 
         h = X.astype(np.float64) @ self.W1 + self.b1
-        h = 0.5 * h * (1.0 + erf(h / np.sqrt(2.0)))                     # exact GELU, as nn.GELU()
-        z = h @ self.W2 + self.b2
+        if self.linear:
+            z = h
+        else:
+            h = 0.5 * h * (1.0 + erf(h / np.sqrt(2.0)))                 # exact GELU, as nn.GELU()
+            z = h @ self.W2 + self.b2
         zn = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
         a = zn @ self.mu_n.T / self.tau_p
         sm = np.exp(a - a.max(1, keepdims=True))

@@ -481,17 +481,27 @@ def cmd_build_datastore(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from router.offline.candidates import selection_table
     from router.offline.training import train_command
 
     cfg = _config(args)
     setup_logging(cfg.log_level, "text")
     m = train_command(cfg, args.data, args.out, costs=args.costs, seed=args.seed, max_epochs=args.epochs,
-                      test_share=args.test_share, progress=sys.stderr.isatty(), clip_scores=args.clip_scores)
+                      test_share=args.test_share, progress=sys.stderr.isatty(), clip_scores=args.clip_scores,
+                      folds=args.folds)
     if m["data"].get("clipped_scores"):
         print(f"clipped {m['data']['clipped_scores']} score(s) into [0, 1] (--clip-scores)")
-    w = {b: sum(v) for b, v in m["knn_weights"].items()}
-    print(f"wrote artifact {args.out}: {len(m['backends'])} backends, best epoch {m['metrics']['best_epoch']}, "
-          f"datastore weight {min(w.values()):.2f}..{max(w.values()):.2f}")
+    print(selection_table(m["metrics"]["selection"]))
+    sec = m["metrics"]["seconds"]
+    took = ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in sec.items())
+    if m["router"] == "capability":
+        w = {b: sum(v) for b, v in m["knn_weights"].items()}
+        print(f"wrote artifact {args.out}: {len(m['backends'])} backends, {m['metrics']['selection']['chosen']}, "
+              f"best epoch {m['metrics']['best_epoch']}, datastore weight {min(w.values()):.2f}..{max(w.values()):.2f}"
+              f" ({took})")
+    else:
+        print(f"wrote artifact {args.out}: {len(m['backends'])} backends, the datastore alone (k "
+              f"{m['datastore']['k']}, temperature {m['datastore']['temperature']:g}) ({took})")
     test = m["metrics"].get("test")
     if test and test.get("equal_costs"):
         print(f"every backend costs the same (quality-only routing): test accuracy {test['accuracy']:.3f}, "
@@ -623,6 +633,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, help="maximum epochs (early stopping decides before)")
     t.add_argument("--test-share", type=float, default=0.2,
                    help="share held out for the test report when the data has no split of its own (0: none)")
+    t.add_argument("--folds", type=int, default=3,
+                   help="held-out folds on which the candidate routers are compared (at least 2)")
     t.add_argument("--clip-scores", action="store_true",
                    help="clip scores outside [0, 1] into it (and say how many) instead of refusing the file")
     t.set_defaults(fn=cmd_train)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,11 +14,11 @@ import numpy.typing as npt
 from datastore.base import Datastore
 from datastore.records import OutcomeRecord
 from encoders.base import PromptEncoder
-from encoders.capability import CapabilityConfig, config_dict, train_selected
+from encoders.capability import CapabilityConfig, config_dict, train
 from router.core.config import AppConfig, DatastoreConfig
 from router.core.errors import InvalidArgument
 from router.core.names import BACKEND_NAME_RULE, invalid_backend_names
-from router.offline import baselines
+from router.offline import baselines, candidates
 from router.offline import evaluation as M
 from router.offline.evaluation import evaluate, zero_router
 from router.offline.routing_data import RoutingData, load_routing_data, split_indices
@@ -44,8 +45,9 @@ def out_of_fold_knn(X: npt.NDArray[np.float32], records: Sequence[OutcomeRecord]
 
 
 def blend_predictor(model: Any, store: Datastore, backends: Sequence[str]) -> Predictor:
-    """What ``caprouter serve`` makes of a trained model and its datastore: the same Predictor."""
-    return Predictor(store, Capability(model, backends))
+    """What ``caprouter serve`` makes of a trained model (None: the datastore alone was chosen)
+    and its datastore: the same Predictor."""
+    return Predictor(store, None if model is None else Capability(model, backends))
 
 
 def select_aptitude(X: npt.NDArray[np.float32], m: int, *, seed: int = 0, method: str = "kmeans") -> npt.NDArray[np.int64]:
@@ -119,13 +121,18 @@ def _embed(encoder: PromptEncoder, data: RoutingData, progress: bool) -> npt.NDA
 
 def train_command(config: AppConfig, data_path: str, out: str, *, costs: str | None = None, seed: int = 0,
                   max_epochs: int | None = None, test_share: float = 0.2, progress: bool = True,
-                  clip_scores: bool = False) -> dict[str, Any]:
+                  clip_scores: bool = False, folds: int = 3,
+                  min_model_prompts: int = candidates.MIN_MODEL_PROMPTS) -> dict[str, Any]:
     """Train and write an artifact. The data's own test split is held out where it has one, else a
     seeded ``test_share`` of it (0: none, for a router that serves rather than is measured).
-    Validation (10% of the rest) picks the loss weights and the epoch; the served datastore
-    then holds every outcome that is not test data (training and validation)."""
+    Every candidate router is scored on ``folds`` held-out folds of the rest and the best is
+    served (router/offline/candidates.py); a learned one is then trained on 90% of the rest,
+    early-stopped on the other 10%. The served datastore holds every outcome that is not test
+    data (training and validation)."""
     if not 0.0 <= test_share < 1.0:
         raise InvalidArgument(f"--test-share must be in [0, 1), got {test_share}")
+    if folds < 2:
+        raise InvalidArgument(f"--folds must be at least 2, got {folds}")
     clipped: list[str] | None = [] if clip_scores else None
     data = load_routing_data(data_path, _costs(costs), clipped=clipped)
     if clipped:
@@ -136,22 +143,42 @@ def train_command(config: AppConfig, data_path: str, out: str, *, costs: str | N
         raise InvalidArgument(f"{data_path}: backend name(s) {', '.join(map(repr, bad))} cannot be served (a backend "
                               f"name is {BACKEND_NAME_RULE}); rename them in the data's scores and costs")
     encoder = build_encoder(config)
+    t0 = time.perf_counter()
     X = _embed(encoder, data, progress)
+    timings = {"embedding_s": time.perf_counter() - t0}
     tr, va, te = split_indices(data, seed=seed, test_share=test_share)
     te = te[data.complete_rows()[te]]
-    cfg = CapabilityConfig(seed=seed)
+    base = CapabilityConfig(seed=seed)
     if max_epochs:
-        cfg.max_epochs = max_epochs
+        base.max_epochs = max_epochs
+    t0 = time.perf_counter()
+    report = candidates.select(X, data, np.sort(np.concatenate([tr, va])), config.datastore,
+                               candidates.default_candidates(base), folds=folds, seed=seed,
+                               min_model_prompts=min_model_prompts, progress=progress)
+    timings["choosing_s"] = time.perf_counter() - t0
+    chosen = report.chosen
+    ds = config.datastore
+    if chosen.kind == "datastore":
+        k, t = chosen.scale
+        ds = ds.model_copy(update={"k": int(k) or ds.k, "temperature": float(t) or ds.temperature})
     fallback = np.nanmean(data.C[tr], 0)
     records = [data.records[i] for i in tr]
-    store = knn_store(X[tr], records, config.datastore)
-    K = out_of_fold_knn(X[tr], records, data.backends, config.datastore, seed=seed, scales=cfg.knn_scales)
-    Kv = knn_quality(store, X[va], data.backends, cfg.knn_scales)
-    res, cfg, table = train_selected(X[tr], data.Y[tr], X[va], data.Y[va], cfg, K=K, Kv=Kv, progress=progress)
-    pred = blend_predictor(res.model, store, data.backends)
+    store = knn_store(X[tr], records, ds)
+    metrics: dict[str, Any] = {"selection": report.as_json()}
+    model, cfg = None, chosen.capability
+    if cfg is not None:
+        t0 = time.perf_counter()
+        K = Kv = None
+        if cfg.knn_blend:
+            K = out_of_fold_knn(X[tr], records, data.backends, ds, seed=seed, scales=cfg.knn_scales)
+            Kv = knn_quality(store, X[va], data.backends, cfg.knn_scales)
+        res = train(X[tr], data.Y[tr], X[va], data.Y[va], cfg, K=K, Kv=Kv, progress=progress)
+        model = res.model
+        metrics.update(best_epoch=res.best_epoch, val_bce=res.best_val)
+        timings["training_s"] = time.perf_counter() - t0
+    metrics["seconds"] = timings
+    pred = blend_predictor(model, store, data.backends)
     va_c = va[data.complete_rows()[va]]
-    metrics: dict[str, Any] = {"best_epoch": res.best_epoch, "val_bce": res.best_val,
-                               "loss_weight_selection": [{k: v for k, v in t.items() if k != "result"} for t in table]}
     if len(va_c):
         p = pred.predict(X[va_c], data.backends, fallback)
         metrics["val_aiq"] = evaluate(p.quality, p.cost, data.Y[va_c], data.C[va_c])["aiq"]
@@ -167,13 +194,15 @@ def train_command(config: AppConfig, data_path: str, out: str, *, costs: str | N
                  "n_val": int(len(va)), "n_test": int(len(te)), "seed": seed, "test_share": test_share,
                  **({"clipped_scores": len(clipped)} if clipped is not None else {}),
                  "served_outcomes": "train+val"},
-        "capability": config_dict(cfg),
-        "knn_weights": {b: [float(x) for x in w] for b, w in zip(data.backends, res.model.w.detach().numpy())},
-        "datastore": config.datastore.model_dump(include={"k", "prior_strength", "temperature"}),
+        "router": chosen.kind,
+        **({"capability": config_dict(cfg),
+            "knn_weights": {b: [float(x) for x in w] for b, w in zip(data.backends, model.w.detach().numpy())}}
+           if model is not None and cfg is not None else {}),
+        "datastore": ds.model_dump(include={"k", "prior_strength", "temperature"}),
         "metrics": metrics,
     }
     served = np.sort(np.concatenate([tr, va]))
-    art.save(Path(out), model=res.model, manifest=manifest, records=[data.records[i] for i in served],
+    art.save(Path(out), model=model, manifest=manifest, records=[data.records[i] for i in served],
              embeddings=X[served])
     return manifest
 

@@ -2,8 +2,10 @@
 the one contract between the two (backend names included: ``router.core.names``).
 
     DIR/manifest.json        format, code version, embedder (id, dim, max_tokens), backends, cost facts,
-                             data (path, sha256, split sizes), training config, blend weight, metrics
-    DIR/model.safetensors    the capability encoder's weights
+                             data (path, sha256, split sizes), the router chosen ("router":
+                             "capability" or "datastore") and the candidates' scores, training
+                             config, blend weight, the datastore's k and temperature, metrics
+    DIR/model.safetensors    the capability encoder's weights (absent when the datastore alone serves)
     DIR/outcomes.jsonl.gz    the training outcomes (the datastore served next to the encoder)
     DIR/embeddings.npy       their embeddings, row-aligned
 """
@@ -34,7 +36,7 @@ FORMAT = 1
 class Artifact:
     path: Path
     manifest: dict[str, Any]
-    model: Any
+    model: Any                  # None: the datastore alone serves
     embeddings: np.ndarray
     records: list[OutcomeRecord]
 
@@ -64,7 +66,8 @@ def save(out: Path, *, model: Any, manifest: dict[str, Any], records: list[Outco
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    if model is not None:       # None: the datastore alone was chosen (manifest "router": "datastore")
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
     np.save(tmp / "embeddings.npy", embeddings.astype(np.float32))
     # mtime 0: the same outcomes give the same bytes (the bundled default artifact is in git).
     with gzip.GzipFile(tmp / "outcomes.jsonl.gz", "wb", mtime=0) as gz, io.TextIOWrapper(gz, "utf-8") as f:
@@ -99,13 +102,14 @@ def load(path: Path, *, embedder_id: str | None = None, dim: int | None = None) 
                             f"{embedder_id!r}; retrain with `caprouter train` or configure that encoder")
     if dim is not None and emb["dim"] != dim:
         raise ArtifactError(f"{path} expects {emb['dim']}-d embeddings, the configured encoder gives {dim}-d")
-    cfg = capability_config(manifest)
-    model = build_model(emb["dim"], len(manifest["backends"]), cfg)
-    state = load_file(str(path / "model.safetensors"))
-    if state["w"].ndim == 1:          # artifacts before per-neighbourhood weights: one neighbourhood
-        state["w"] = state["w"][:, None]
-    model.load_state_dict(state)
-    model.eval()
+    model = None
+    if manifest.get("router", "capability") == "capability":
+        model = build_model(emb["dim"], len(manifest["backends"]), capability_config(manifest))
+        state = load_file(str(path / "model.safetensors"))
+        if state["w"].ndim == 1:          # artifacts before per-neighbourhood weights: one neighbourhood
+            state["w"] = state["w"][:, None]
+        model.load_state_dict(state)
+        model.eval()
     embeddings = np.load(path / "embeddings.npy")
     records = list(read_outcomes(path / "outcomes.jsonl.gz"))
     if len(records) != len(embeddings):

@@ -73,6 +73,8 @@ def open_datastore(config: AppConfig, encoder: PromptEncoder, *, progress: bool 
     ds = config.datastore
     base = None
     if artifact is not None:
+        # The neighbourhood `caprouter train` chose and trained the router's inputs at.
+        ds = ds.model_copy(update=artifact.manifest.get("datastore", {}))
         base = (artifact.embeddings, artifact.records,
                 f"{artifact.manifest['data']['sha256']}|{artifact.manifest['created_unix']}")
     return DATASTORES.get("faiss-knn").open(
@@ -184,7 +186,9 @@ class App:
             path = Path(cfg.artifact)
             artifact = await loop.run_in_executor(None, lambda: self.compute.run(
                 art.load, path, embedder_id=encoder.model_id, dim=encoder.dim))
-            capability = Capability(artifact.model, artifact.backends, self.compute, config=artifact.capability_config)
+            if artifact.model is not None:
+                capability = Capability(artifact.model, artifact.backends, self.compute,
+                                        config=artifact.capability_config)
         self.loading_detail = "opening the system of record"
         storage = self.storage = await loop.run_in_executor(None, open_system_of_record, cfg)
         self.loading_detail = "loading the datastore"

@@ -1,0 +1,190 @@
+"""Which router `caprouter train` serves: every candidate measured on held-out folds of the
+training data, the best one kept.
+
+Why: a learned model beats the plain datastore on the data sets it was developed on, but on a
+user's own data (often hundreds of prompts, few backends) it can lose to a plain kNN average, and
+a router that ships must at least match the simplest baseline on that data. So nothing is assumed:
+the candidates are
+
+- the datastore alone, at several neighbourhoods (k, temperature), a near-plain average among
+  them (RouterBench's kNN router);
+- the capability encoder blended with the datastore, with each loss variant (full objective and
+  its ablations);
+- a learned router without the datastore: an MLP, and RouteLLM's matrix factorization (a linear
+  prompt map, one vector per backend).
+
+Each is scored on ``folds`` held-out folds of the rows that are not test data, trained on the
+others exactly as it would be for serving (early stopping on a tenth of them, the datastore's
+estimates for its own training prompts out of fold), with the metric that fits the data: AIQ
+when the backends' costs differ, accuracy of the chosen backend when they are all equal. The
+best mean wins; a tie goes to the simpler candidate (list order). Below ``min_model_prompts``
+rows only the datastore is tried, and the report says so.
+
+Everything here is what serving computes: a datastore candidate is the served Predictor without
+a capability model, a learned one the served blend (``knn_blend=False`` for the plain routers).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from encoders.capability import CANDIDATE_WEIGHTS, CapabilityConfig, predict, train
+from router.core.config import DatastoreConfig
+from router.offline.evaluation import evaluate
+from router.offline.routing_data import RoutingData
+from router.prediction.predictor import knn_estimates, knn_store
+
+# Below this many prompts a learned model is not tried: measured on the shared data sets'
+# subsets, the blend's fold-to-fold spread at 100-200 prompts exceeds its margin over the datastore.
+MIN_MODEL_PROMPTS = 200
+
+# Datastore neighbourhoods tried, as (k, temperature); (0, 0) is the configured one. A large
+# temperature weighs the k neighbours equally: RouterBench's kNN router (k=40) is among them.
+DATASTORE_SCALES: tuple[tuple[int, float], ...] = ((0, 0.0), (10, 0.05), (100, 0.05), (10, 100.0), (40, 100.0),
+                                                   (100, 100.0))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    kind: Literal["datastore", "capability"]
+    scale: tuple[int, float] = (0, 0.0)            # datastore: (k, temperature); 0: the configured value
+    capability: CapabilityConfig | None = None     # capability: how to train it
+
+
+def default_candidates(base: CapabilityConfig) -> list[Candidate]:
+    """The candidates in order of simplicity (ties go to the earlier one)."""
+    out = [Candidate("datastore (configured k, temperature)" if k == 0 else f"datastore k={k} temperature={t:g}",
+                     "datastore", (k, t)) for k, t in DATASTORE_SCALES]
+    plain = {"w_con": 0.0, "w_ot": 0.0, "codes": 1, "knn_blend": False, "knn_scales": None}
+    out.append(Candidate("matrix factorization", "capability", capability=replace(base, hidden=0, **plain)))
+    out.append(Candidate("MLP", "capability", capability=replace(base, **plain)))
+    out += [Candidate(f"blend w_con={a:g} w_ot={b:g}", "capability", capability=replace(base, w_con=a, w_ot=b))
+            for a, b in CANDIDATE_WEIGHTS]
+    return out
+
+
+@dataclass
+class SelectionReport:
+    metric: str                                    # "aiq" or "accuracy"
+    folds: int
+    scores: dict[str, list[float]]                 # candidate -> its metric on each fold
+    chosen: Candidate
+    note: str = ""
+    per_fold_n: list[int] = field(default_factory=list)
+
+    def mean(self, name: str) -> float:
+        return float(np.mean(self.scores[name]))
+
+    def as_json(self) -> dict[str, Any]:
+        return {"metric": self.metric, "folds": self.folds, "held_out_prompts_per_fold": self.per_fold_n,
+                "chosen": self.chosen.name, "note": self.note,
+                "candidates": [{"name": n, "mean": self.mean(n), "std": float(np.std(v)), "per_fold": v}
+                               for n, v in self.scores.items()]}
+
+
+
+def selection_table(sel: dict[str, Any]) -> str:
+    """The manifest's ``metrics.selection`` as a plain-text table, best first."""
+    rows = sorted(sel["candidates"], key=lambda c: -c["mean"])
+    w = max(len(c["name"]) for c in rows)
+    head = f"{sel['metric']}, mean of {sel['folds']} held-out folds"
+    lines = [f"{'candidate':<{w}}  {head:>34}  {'sd':>6}"]
+    for c in rows:
+        mark = "  <- served" if c["name"] == sel["chosen"] else ""
+        lines.append(f"{c['name']:<{w}}  {c['mean']:>34.4f}  {c['std']:>6.4f}{mark}")
+    if sel.get("note"):
+        lines.append(sel["note"])
+    return "\n".join(lines)
+
+
+def equal_costs(C: npt.NDArray[np.floating[Any]]) -> bool:
+    """True when every backend costs the same on average (quality-only routing)."""
+    m = np.nanmean(C, 0)
+    return bool(np.nanmax(m) - np.nanmin(m) <= 1e-9 * max(1.0, float(np.nanmax(np.abs(m)))))
+
+
+def fold_split(n: int, folds: int, seed: int) -> npt.NDArray[np.int64]:
+    """(n,) fold of each row: a seeded shuffle dealt round-robin (sizes differ by at most one)."""
+    return (np.random.default_rng(seed).permutation(n) % folds).astype(np.int64)
+
+
+def inner_split(rows: npt.NDArray[np.int64], seed: int, share: float = 0.1
+                ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """(train, validation) of ``rows``: a seeded ``share`` for early stopping, at least one row."""
+    perm = np.random.default_rng(seed).permutation(rows)
+    nv = max(1, int(round(share * len(rows))))
+    return np.sort(perm[nv:]), np.sort(perm[:nv])
+
+
+def _knn_training_inputs(X, records, backends, ds: DatastoreConfig, tr, va, cfg: CapabilityConfig, seed: int):
+    """What the blend trains on: out-of-fold kNN estimates for its training rows and the
+    training store's estimates for its validation rows, at the model's neighbourhoods."""
+    from router.offline.training import out_of_fold_knn
+
+    K = out_of_fold_knn(X[tr], [records[i] for i in tr], backends, ds, seed=seed, scales=cfg.knn_scales)
+    store = knn_store(X[tr], [records[i] for i in tr], ds)
+    from router.prediction.predictor import knn_quality
+
+    return K, knn_quality(store, X[va], backends, cfg.knn_scales)
+
+
+def select(X: npt.NDArray[np.float32], data: RoutingData, rows: npt.NDArray[np.int64], ds: DatastoreConfig,
+           candidates: Sequence[Candidate], *, folds: int = 3, seed: int = 0,
+           min_model_prompts: int = MIN_MODEL_PROMPTS, progress: bool = False) -> SelectionReport:
+    """Score ``candidates`` on ``folds`` held-out folds of ``rows`` (indices into ``data``; never
+    test rows) and return the report with the chosen one. X: (n, d) embeddings of all of data."""
+    from tqdm import tqdm
+
+    metric = "accuracy" if equal_costs(data.C[rows]) else "aiq"
+    note = ""
+    cands = list(candidates)
+    if len(rows) < min_model_prompts:
+        cands = [c for c in cands if c.kind == "datastore"]
+        note = (f"{len(rows)} prompts: fewer than the {min_model_prompts} a learned router needs here, so only the "
+                "datastore was tried")
+    folds = max(2, min(folds, len(rows) // 2))
+    fold = fold_split(len(rows), folds, seed)
+    complete = data.complete_rows()
+    scores: dict[str, list[float]] = {c.name: [] for c in cands}
+    per_fold_n = []
+    scales = [list(c.scale) for c in cands if c.kind == "datastore"]
+    bar = tqdm(total=folds * len(cands), desc="choosing the router", unit="fit", disable=not progress)
+    for f in range(folds):
+        held = rows[fold == f]
+        held = held[complete[held]]
+        train_rows = rows[fold != f]
+        per_fold_n.append(int(len(held)))
+        if not len(held):
+            raise ValueError("a fold holds no prompt scored for every backend: too few complete rows to choose")
+        recs = [data.records[i] for i in train_rows]
+        fallback = np.nanmean(data.C[train_rows], 0)
+        store = knn_store(X[train_rows], recs, ds)
+        Y, C = data.Y[held], data.C[held]
+        Qds, Chat = knn_estimates(store, X[held], data.backends, fallback, scales=scales or None)
+        tr, va = inner_split(train_rows, seed + f)
+        knn_inputs: dict[str, Any] = {}
+        for c in cands:
+            if c.kind == "datastore":
+                Q = Qds[..., scales.index(list(c.scale))]
+            else:
+                cfg = c.capability
+                assert cfg is not None
+                key = repr(cfg.knn_scales) if cfg.knn_blend else "none"
+                if key not in knn_inputs:
+                    knn_inputs[key] = _knn_training_inputs(X, data.records, data.backends, ds, tr, va, cfg, seed) \
+                        if cfg.knn_blend else (None, None)
+                K, Kv = knn_inputs[key]
+                model = train(X[tr], data.Y[tr], X[va], data.Y[va], cfg, K=K, Kv=Kv).model
+                Kh = knn_estimates(store, X[held], data.backends, fallback, scales=cfg.knn_scales)[0] \
+                    if cfg.knn_blend else None
+                Q = predict(model, X[held], Kh)
+            scores[c.name].append(float(evaluate(Q, Chat, Y, C)[metric]))
+            bar.update(1)
+    bar.close()
+    best = max(cands, key=lambda c: float(np.mean(scores[c.name])))      # max keeps the first of equals
+    return SelectionReport(metric, folds, scores, best, note, per_fold_n)
