@@ -21,10 +21,13 @@ def test_default_config_serves_the_bundled_artifact():
 
 
 @pytest.mark.slow  # loads MiniLM
-def test_bundled_artifact_is_built_from_the_bundled_outcomes(encoder):
+def test_bundled_artifact_is_built_from_the_bundled_outcomes():
     """Fails when the aptitude outcomes (or the embedder) changed without rerunning
     scripts/build_default_router.sh."""
     from router.prediction import artifact as art
+    from router.serving.app import build_encoder
+
+    encoder = build_encoder(load_config(None))      # the default runtime, which the script trains with
 
     data = load_routing_data(str(builtin_data("aptitude_outcomes.jsonl")))
     a = art.load(ARTIFACT, embedder_id=encoder.model_id, dim=encoder.dim)
@@ -49,9 +52,10 @@ def test_rebuilding_gives_an_equivalent_router(tmp_path):
     old, new = art.load(ARTIFACT), art.load(tmp_path / "r")
     assert {k: v for k, v in new.manifest["data"].items() if k != "path"} == \
         {k: v for k, v in old.manifest["data"].items() if k != "path"}
+    assert new.manifest["router"] == old.manifest["router"] and new.manifest["datastore"] == old.manifest["datastore"]
     preds = []
     for a in (old, new):
-        store = knn_store(a.embeddings, a.records, cfg.datastore)
+        store = knn_store(a.embeddings, a.records, cfg.datastore.model_copy(update=a.manifest["datastore"]))
         fallback = np.array([a.manifest["cost"]["mean_per_request"][b] for b in a.backends])
         preds.append(blend_predictor(a.model, store, a.backends).predict(old.embeddings, a.backends, fallback).quality)
     # Same pipeline, same seed: the same router up to floating-point differences between CPUs.

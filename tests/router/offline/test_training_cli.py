@@ -44,10 +44,11 @@ def slice_file(shared_data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def trained(slice_file, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("art") / "router"
+    # --router learned: these tests need a capability model (auto chooses by held-out folds).
     r = subprocess.run([str(BIN), "train", "--data", str(slice_file), "--out", str(out), "--epochs", "15",
-                        "--seed", "1"], capture_output=True, text=True, timeout=600)
+                        "--seed", "1", "--router", "learned"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "test AIQ" in r.stdout
+    assert "test AIQ" in r.stdout and "<- served" in r.stdout
     return out
 
 
@@ -58,6 +59,13 @@ def test_train_writes_a_versioned_artifact_with_a_manifest(trained, slice_file):
     assert len(m["backends"]) == 9 and m["data"]["n_test"] == 120 and m["data"]["sha256"]
     assert set(RENAMED.values()) <= set(m["backends"])
     assert set(m["knn_weights"]) == set(m["backends"]) and 0 < m["metrics"]["test"]["aiq"] <= 1
+    sel = m["metrics"]["selection"]
+    assert m["router"] == "capability" and sel["folds"] == 3 and sel["metric"] == "aiq"
+    assert {c["name"] for c in sel["candidates"]} == {"MLP", "matrix factorization", "blend w_con=0.2 w_ot=0.1",
+                                                       "blend w_con=0 w_ot=0", "blend w_con=0.2 w_ot=0",
+                                                       "blend w_con=0 w_ot=0.1"}
+    assert sel["chosen"] == max(sel["candidates"], key=lambda c: c["mean"])["name"]
+    assert set(m["metrics"]["seconds"]) == {"embedding_s", "choosing_s", "training_s"}
     assert m["cost"]["mean_per_request"]["gemma-2-9b-it"] == pytest.approx(0.1)
     for f in ("model.safetensors", "outcomes.jsonl.gz", "embeddings.npy"):
         assert (trained / f).exists()
@@ -233,3 +241,54 @@ def test_equal_costs_train_and_report_accuracy_against_best_single_and_oracle(sl
     from router.prediction.artifact import load
 
     assert load(out).backends == sorted(rows[0]["scores"])          # what serve --artifact loads
+
+
+def test_small_data_serves_the_datastore_alone_chosen_on_folds_and_says_so(slice_file, tmp_path):
+    """Fewer prompts than a learned router needs: only the datastore's neighbourhoods are compared,
+    the artifact has no model, and it evaluates and serves (Route over gRPC) like any other."""
+    rows = [json.loads(line) for line in gzip.open(slice_file, "rt")]
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(json.dumps(r) + "\n" for r in rows[:150] + rows[-40:]))
+    out = tmp_path / "router"
+    r = subprocess.run([str(BIN), "train", "--data", str(small), "--out", str(out), "--folds", "4"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "fewer than the 200 a learned router needs" in r.stdout and "the datastore alone (k " in r.stdout
+    m = json.loads((out / "manifest.json").read_text())
+    sel = m["metrics"]["selection"]
+    assert m["router"] == "datastore" and "knn_weights" not in m and "capability" not in m
+    assert sel["folds"] == 4 and all(c["name"].startswith("datastore") for c in sel["candidates"])
+    best = max(sel["candidates"], key=lambda c: c["mean"])
+    assert sel["chosen"] == best["name"] and not (out / "model.safetensors").exists()
+    if best["name"] != "datastore (configured k, temperature)":
+        k, t = best["name"].removeprefix("datastore k=").split(" temperature=")
+        assert m["datastore"]["k"] == int(k) and m["datastore"]["temperature"] == float(t)
+
+    from router.core.config import load_config
+    from router.prediction import artifact as art
+    from tests.conftest import LiveServer
+
+    assert art.load(out).model is None
+    rep = tmp_path / "eval.json"
+    r = subprocess.run([str(BIN), "eval", "--artifact", str(out), "--data", str(small), "--json", str(rep)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 0 < json.loads(rep.read_text())["caprouter"]["aiq"] <= 1
+
+    import grpc
+
+    from caprouter.v1 import router_pb2 as pb
+    from caprouter.v1 import router_pb2_grpc
+
+    cfg = load_config(None, {"server.port": 0, "artifact": str(out), "backends": [],
+                             "datastore.state_dir": str(tmp_path / "state"), "routing.cost_unit": "USD/M tokens"})
+    srv = LiveServer(cfg)
+    try:
+        srv.call(srv.server.load_and_serve())
+        assert srv.app.service.capability is None
+        assert srv.app.service.datastore.k == m["datastore"]["k"]           # the chosen neighbourhood serves
+        with grpc.insecure_channel(srv.address) as ch:
+            got = router_pb2_grpc.RouterStub(ch).Route(pb.RouteRequest(prompt="What is 17 * 23?"), timeout=30)
+        assert got.backend in m["backends"] and len(got.candidates) == len(m["backends"])
+    finally:
+        srv.stop()
