@@ -1,28 +1,32 @@
 """caprouter against the baselines on real routing data; regenerates docs/routing_quality.md.
 
-    .venv/bin/python benchmarks/routing_quality.py [--sets llmrouter,mmlu_pro,routellm] [--ablation]
+    .venv/bin/python benchmarks/routing_quality.py [--sets llmrouter,mmlu_pro,routellm] [--ablation] [--ood-folds 3]
 
 Every router is trained on the same split with the same MiniLM embeddings and predicts cost the
 same way (the datastore's neighbour-weighted cost); they differ only in predicted quality.
-Splits: LLMRouter's own (test = its 500 rows); MMLU-Pro and RouteLLM seeded 80/20. Validation (10%
-of train) picks early stopping and the encoder/kNN blend weight. Evaluation uses test rows where
-every backend has a score. The last line is key=value figures.
+Splits: LLMRouter's own (test = its 500 rows); MMLU-Pro and RouteLLM seeded 80/20; and, out of
+distribution, --ood-folds splits per set whose test rows are whole categories the routers never
+saw. caprouter's router is chosen among its candidates on held-out folds of the training rows;
+validation (10% of train) stops training early. Evaluation uses test rows where every backend has
+a score. The last line is key=value figures.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import time
+from dataclasses import replace
 
 import numpy as np
 from common import OUT, ROOT, embeddings, load  # noqa: I001
 
-from encoders.capability import CapabilityConfig, predict, train, train_selected
+from encoders.capability import CANDIDATE_WEIGHTS, CapabilityConfig, predict, train
 from router.core.config import AppConfig
 from router.offline import baselines
+from router.offline.candidates import inner_split
 from router.offline.evaluation import evaluate, two_backend, zero_router
 from router.offline.routing_data import split_indices
-from router.offline.training import out_of_fold_knn
+from router.offline.training import blend_predictor, fit_router, out_of_fold_knn
 from router.prediction.predictor import knn_estimates
 from router.prediction.predictor import knn_store as prediction_knn_store
 
@@ -31,24 +35,35 @@ def knn_store(X, data, idx, cfg):
     return prediction_knn_store(X[idx], [data.records[i] for i in idx], cfg.datastore)
 
 
-def run_set(name: str, seed: int, ablation: bool) -> dict:
-    t0 = time.time()
-    data = load(name)
-    X = embeddings(name, data)
-    tr, va, te = split_indices(data, seed=seed)
+MAIN = "caprouter (as `caprouter train` serves it)"
+BASELINES = ("kNN (k=40)", "MLP classifier", "matrix factorization", "random", "zero router")
+
+
+def category_folds(data, rows: np.ndarray, folds: int, seed: int) -> list[tuple[list[str], np.ndarray, np.ndarray]]:
+    """Out of distribution: the categories dealt (seeded) into ``folds`` groups; each group's
+    prompts are a test set for routers trained on every other category. Returns (held-out
+    categories, training rows, test rows) per fold."""
+    cats = np.array(sorted({data.categories[i] for i in rows}))
+    cats = cats[np.random.default_rng(seed).permutation(len(cats))]
+    cat_of = np.array([data.categories[i] for i in rows])
+    out = []
+    for f in range(folds):
+        held = sorted(cats[f::folds].tolist())
+        te = rows[np.isin(cat_of, held)]
+        out.append((held, rows[~np.isin(cat_of, held)], te))
+    return out
+
+
+def run_split(data, X, tr, va, te, seed: int, ablation: bool) -> dict:
+    """Every router trained on tr (early stopping / blend weights on va), evaluated on the complete
+    rows of te."""
     te = te[data.complete_rows()[te]]
     cfg = AppConfig()
     B = len(data.backends)
     mean_cost = np.nanmean(data.C[tr], 0)
-    records = [data.records[i] for i in tr]
     store = knn_store(X, data, tr, cfg)
     Qk_te, Chat = knn_estimates(store, X[te], data.backends, mean_cost)
     base = CapabilityConfig(seed=seed)
-    scales = base.knn_scales
-    # The datastore's estimates at every neighbourhood the encoder takes as input.
-    Qs_te = knn_estimates(store, X[te], data.backends, mean_cost, scales=scales)[0]
-    K = out_of_fold_knn(X[tr], records, data.backends, cfg.datastore, seed=seed, scales=scales)
-    Kv = knn_estimates(store, X[va], data.backends, mean_cost, scales=scales)[0]
     Y, C = data.Y[te], data.C[te]
 
     preds: dict[str, np.ndarray] = {}
@@ -57,45 +72,52 @@ def run_set(name: str, seed: int, ablation: bool) -> dict:
     preds["kNN (k=40)"] = baselines.knn_router(X[tr], data.Y[tr], X[te], 40)
     preds["MLP classifier"] = baselines.mlp_router(X[tr], data.Y[tr], X[va], data.Y[va], X[te], seed=seed)
     preds["matrix factorization"] = baselines.mf_router(X[tr], data.Y[tr], X[va], data.Y[va], X[te], seed=seed)
-    preds["caprouter kNN datastore alone"] = Qk_te
+    preds["caprouter kNN datastore alone (configured k, temperature)"] = Qk_te
 
-    # caprouter as `caprouter train` builds it: the loss weights picked on validation loss among
-    # the full objective and its ablations (each ablation is reported too).
-    main_label = "caprouter (capability encoder + datastore)"
-    res, chosen, table = train_selected(X[tr], data.Y[tr], X[va], data.Y[va], base, K=K, Kv=Kv)
-    preds[main_label] = predict(res.model, X[te], Qs_te)
-    names = {(0.2, 0.1): "ablation: full objective (w_con 0.2, w_ot 0.1)", (0.0, 0.0): "ablation: prediction loss only",
-             (0.2, 0.0): "ablation: prediction + contrastive", (0.0, 0.1): "ablation: prediction + OT"}
-    selection = []
-    for t in table:
-        key = (t["w_con"], t["w_ot"])
-        selection.append({"w_con": key[0], "w_ot": key[1], "val_bce": t["val_bce"]})
-        if ablation:
-            preds[names.get(key, f"ablation: {key}")] = predict(t["result"].model, X[te], Qs_te)
+    # caprouter as `caprouter train` builds it: every candidate scored on held-out folds of
+    # tr + va, the best fitted on tr (router/offline/training.py fit_router).
+    t0 = time.time()
+    fit = fit_router(X, data, tr, va, cfg.datastore, base, seed=seed, progress=True)
+    fit_s = time.time() - t0
+    preds[MAIN] = blend_predictor(fit.model, fit.store, data.backends).predict(X[te], data.backends, mean_cost).quality
     if ablation:
-        nd = train(X[tr], data.Y[tr], X[va], data.Y[va], chosen)
-        preds["ablation: chosen weights, no datastore input"] = predict(nd.model, X[te], None)
-        if scales:
-            from dataclasses import replace
-
-            one = replace(chosen, knn_scales=None)
-            K1 = out_of_fold_knn(X[tr], records, data.backends, cfg.datastore, seed=seed)
-            m1 = train(X[tr], data.Y[tr], X[va], data.Y[va], one, K=K1, Kv=knn_estimates(
-                store, X[va], data.backends, mean_cost)[0]).model
-            preds["ablation: chosen weights, datastore's own neighbourhood only"] = predict(m1, X[te], Qk_te)
+        K = out_of_fold_knn(X[tr], [data.records[i] for i in tr], data.backends, cfg.datastore, seed=seed,
+                            scales=base.knn_scales)
+        Kv = knn_estimates(store, X[va], data.backends, mean_cost, scales=base.knn_scales)[0]
+        Qs_te = knn_estimates(store, X[te], data.backends, mean_cost, scales=base.knn_scales)[0]
+        for w_con, w_ot in CANDIDATE_WEIGHTS:
+            res = train(X[tr], data.Y[tr], X[va], data.Y[va], replace(base, w_con=w_con, w_ot=w_ot), K=K, Kv=Kv)
+            preds[f"ablation: blend w_con {w_con:g}, w_ot {w_ot:g}"] = predict(res.model, X[te], Qs_te)
+        nd = train(X[tr], data.Y[tr], X[va], data.Y[va], base)
+        preds["ablation: blend objective, no datastore input"] = predict(nd.model, X[te], None)
 
     rows = {"zero router": zero_router(Y, C)}
     for label, Q in preds.items():
         rows[label] = evaluate(Q, Chat, Y, C)
-    out = {"set": name, "backends": data.backends, "n_train": int(len(tr)), "n_val": int(len(va)),
-           "n_test": int(len(te)), "main": main_label, "rows": rows, "selection": selection,
-           "chosen": {"w_con": chosen.w_con, "w_ot": chosen.w_ot},
+    out = {"n_train": int(len(tr)), "n_val": int(len(va)), "n_test": int(len(te)), "main": MAIN, "rows": rows,
+           "selection": fit.report.as_json(), "fit_seconds": fit_s,
            "accuracy": {b: float(Y[:, j].mean()) for j, b in enumerate(data.backends)},
-           "mean_cost": {b: float(C[:, j].mean()) for j, b in enumerate(data.backends)}, "seconds": time.time() - t0}
+           "mean_cost": {b: float(C[:, j].mean()) for j, b in enumerate(data.backends)}}
     if B == 2:
         strong = int(np.argmax(Y.mean(0)))
         weak = 1 - strong
         out["two_backend"] = {label: two_backend(Q, Y, strong, weak) for label, Q in preds.items()}
+    return out
+
+
+def run_set(name: str, seed: int, ablation: bool, ood_folds: int) -> dict:
+    t0 = time.time()
+    data = load(name)
+    X = embeddings(name, data)
+    tr, va, te = split_indices(data, seed=seed)
+    out = {"set": name, "backends": data.backends, **run_split(data, X, tr, va, te, seed, ablation)}
+    out["ood"] = []
+    for held, rest, te in category_folds(data, np.arange(len(data)), ood_folds, seed):
+        tr, va = inner_split(rest, seed)
+        r = run_split(data, X, tr, va, te, seed, False)
+        r["held_out_categories"] = held
+        out["ood"].append(r)
+    out["seconds"] = time.time() - t0
     return out
 
 
@@ -111,9 +133,15 @@ from `models.json`. Columns: AIQ (RouterBench), the quality the router reaches a
 model's average cost, and the cost at which it first reaches the best single model's quality, as
 a share of that model's cost (`inf`: never).
 
-"caprouter" is what `caprouter train` builds: the capability encoder with the datastore's kNN
-estimates (two neighbourhoods) as inputs, its loss weights picked on validation loss among the
-full objective and its ablations (each ablation is reported as its own row)."""
+"caprouter" is what `caprouter train` serves: every candidate (the datastore alone at six
+neighbourhoods, plain kNN among them; matrix factorization; an MLP; the capability encoder
+blended with the datastore under each loss variant) scored on 3 held-out folds of the training
+rows, the best one fitted on them (`router/offline/candidates.py`). Nothing is chosen on the test
+rows."""
+
+
+def _ood_means(r: dict) -> dict[str, float]:
+    return {label: float(np.mean([f["rows"][label]["aiq"] for f in r["ood"]])) for label in r["ood"][0]["rows"]}
 
 
 def write_doc(results: list[dict], path: str, seed: int) -> dict:
@@ -121,23 +149,50 @@ def write_doc(results: list[dict], path: str, seed: int) -> dict:
              f"Regenerate with `.venv/bin/python benchmarks/routing_quality.py --ablation` (seed {seed}); "
              "`--from-json` rewrites this page from the last run's `benchmarks/out/routing_quality.json`.", "",
              INTRO, "", "## Against the kNN baseline", "",
-             "| set | caprouter AIQ | kNN (k=40) | margin over kNN | best other baseline | cost share for best single's quality |",
-             "|---|---|---|---|---|---|"]
+             "| set | split | caprouter AIQ | kNN (k=40) | margin over kNN | best other baseline | served candidate |",
+             "|---|---|---|---|---|---|---|"]
     figures = {}
-    baselines_ = ("kNN (k=40)", "MLP classifier", "matrix factorization", "random", "zero router")
     for r in results:
-        cap = r["rows"][r["main"]]
+        cap = r["rows"][MAIN]
         knn = r["rows"]["kNN (k=40)"]["aiq"]
-        other = max((b for b in baselines_ if b != "kNN (k=40)"), key=lambda b: r["rows"][b]["aiq"])
-        lines.append(f"| {r['set']} | {cap['aiq']:.3f} | {knn:.3f} | {cap['aiq'] - knn:+.3f} | "
-                     f"{other} {r['rows'][other]['aiq']:.3f} | {fmt(cap['cost_share_for_best_quality'])} |")
+        other = max((b for b in BASELINES if b != "kNN (k=40)"), key=lambda b: r["rows"][b]["aiq"])
+        lines.append(f"| {r['set']} | test split | {cap['aiq']:.3f} | {knn:.3f} | {cap['aiq'] - knn:+.3f} | "
+                     f"{other} {r['rows'][other]['aiq']:.3f} | {r['selection']['chosen']} |")
+        if r.get("ood"):
+            m = _ood_means(r)
+            other = max((b for b in BASELINES if b != "kNN (k=40)"), key=lambda b: m[b])
+            lines.append(f"| {r['set']} | categories held out (mean of {len(r['ood'])}) | {m[MAIN]:.3f} | "
+                         f"{m['kNN (k=40)']:.3f} | {m[MAIN] - m['kNN (k=40)']:+.3f} | {other} {m[other]:.3f} | "
+                         f"{', '.join(sorted({f['selection']['chosen'] for f in r['ood']}))} |")
     lines.append("")
+    if any(r.get("ood") for r in results):
+        lines += ["## Out of distribution: categories held out", "",
+                  "Each set's categories are dealt (seeded) into three groups; each group's prompts are the test "
+                  "set of routers trained on every other category (early stopping and candidate choice on "
+                  "those training categories only).", "",
+                  "| set | held-out categories | test prompts | caprouter | served candidate | kNN (k=40) | MLP | MF | "
+                  "zero router | oracle |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in results:
+            for f in r.get("ood", []):
+                rows = f["rows"]
+                held = ", ".join(f["held_out_categories"])
+                if len(held) > 60:
+                    held = f"{len(f['held_out_categories'])} categories: " + held[:50] + "..."
+                lines.append(f"| {r['set']} | {held} | {f['n_test']} | {rows[MAIN]['aiq']:.3f} | "
+                             f"{f['selection']['chosen']} | {rows['kNN (k=40)']['aiq']:.3f} | "
+                             f"{rows['MLP classifier']['aiq']:.3f} | {rows['matrix factorization']['aiq']:.3f} | "
+                             f"{rows['zero router']['aiq']:.3f} | {rows['oracle']['aiq']:.3f} |")
+        lines.append("")
     for r in results:
+        sel = r["selection"]
         lines += [f"## {r['set']}", "",
                   f"{len(r['backends'])} backends; train {r['n_train']}, val {r['n_val']}, test {r['n_test']} "
-                  f"(complete rows). Loss weights picked on validation loss: w_con {r['chosen']['w_con']}, "
-                  f"w_ot {r['chosen']['w_ot']} (" + ", ".join(f"({t['w_con']}, {t['w_ot']}): {t['val_bce']:.4f}"
-                                                         for t in r["selection"]) + ").", "",
+                  f"(complete rows). Served: {sel['chosen']}, chosen on {sel['folds']} held-out folds of train + "
+                  f"val by {sel['metric']} (fit in {r['fit_seconds']:.0f} s):", "",
+                  "| candidate | held-out " + sel["metric"] + " (mean) | sd |", "|---|---|---|"]
+        for c in sorted(sel["candidates"], key=lambda c: -c["mean"]):
+            lines.append(f"| {c['name']} | {c['mean']:.4f} | {c['std']:.4f} |")
+        lines += ["", "On the test split:", "",
                   "| router | AIQ | quality at best single's cost | cost to reach best single's quality |",
                   "|---|---|---|---|"]
         for label, m in r["rows"].items():
@@ -147,11 +202,17 @@ def write_doc(results: list[dict], path: str, seed: int) -> dict:
             for label, m in r["two_backend"].items():
                 lines.append(f"| {label} | {m['apgr']:.3f} | {fmt(m['cpt50'])} | {fmt(m['cpt80'])} |")
         lines.append("")
-        cap = r["rows"][r["main"]]
+        cap = r["rows"][MAIN]
         figures[f"{r['set']}_aiq"] = f"{cap['aiq']:.3f}"
         figures[f"{r['set']}_knn_aiq"] = f"{r['rows']['kNN (k=40)']['aiq']:.3f}"
         figures[f"{r['set']}_zero_aiq"] = f"{r['rows']['zero router']['aiq']:.3f}"
         figures[f"{r['set']}_cost_share"] = fmt(cap["cost_share_for_best_quality"])
+        if r.get("ood"):
+            m = _ood_means(r)
+            figures[f"{r['set']}_ood_aiq"] = f"{m[MAIN]:.3f}"
+            figures[f"{r['set']}_ood_knn_aiq"] = f"{m['kNN (k=40)']:.3f}"
+            figures[f"{r['set']}_ood_min_margin"] = \
+                f"{min(f['rows'][MAIN]['aiq'] - f['rows']['kNN (k=40)']['aiq'] for f in r['ood']):+.3f}"
     notes = ROOT / "docs" / "routing_quality_notes.md"
     if notes.exists():
         lines += [notes.read_text().strip(), ""]
@@ -166,13 +227,14 @@ def main() -> int:
     ap.add_argument("--sets", default="llmrouter,mmlu_pro,routellm")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ablation", action="store_true")
+    ap.add_argument("--ood-folds", type=int, default=3, help="category-held-out folds per set (0: none)")
     ap.add_argument("--doc", default=str(ROOT / "docs" / "routing_quality.md"))
     ap.add_argument("--from-json", action="store_true", help="rewrite the page from the last run's JSON")
     args = ap.parse_args()
     if args.from_json:
         results = json.loads((OUT / "routing_quality.json").read_text())
     else:
-        results = [run_set(s, args.seed, args.ablation) for s in args.sets.split(",")]
+        results = [run_set(s, args.seed, args.ablation, args.ood_folds) for s in args.sets.split(",")]
         OUT.mkdir(parents=True, exist_ok=True)
         (OUT / "routing_quality.json").write_text(json.dumps(results, indent=2))
     figures = write_doc(results, args.doc, args.seed)

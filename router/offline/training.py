@@ -5,6 +5,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,56 @@ def _embed(encoder: PromptEncoder, data: RoutingData, progress: bool) -> npt.NDA
     return np.concatenate(parts)
 
 
+ROUTER_KINDS = {"auto": ("datastore", "capability"), "datastore": ("datastore",), "learned": ("capability",)}
+
+
+@dataclass
+class FittedRouter:
+    """What `caprouter train` serves: the chosen candidate, its model (None: the datastore alone),
+    the datastore's neighbourhood, and the store of the training rows the model was fitted with."""
+
+    report: candidates.SelectionReport
+    model: Any
+    datastore: DatastoreConfig
+    store: Datastore
+    best_epoch: int | None = None
+    val_bce: float | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def chosen(self) -> candidates.Candidate:
+        return self.report.chosen
+
+
+def fit_router(X: npt.NDArray[np.float32], data: RoutingData, tr: npt.NDArray[np.int64], va: npt.NDArray[np.int64],
+               ds: DatastoreConfig, base: CapabilityConfig, *, folds: int = 3, seed: int = 0, router: str = "auto",
+               min_model_prompts: int = candidates.MIN_MODEL_PROMPTS, progress: bool = False) -> FittedRouter:
+    """Choose among the candidates on ``folds`` held-out folds of tr + va, then fit the chosen one
+    on tr (early stopping on va). X: (n, d) embeddings of all of ``data``."""
+    t0 = time.perf_counter()
+    tried = [c for c in candidates.default_candidates(base) if c.kind in ROUTER_KINDS[router]]
+    report = candidates.select(X, data, np.sort(np.concatenate([tr, va])), ds, tried, folds=folds, seed=seed,
+                               min_model_prompts=0 if router == "learned" else min_model_prompts, progress=progress)
+    seconds = {"choosing_s": time.perf_counter() - t0}
+    chosen = report.chosen
+    if chosen.kind == "datastore":
+        k, t = chosen.scale
+        ds = ds.model_copy(update={"k": int(k) or ds.k, "temperature": float(t) or ds.temperature})
+    records = [data.records[i] for i in tr]
+    store = knn_store(X[tr], records, ds)
+    cfg = chosen.capability
+    if cfg is None:
+        return FittedRouter(report, None, ds, store, seconds=seconds)
+    t0 = time.perf_counter()
+    K = Kv = None
+    if cfg.knn_blend:
+        K = out_of_fold_knn(X[tr], records, data.backends, ds, seed=seed, scales=cfg.knn_scales)
+        Kv = knn_quality(store, X[va], data.backends, cfg.knn_scales)
+    res = train(X[tr], data.Y[tr], X[va], data.Y[va], cfg, K=K, Kv=Kv, progress=progress)
+    seconds["training_s"] = time.perf_counter() - t0
+    return FittedRouter(report, res.model, ds, store, res.best_epoch, res.best_val, seconds)
+
+
 def train_command(config: AppConfig, data_path: str, out: str, *, costs: str | None = None, seed: int = 0,
                   max_epochs: int | None = None, test_share: float = 0.2, progress: bool = True,
                   clip_scores: bool = False, folds: int = 3, router: str = "auto",
@@ -134,9 +185,8 @@ def train_command(config: AppConfig, data_path: str, out: str, *, costs: str | N
         raise InvalidArgument(f"--test-share must be in [0, 1), got {test_share}")
     if folds < 2:
         raise InvalidArgument(f"--folds must be at least 2, got {folds}")
-    kinds = {"auto": ("datastore", "capability"), "datastore": ("datastore",), "learned": ("capability",)}
-    if router not in kinds:
-        raise InvalidArgument(f"--router must be one of {', '.join(kinds)}, got {router!r}")
+    if router not in ROUTER_KINDS:
+        raise InvalidArgument(f"--router must be one of {', '.join(ROUTER_KINDS)}, got {router!r}")
     clipped: list[str] | None = [] if clip_scores else None
     data = load_routing_data(data_path, _costs(costs), clipped=clipped)
     if clipped:
@@ -155,32 +205,14 @@ def train_command(config: AppConfig, data_path: str, out: str, *, costs: str | N
     base = CapabilityConfig(seed=seed)
     if max_epochs:
         base.max_epochs = max_epochs
-    t0 = time.perf_counter()
-    tried = [c for c in candidates.default_candidates(base) if c.kind in kinds[router]]
-    report = candidates.select(X, data, np.sort(np.concatenate([tr, va])), config.datastore, tried, folds=folds,
-                               seed=seed, min_model_prompts=0 if router == "learned" else min_model_prompts,
-                               progress=progress)
-    timings["choosing_s"] = time.perf_counter() - t0
-    chosen = report.chosen
-    ds = config.datastore
-    if chosen.kind == "datastore":
-        k, t = chosen.scale
-        ds = ds.model_copy(update={"k": int(k) or ds.k, "temperature": float(t) or ds.temperature})
+    fit = fit_router(X, data, tr, va, config.datastore, base, folds=folds, seed=seed, router=router,
+                     min_model_prompts=min_model_prompts, progress=progress)
+    timings.update(fit.seconds)
+    model, cfg, ds, store = fit.model, fit.chosen.capability, fit.datastore, fit.store
     fallback = np.nanmean(data.C[tr], 0)
-    records = [data.records[i] for i in tr]
-    store = knn_store(X[tr], records, ds)
-    metrics: dict[str, Any] = {"selection": report.as_json()}
-    model, cfg = None, chosen.capability
-    if cfg is not None:
-        t0 = time.perf_counter()
-        K = Kv = None
-        if cfg.knn_blend:
-            K = out_of_fold_knn(X[tr], records, data.backends, ds, seed=seed, scales=cfg.knn_scales)
-            Kv = knn_quality(store, X[va], data.backends, cfg.knn_scales)
-        res = train(X[tr], data.Y[tr], X[va], data.Y[va], cfg, K=K, Kv=Kv, progress=progress)
-        model = res.model
-        metrics.update(best_epoch=res.best_epoch, val_bce=res.best_val)
-        timings["training_s"] = time.perf_counter() - t0
+    metrics: dict[str, Any] = {"selection": fit.report.as_json()}
+    if fit.best_epoch is not None:
+        metrics.update(best_epoch=fit.best_epoch, val_bce=fit.val_bce)
     metrics["seconds"] = timings
     pred = blend_predictor(model, store, data.backends)
     va_c = va[data.complete_rows()[va]]
@@ -199,7 +231,7 @@ def train_command(config: AppConfig, data_path: str, out: str, *, costs: str | N
                  "n_val": int(len(va)), "n_test": int(len(te)), "seed": seed, "test_share": test_share,
                  **({"clipped_scores": len(clipped)} if clipped is not None else {}),
                  "served_outcomes": "train+val"},
-        "router": chosen.kind,
+        "router": fit.chosen.kind,
         **({"capability": config_dict(cfg),
             "knn_weights": {b: [float(x) for x in w] for b, w in zip(data.backends, model.w.detach().numpy())}}
            if model is not None and cfg is not None else {}),
