@@ -180,7 +180,11 @@ def default_config(tmp: Path, models: Path, **overrides):
 
 @pytest.fixture(scope="session")
 def live_server(tmp_path_factory, models_dir):
-    srv = LiveServer(default_config(tmp_path_factory.mktemp("live"), models_dir))
+    """The embedded default, except that the pruned code keeps a batch of its own: the tests on
+    this server are about independent backends (their queues, fallbacks, failures). The shared
+    batch is tested in tests/router/adapters/test_shared_batch.py."""
+    srv = LiveServer(default_config(tmp_path_factory.mktemp("live"), models_dir,
+                                    **{"backends.1.options.share_batch": False}))
     srv.call(srv.server.load_and_serve())
     yield srv
     srv.stop()
