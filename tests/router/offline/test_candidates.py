@@ -10,6 +10,8 @@ from encoders.capability import CapabilityConfig
 from router.core.config import DatastoreConfig
 from router.offline.candidates import (
     MIN_MODEL_PROMPTS,
+    REFERENCE,
+    category_fold_split,
     default_candidates,
     equal_costs,
     fold_split,
@@ -91,3 +93,20 @@ def test_a_fold_without_complete_rows_is_a_clear_error():
     data.Y[:, 1] = np.nan
     with pytest.raises(ValueError, match="no prompt scored for every backend"):
         select(X, data, np.arange(20), DatastoreConfig(), default_candidates(QUICK)[:1], seed=0)
+
+
+def test_with_categories_the_choice_is_the_best_worse_margin_over_knn_on_random_and_grouped_folds():
+    X, data = _data(240, noise=0.1, seed=5)
+    data.categories = [f"c{int((x[1] + 1) * 4) % 8}" for x in X]          # 8 categories, by a direction of X
+    assert category_fold_split(data.categories, 3, 0) is not None
+    assert category_fold_split(["a", "b", "c", "a"], 3, 0) is None        # too few categories to hold out
+    tried = [c for c in default_candidates(QUICK) if c.kind == "datastore" or c.name == "matrix factorization"]
+    rep = select(X, data, np.arange(240), DatastoreConfig(), tried, folds=3, seed=0)
+    assert rep.grouped is not None and set(rep.grouped) == set(rep.scores)
+
+    def worse_margin(n):
+        return min(rep.mean(n) - rep.mean(REFERENCE), rep.grouped_mean(n) - rep.grouped_mean(REFERENCE))
+    assert worse_margin(rep.chosen.name) == max(worse_margin(c.name) for c in tried) >= 0.0
+    j = rep.as_json()
+    assert all("category_held_out_mean" in c for c in j["candidates"])
+    assert "categories held out" in selection_table(j).splitlines()[0]
