@@ -188,10 +188,15 @@ def write_doc(results: list[dict], path: str, seed: int) -> dict:
         lines += [f"## {r['set']}", "",
                   f"{len(r['backends'])} backends; train {r['n_train']}, val {r['n_val']}, test {r['n_test']} "
                   f"(complete rows). Served: {sel['chosen']}, chosen on {sel['folds']} held-out folds of train + "
-                  f"val by {sel['metric']} (fit in {r['fit_seconds']:.0f} s):", "",
-                  "| candidate | held-out " + sel["metric"] + " (mean) | sd |", "|---|---|---|"]
+                  f"val by {sel['metric']}" + (" (random folds and folds holding out whole categories: the best "
+                                               "worse margin over plain kNN)" if "category_held_out_mean" in
+                                               sel["candidates"][0] else "") +
+                  f" (fit in {r['fit_seconds']:.0f} s):", "",
+                  "| candidate | held-out " + sel["metric"] + " (mean) | sd | categories held out (mean) |",
+                  "|---|---|---|---|"]
         for c in sorted(sel["candidates"], key=lambda c: -c["mean"]):
-            lines.append(f"| {c['name']} | {c['mean']:.4f} | {c['std']:.4f} |")
+            g = c.get("category_held_out_mean")
+            lines.append(f"| {c['name']} | {c['mean']:.4f} | {c['std']:.4f} | {'' if g is None else f'{g:.4f}'} |")
         lines += ["", "On the test split:", "",
                   "| router | AIQ | quality at best single's cost | cost to reach best single's quality |",
                   "|---|---|---|---|"]
