@@ -62,9 +62,9 @@ def default_candidates(base: CapabilityConfig) -> list[Candidate]:
     """The candidates in order of simplicity (ties go to the earlier one)."""
     out = [Candidate("datastore (configured k, temperature)" if k == 0 else f"datastore k={k} temperature={t:g}",
                      "datastore", (k, t)) for k, t in DATASTORE_SCALES]
-    plain = {"w_con": 0.0, "w_ot": 0.0, "codes": 1, "knn_blend": False, "knn_scales": None}
-    out.append(Candidate("matrix factorization", "capability", capability=replace(base, hidden=0, **plain)))
-    out.append(Candidate("MLP", "capability", capability=replace(base, **plain)))
+    plain = replace(base, w_con=0.0, w_ot=0.0, codes=1, knn_blend=False, knn_scales=None)
+    out.append(Candidate("matrix factorization", "capability", capability=replace(plain, hidden=0)))
+    out.append(Candidate("MLP", "capability", capability=plain))
     out += [Candidate(f"blend w_con={a:g} w_ot={b:g}", "capability", capability=replace(base, w_con=a, w_ot=b))
             for a, b in CANDIDATE_WEIGHTS]
     return out
@@ -185,6 +185,7 @@ def _score(X, data: RoutingData, rows, fold, folds: int, ds: DatastoreConfig, ca
             if c.kind == "datastore":
                 Q = Qds[..., scales.index(list(c.scale))]
             else:
+                assert c.capability is not None
                 # Patience 10 instead of 20 while choosing: the ranking, not the last 0.001 of
                 # each fit, is what this needs (it halves the time of the slowest fits).
                 cfg = replace(c.capability, patience=min(c.capability.patience, 10))
