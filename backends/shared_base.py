@@ -25,8 +25,9 @@ keeps its own scheduler. The shared queue and batch use the base's ``max_batch``
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from backends.base import Backend, Status
@@ -108,7 +109,6 @@ class NeuronMasks:
 
     def __init__(self, model: Any) -> None:
         self.model = model
-        self.codes: dict[Any, list[Any]] = {}      # member backend -> per-layer kept indices
         self._full: dict[Any, Any] = {}            # member backend -> (L, I) 0/1 mask
         self._active: list[Any] | None = None      # per layer (B, 1, I) while a mixed forward runs
         self._hooks = [layer.mlp.down_proj.register_forward_pre_hook(self._hook(i))
@@ -121,7 +121,6 @@ class NeuronMasks:
         m = torch.zeros((len(kept), n), dtype=self.model.dtype, device=self.model.device)
         for i, ix in enumerate(kept):
             m[i, ix.to(m.device)] = 1
-        self.codes[member] = list(kept)
         self._full[member] = m
 
     def _hook(self, layer: int):
@@ -131,8 +130,9 @@ class NeuronMasks:
             return (inputs[0] * self._active[layer],)
         return pre
 
-    def rows(self, members: Sequence[Any]) -> _Masked:
-        """A context for one forward of rows ``members`` (None or an unadopted backend: all neurons)."""
+    @contextlib.contextmanager
+    def rows(self, members: Sequence[Any]) -> Iterator[None]:
+        """Mask one forward of rows ``members`` (None or an unadopted backend: all neurons)."""
         import torch
 
         ones = None
@@ -145,19 +145,8 @@ class NeuronMasks:
                 full = ones
             per_row.append(full)
         stacked = torch.stack(per_row, dim=1)          # (L, B, I)
-        return _Masked(self, [stacked[i].unsqueeze(1) for i in range(stacked.shape[0])])
-
-    def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
-
-
-class _Masked:
-    def __init__(self, owner: NeuronMasks, masks: list[Any]) -> None:
-        self.owner, self.masks = owner, masks
-
-    def __enter__(self) -> None:
-        self.owner._active = self.masks
-
-    def __exit__(self, *exc: Any) -> None:
-        self.owner._active = None
+        self._active = [stacked[i].unsqueeze(1) for i in range(stacked.shape[0])]
+        try:
+            yield
+        finally:
+            self._active = None

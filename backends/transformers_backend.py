@@ -241,8 +241,8 @@ class TransformersBackend(Backend):
         if setup is not None:
             setup()
         model, scope = self.model, contextlib.nullcontext()
-        if self._masks is not None and any(m is not None and m is not self for m in members):
-            distinct = {m if m is not None else self for m in members}
+        if self._masks is not None and any(m is not None for m in members):
+            distinct = {m or self for m in members}
             if len(distinct) == 1:
                 model = distinct.pop().model
             else:
