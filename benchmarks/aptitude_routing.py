@@ -55,7 +55,7 @@ def main() -> int:
     from tqdm import tqdm
 
     from encoders.capability import CapabilityConfig, train_selected
-    from router.offline.training import out_of_fold_knn
+    from router.offline.candidates import out_of_fold_knn
     from router.prediction.predictor import Capability, Predictor, knn_estimates
 
     for f in tqdm(range(args.folds), desc="folds", disable=not sys.stderr.isatty()):

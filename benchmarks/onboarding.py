@@ -20,9 +20,10 @@ from common import embeddings, load  # noqa: I001
 from datastore.records import OutcomeRecord
 from encoders.capability import CapabilityConfig, add_backend, onboard, predict, train
 from router.core.config import AppConfig
+from router.offline.candidates import out_of_fold_knn
 from router.offline.evaluation import evaluate
 from router.offline.routing_data import split_indices
-from router.offline.training import out_of_fold_knn, select_aptitude
+from router.offline.training import select_aptitude
 from router.prediction.onboarding import aptitude_knn, peer_residuals
 from router.prediction.predictor import knn_estimates, knn_store
 

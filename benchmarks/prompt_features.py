@@ -30,10 +30,9 @@ from common import OUT, embeddings, load  # noqa: I001
 from encoders.capability import CapabilityConfig, predict, train
 from router.core.config import AppConfig, load_config
 from router.offline import baselines
-from router.offline.candidates import inner_split
+from router.offline.candidates import inner_split, out_of_fold_knn
 from router.offline.evaluation import evaluate
 from router.offline.routing_data import split_indices
-from router.offline.training import out_of_fold_knn
 from router.prediction.predictor import knn_estimates, knn_store
 
 
@@ -47,18 +46,25 @@ def subsample(data, n_train: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(rng.choice(rest, min(n_train, len(rest)), replace=False)), te
 
 
-def smollm2_features(prompts: list[str], max_tokens: int, batch: int = 8) -> dict[str, np.ndarray]:
-    """One forward per prompt (chat-templated, left-padded batches of similar length):
-    mean-pooled hidden states at the middle and last layer, mean and std of the loss on the
-    prompt's own tokens, entropy of the first answer token."""
+def smollm2() -> tuple:
+    """(tokenizer, model) of the SmolLM2 the embedded default serves, fp32, eval mode."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from backends.weights import resolve_weights
 
     path = resolve_weights("smollm2-135m-instruct", load_config(None).models_dir())
-    tok = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    return (AutoTokenizer.from_pretrained(str(path)),
+            AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval())
+
+
+def smollm2_features(prompts: list[str], max_tokens: int, batch: int = 8) -> dict[str, np.ndarray]:
+    """One forward per prompt (chat-templated, left-padded batches of similar length):
+    mean-pooled hidden states at the middle and last layer, mean and std of the loss on the
+    prompt's own tokens, entropy of the first answer token."""
+    import torch
+
+    tok, model = smollm2()
     prefix = len(tok.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=False))
     ids = []
     for p in prompts:
@@ -109,15 +115,11 @@ def unit(Z: np.ndarray, mean: np.ndarray) -> np.ndarray:
 def route_cost_ms(prompt: str, max_tokens: int) -> dict[str, float]:
     """One prompt alone: MiniLM (the default runtime) against one SmolLM2 forward (ms, median of 20)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from backends.weights import resolve_weights
     from router.serving.app import build_encoder
 
     enc = build_encoder(load_config(None))
-    path = resolve_weights("smollm2-135m-instruct", load_config(None).models_dir())
-    tok = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    tok, model = smollm2()
     x = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                 return_tensors="pt", return_dict=True)["input_ids"][:, :max_tokens]
 

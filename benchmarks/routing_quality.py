@@ -23,10 +23,10 @@ from common import OUT, ROOT, embeddings, load  # noqa: I001
 from encoders.capability import CANDIDATE_WEIGHTS, CapabilityConfig, predict, train
 from router.core.config import AppConfig
 from router.offline import baselines
-from router.offline.candidates import inner_split
+from router.offline.candidates import inner_split, out_of_fold_knn
 from router.offline.evaluation import evaluate, two_backend, zero_router
 from router.offline.routing_data import split_indices
-from router.offline.training import blend_predictor, fit_router, out_of_fold_knn
+from router.offline.training import blend_predictor, fit_router
 from router.prediction.predictor import knn_estimates
 from router.prediction.predictor import knn_store as prediction_knn_store
 

@@ -34,11 +34,13 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from datastore.base import Datastore
+from datastore.records import OutcomeRecord
 from encoders.capability import CANDIDATE_WEIGHTS, CapabilityConfig, predict, train
 from router.core.config import DatastoreConfig
 from router.offline.evaluation import evaluate
 from router.offline.routing_data import RoutingData
-from router.prediction.predictor import knn_estimates, knn_store
+from router.prediction.predictor import knn_estimates, knn_quality, knn_store
 
 # Below this many prompts a learned model is not tried: measured on the shared data sets'
 # subsets, the blend's fold-to-fold spread at 100-200 prompts exceeds its margin over the datastore.
@@ -136,15 +138,29 @@ def inner_split(rows: npt.NDArray[np.int64], seed: int, share: float = 0.1
     return np.sort(perm[nv:]), np.sort(perm[:nv])
 
 
-def _knn_training_inputs(X, records, backends, ds: DatastoreConfig, tr, va, cfg: CapabilityConfig, seed: int):
+def out_of_fold_knn(X: npt.NDArray[np.float32], records: Sequence[OutcomeRecord], backends: list[str],
+                    ds_cfg: DatastoreConfig, *, folds: int = 5, seed: int = 0,
+                    scales: list[list[float]] | None = None) -> npt.NDArray[np.float32]:
+    """kNN estimates for training prompts from stores that do not hold them (k-fold), so the
+    encoder learns how far to trust the datastore on prompts it has not memorized. (n, B), or
+    (n, B, S) at the neighbourhoods ``scales``."""
+    fold = np.random.default_rng(seed).permutation(len(X)) % folds
+    out = np.zeros((len(X), len(backends), *([len(scales)] if scales else [])), np.float32)
+    for f in range(folds):
+        tr, te = np.where(fold != f)[0], np.where(fold == f)[0]
+        store = knn_store(X[tr], [records[i] for i in tr], ds_cfg)
+        out[te] = knn_quality(store, X[te], backends, scales)
+    return out
+
+
+def knn_training_inputs(X, records, backends, ds: DatastoreConfig, tr, va, cfg: CapabilityConfig, seed: int, *,
+                        store: Datastore | None = None):
     """What the blend trains on: out-of-fold kNN estimates for its training rows and the
-    training store's estimates for its validation rows, at the model's neighbourhoods."""
-    from router.offline.training import out_of_fold_knn
-
+    training rows' store's estimates for its validation rows, at the model's neighbourhoods.
+    ``store``: that store, when the caller has built it already."""
     K = out_of_fold_knn(X[tr], [records[i] for i in tr], backends, ds, seed=seed, scales=cfg.knn_scales)
-    store = knn_store(X[tr], [records[i] for i in tr], ds)
-    from router.prediction.predictor import knn_quality
-
+    if store is None:
+        store = knn_store(X[tr], [records[i] for i in tr], ds)
     return K, knn_quality(store, X[va], backends, cfg.knn_scales)
 
 
@@ -191,7 +207,7 @@ def _score(X, data: RoutingData, rows, fold, folds: int, ds: DatastoreConfig, ca
                 cfg = replace(c.capability, patience=min(c.capability.patience, 10))
                 key = repr(cfg.knn_scales) if cfg.knn_blend else "none"
                 if key not in knn_inputs:
-                    knn_inputs[key] = _knn_training_inputs(X, data.records, data.backends, ds, tr, va, cfg, seed) \
+                    knn_inputs[key] = knn_training_inputs(X, data.records, data.backends, ds, tr, va, cfg, seed) \
                         if cfg.knn_blend else (None, None)
                 K, Kv = knn_inputs[key]
                 model = train(X[tr], data.Y[tr], X[va], data.Y[va], cfg, K=K, Kv=Kv).model

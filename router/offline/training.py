@@ -13,7 +13,6 @@ import numpy as np
 import numpy.typing as npt
 
 from datastore.base import Datastore
-from datastore.records import OutcomeRecord
 from encoders.base import PromptEncoder
 from encoders.capability import CapabilityConfig, config_dict, train
 from router.core.config import AppConfig, DatastoreConfig
@@ -24,25 +23,10 @@ from router.offline import evaluation as M
 from router.offline.evaluation import evaluate, zero_router
 from router.offline.routing_data import RoutingData, load_routing_data, split_indices
 from router.prediction import artifact as art
-from router.prediction.predictor import Capability, Predictor, knn_quality, knn_store
+from router.prediction.predictor import Capability, Predictor, knn_store
 from router.serving.app import build_encoder
 
 log = logging.getLogger(__name__)
-
-
-def out_of_fold_knn(X: npt.NDArray[np.float32], records: Sequence[OutcomeRecord], backends: list[str],
-                    ds_cfg: DatastoreConfig, *, folds: int = 5, seed: int = 0,
-                    scales: list[list[float]] | None = None) -> npt.NDArray[np.float32]:
-    """kNN estimates for training prompts from stores that do not hold them (k-fold), so the
-    encoder learns how far to trust the datastore on prompts it has not memorized. (n, B), or
-    (n, B, S) at the neighbourhoods ``scales``."""
-    fold = np.random.default_rng(seed).permutation(len(X)) % folds
-    out = np.zeros((len(X), len(backends), *([len(scales)] if scales else [])), np.float32)
-    for f in range(folds):
-        tr, te = np.where(fold != f)[0], np.where(fold == f)[0]
-        store = knn_store(X[tr], [records[i] for i in tr], ds_cfg)
-        out[te] = knn_quality(store, X[te], backends, scales)
-    return out
 
 
 def blend_predictor(model: Any, store: Datastore, backends: Sequence[str]) -> Predictor:
@@ -161,10 +145,8 @@ def fit_router(X: npt.NDArray[np.float32], data: RoutingData, tr: npt.NDArray[np
     if cfg is None:
         return FittedRouter(report, None, ds, store, seconds=seconds)
     t0 = time.perf_counter()
-    K = Kv = None
-    if cfg.knn_blend:
-        K = out_of_fold_knn(X[tr], records, data.backends, ds, seed=seed, scales=cfg.knn_scales)
-        Kv = knn_quality(store, X[va], data.backends, cfg.knn_scales)
+    K, Kv = candidates.knn_training_inputs(X, data.records, data.backends, ds, tr, va, cfg, seed, store=store) \
+        if cfg.knn_blend else (None, None)
     res = train(X[tr], data.Y[tr], X[va], data.Y[va], cfg, K=K, Kv=Kv, progress=progress)
     seconds["training_s"] = time.perf_counter() - t0
     return FittedRouter(report, res.model, ds, store, res.best_epoch, res.best_val, seconds)
