@@ -9,19 +9,20 @@ before a forward, which the MoE kind needs to install a request's expert weights
 
 How it works. Each backend has one scheduler and one driver thread; every model call still goes
 through the process's compute thread (``router.core.compute``), so routing work interleaves with
-decoding between two steps. A *batch* is the set of running requests that share weights (one for
-a plain model; one per expert set for the MoE kind) with one KV cache, left-padded: row i's real
-tokens are the last ``n_i`` columns, ``mask`` marks them, and each row's positions count only its
-own tokens, so a row computes what it would alone, up to float rounding of the batched matmuls.
-An iteration:
+decoding between two steps. Each request has its own KV cache, and a forward is *packed*
+(backends/packed.py): the new tokens of every row, one per decoding row and a prompt chunk per
+newcomer, go through the model as one sequence, each row at its own positions and attending only
+to its own cache, so a row computes what it would alone, up to float rounding of the batched
+matmuls. Rows that share weights share a forward (one for a plain model; one per expert set for
+the MoE kind). An iteration:
 
 1. admits waiting requests while running + prefilling < ``max_batch`` (a cancelled request, or
    one whose deadline passed while it waited, never starts);
-2. prefills newcomers, at most ``prefill_chunk`` prompt tokens per iteration: several short
-   prompts in one left-padded forward, or one long prompt a chunk at a time, so a newcomer
-   delays the running batch by one bounded forward, not by its whole prompt;
-3. runs one decode step of every batch; a finished or cancelled row leaves at once and the
-   columns no row needs any more are dropped.
+2. runs one packed forward per key: a decode step of its running rows plus at most
+   ``prefill_chunk`` prompt tokens of newcomers (the oldest first; a long prompt a chunk per
+   iteration), so a newcomer's prefill rides the running batch's step instead of stalling it
+   with a forward of its own;
+3. gives every row its token; a finished or cancelled row leaves at once and its cache is freed.
 
 Bounded queue: at most ``max_queue`` requests wait; one more is refused at once with
 ``Overloaded`` (RESOURCE_EXHAUSTED) carrying the expected wait, which ``stats()`` also reports.
@@ -53,12 +54,12 @@ class Row:
     emit: Emit
     enqueued: float
     ids: list[int] = field(default_factory=list)    # prompt token ids (after truncation)
-    key: Hashable = None                             # requests with equal keys share a batch
+    key: Hashable = None                             # requests with equal keys share a forward
     member: Any = None                               # the backend that submitted it, when not ops'
-    setup: Callable[[], None] | None = None          # run before each forward of its batch
+    setup: Callable[[], None] | None = None          # run before each forward of its key
     gen: Any = None                                  # torch.Generator when sampling
-    prefilled: int = 0                               # prompt tokens already in a cache
-    cache: Any = None                                # its cache while a long prompt is prefilled
+    cache: Any = None                                # its own KV cache (ops.new_cache)
+    prefilled: int = 0                               # prompt tokens already in its cache
     out_ids: list[int] = field(default_factory=list)
     sent: int = 0                                    # characters emitted so far
     t_start: float = 0.0
@@ -66,27 +67,18 @@ class Row:
     last: int = -1                                   # the token to feed at the next step
 
 
-@dataclass(eq=False)
-class Batch:
-    """Rows decoding together: one cache of (B, heads, T, dim) per layer and mask (B, T)."""
-
-    key: Hashable
-    setup: Callable[[], None] | None
-    rows: list[Row]
-    cache: Any
-    mask: Any
-
-
 class DecodeScheduler:
     """The continuous-batching loop of one local backend (see the module docstring).
 
     ``model_ops`` is the backend: it supplies ``tokenize(messages) -> list[int]``,
     ``prepare(req) -> (key, setup)``, ``generator(req)`` (its sampler state),
-    ``forward(ids, mask, cache, setup, members) -> (last-position logits (B, V), cache)`` and
-    ``pick(logits, rows) -> tokens`` (both run on the compute thread), ``eos`` (token ids),
-    ``decode(ids) -> str`` and ``step_hook``. ``members`` names, per row, the backend that
-    submitted it (None: ``model_ops`` itself): architecture codes of one base model share their
-    base's scheduler (backends/shared_base.py), and its forward runs each row as its code.
+    ``new_cache(reserve)`` (a request's empty KV cache), ``forward(tokens, starts, caches, setup,
+    members, logits_at) -> logits (len(logits_at), V)`` (one packed forward; row i feeds
+    ``tokens[i]`` after the ``starts[i]`` tokens in ``caches[i]``) and ``pick(logits, rows) ->
+    tokens`` (both run on the compute thread), ``eos`` (token ids), ``decode(ids) -> str`` and
+    ``step_hook``. ``members`` names, per row, the backend that submitted it (None: ``model_ops``
+    itself): architecture codes of one base model share their base's scheduler
+    (backends/shared_base.py), and its forward runs each row as its code.
     """
 
     def __init__(self, name: str, model_ops: Any, compute: Any, *, max_batch: int, max_queue: int,
@@ -100,7 +92,7 @@ class DecodeScheduler:
         self._cond = threading.Condition()
         self._waiting: collections.deque[Row] = collections.deque()
         self._prefilling: list[Row] = []
-        self._batches: dict[Hashable, Batch] = {}
+        self._decoding: list[Row] = []
         self._closed = False
         self._thread: threading.Thread | None = None
         # Mean seconds a request holds a slot (EWMA), for the expected wait; seeded by start().
@@ -123,10 +115,10 @@ class DecodeScheduler:
             self._cond.notify()
 
     def _running(self) -> int:
-        return len(self._prefilling) + sum(len(b.rows) for b in self._batches.values())
+        return len(self._prefilling) + len(self._decoding)
 
     def _busy(self) -> bool:
-        return bool(self._waiting or self._prefilling or self._batches)
+        return bool(self._waiting or self._prefilling or self._decoding)
 
     def stats(self) -> QueueStats:
         with self._cond:
@@ -163,7 +155,7 @@ class DecodeScheduler:
                 self.iterate()
             except Exception as e:
                 # The step's own failures are handled where they happen; this is what escaped
-                # them (cache surgery running out of memory, say). The started requests fail,
+                # them (a cache that cannot grow, say). The started requests fail,
                 # the queued ones stay, and the driver goes on: a dead driver would hang them all.
                 _fail(self._drop(waiting=False), self.name, e)
         _fail(self._drop(waiting=True), self.name, BackendError(self.name, "shutting down"))
@@ -171,12 +163,11 @@ class DecodeScheduler:
     def _drop(self, *, waiting: bool) -> list[Row]:
         """Take the started requests (and, with ``waiting``, the queued ones) out of the scheduler."""
         with self._cond:
-            rows = self._prefilling + [r for b in self._batches.values() for r in b.rows]
+            rows = self._prefilling + self._decoding
             if waiting:
                 rows += list(self._waiting)
                 self._waiting.clear()
-            self._prefilling.clear()
-            self._batches.clear()
+            self._prefilling, self._decoding = [], []
         return rows
 
     def run_until_idle(self, requests: Sequence[GenerationRequest] = ()) -> list[tuple[str, Finished]]:
@@ -203,12 +194,25 @@ class DecodeScheduler:
         return [("".join(t), f) for t, f in out]
 
     def iterate(self) -> None:
-        """One scheduling iteration: admit, prefill one bounded chunk, decode every batch once."""
+        """One scheduling iteration: admit, then one packed forward per key that decodes its
+        running rows once and feeds newcomers at most ``prefill_chunk`` prompt tokens."""
         self._admit()
-        if self._prefilling:
-            self._prefill()
-        for b in list(self._batches.values()):
-            self._decode(b)
+        for r in [r for r in self._prefilling if r.req.cancel.is_set()]:
+            with self._cond:
+                self._prefilling.remove(r)     # gone before its first token: its cache goes with it
+            _send(r, Finished(FinishReason.CANCELLED, len(r.ids), 0, 0.0))
+        groups: dict[Hashable, tuple[list[Row], list[tuple[Row, int]]]] = {}
+        for r in self._decoding:
+            groups.setdefault(r.key, ([], []))[0].append(r)
+        budget = self.prefill_chunk
+        for r in self._prefilling:             # the oldest newcomers first
+            if budget <= 0:
+                break
+            n = min(len(r.ids) - r.prefilled, budget)
+            groups.setdefault(r.key, ([], []))[1].append((r, n))
+            budget -= n
+        for decoding, feeding in groups.values():
+            self._step(decoding, feeding)
 
     def _admit(self) -> None:
         now = time.monotonic()
@@ -230,137 +234,56 @@ class DecodeScheduler:
                 row.ids = ops.tokenize(req.messages)
                 row.key, row.setup = ops.prepare(req)
                 row.gen = ops.generator(req)
+                row.cache = self.ops.new_cache(len(row.ids) + min(req.max_tokens, 256))
             except Exception as e:
                 _fail([row], self.name, e)
                 continue
             row.t_start = time.monotonic()
             req.started_ns = time.time_ns()
-            self._prefilling.append(row)
+            with self._cond:
+                self._prefilling.append(row)
 
-    # ---- prefill ------------------------------------------------------------------------------
-    def _prefill(self) -> None:
-        """Prefill the oldest newcomers within ``prefill_chunk`` prompt tokens: whole short prompts
-        of one key together, or the next chunk of one long prompt."""
-        for r in [r for r in self._prefilling if r.req.cancel.is_set()]:
-            self._prefilling.remove(r)        # gone before its first token: drop its partial cache
-            _send(r, Finished(FinishReason.CANCELLED, len(r.ids), 0, 0.0))
-        if not self._prefilling:
-            return
-        head = self._prefilling[0]
-        group = [head]
-        budget = self.prefill_chunk - (len(head.ids) - head.prefilled)
-        if head.prefilled == 0 and budget >= 0:
-            for r in self._prefilling[1:]:
-                need = len(r.ids)
-                if r.key == head.key and r.prefilled == 0 and need <= budget:
-                    group.append(r)
-                    budget -= need
+    # ---- the packed step ----------------------------------------------------------------------
+    def _step(self, decoding: list[Row], feeding: list[tuple[Row, int]]) -> None:
+        """One forward of a key's rows: each decoding row feeds its last token, each newcomer its
+        next ``n`` prompt tokens; every row that has a next token then takes it."""
+        rows = decoding + [r for r, _ in feeding]
+        tokens = [[r.last] for r in decoding] + [r.ids[r.prefilled:r.prefilled + n] for r, n in feeding]
+        starts = [len(r.ids) + len(r.out_ids) - 1 for r in decoding] + [r.prefilled for r, _ in feeding]
+        done = [r.prefilled + n == len(r.ids) for r, n in feeding]
+        want = list(range(len(decoding))) + [len(decoding) + i for i, d in enumerate(done) if d]
+        picked = [rows[i] for i in want]
+        setup = rows[0].setup
+
+        # Every torch call, tensor building included, runs on the compute thread: a second thread
+        # that touches torch gets an OpenMP pool of its own, and two pools on two cores slow each
+        # other (router/core/compute.py). Measured: with the small tensor work on this driver
+        # thread, 8 concurrent Generate calls decoded 24 tokens/s in all against 71 alone.
+        def run() -> list[int]:
+            logits = self.ops.forward(tokens, starts, [r.cache for r in rows], setup,
+                                      tuple(r.member for r in rows), want)
+            return list(self.ops.pick(logits, picked))
         try:
-            if len(group) == 1:
-                done = self._prefill_chunk(head)
-            else:
-                self._prefill_together(group)
-                done = True
+            toks = self.compute.run(run)
         except Exception as e:
-            for r in group:
+            with self._cond:
+                self._decoding = [r for r in self._decoding if r not in rows]
+                self._prefilling = [r for r in self._prefilling if r not in rows]
+            _fail(rows, self.name, e)
+            return
+        for r, n in feeding:
+            r.prefilled += n
+        by_row = dict(zip(map(id, picked), toks))
+        leaving = {id(r) for r in decoding if not self._take(r, by_row[id(r)])}
+        joining = [r for (r, _), d in zip(feeding, done) if d]
+        with self._cond:
+            for r in joining:
                 self._prefilling.remove(r)
-            _fail(group, self.name, e)
-            return
-        if not done:
-            return
-        for r in group:
-            self._prefilling.remove(r)
-
-    # Every torch call below, tensor building and cache surgery included, runs on the compute
-    # thread: a second thread that touches torch gets an OpenMP pool of its own, and two pools on
-    # two cores slow each other (router/core/compute.py). Measured: with the small tensor work on
-    # this driver thread, 8 concurrent Generate calls decoded 24 tokens/s in all against 71 for
-    # the model alone at batch 8.
-    def _prefill_chunk(self, row: Row) -> bool:
-        """Feed the next chunk of one prompt; True when the whole prompt is in."""
-        chunk = row.ids[row.prefilled:row.prefilled + self.prefill_chunk]
-        total = row.prefilled + len(chunk)
-        last = total == len(row.ids)
-
-        def run() -> tuple[list[int], Any, Any]:
-            import torch
-
-            ids = torch.tensor([chunk], dtype=torch.long)
-            mask = torch.ones((1, total), dtype=torch.long)
-            toks, cache = self._forward(ids, mask, row.cache, row.setup, [row], pick=last)
-            return toks, cache, mask
-        toks, row.cache, mask = self.compute.run(run)
-        row.prefilled = total
-        if not last:
-            return False
-        cache, row.cache = row.cache, None
-        self._join(Batch(row.key, row.setup, [row], cache, mask), toks)
-        return True
-
-    def _prefill_together(self, rows: list[Row]) -> None:
-        def run() -> tuple[list[int], Any, Any]:
-            import torch
-
-            width = max(len(r.ids) for r in rows)
-            ids = torch.zeros((len(rows), width), dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for i, r in enumerate(rows):
-                ids[i, width - len(r.ids):] = torch.tensor(r.ids)
-                mask[i, width - len(r.ids):] = 1
-            toks, cache = self._forward(ids, mask, None, rows[0].setup, rows, pick=True)
-            return toks, cache, mask
-        toks, cache, mask = self.compute.run(run)
-        for r in rows:
-            r.prefilled = len(r.ids)
-        self._join(Batch(rows[0].key, rows[0].setup, list(rows), cache, mask), toks)
-
-    def _join(self, new: Batch, first_tokens: list[int]) -> None:
-        """Take each newcomer's first token, then merge the survivors into their key's batch."""
-        keep = []
-        for i, (r, tok) in enumerate(zip(new.rows, first_tokens)):
-            if self._take(r, tok):
-                keep.append(i)
-        if not keep:
-            return
-        if len(keep) < len(new.rows):
-            self.compute.run(_select, new, keep)
-        cur = self._batches.get(new.key)
-        if cur is not None:
-            self.compute.run(_concat, cur, new)
-        else:
-            with self._cond:
-                self._batches[new.key] = new
-
-    # ---- decode -------------------------------------------------------------------------------
-    def _decode(self, b: Batch) -> None:
-        def run() -> tuple[list[int], Any, Any]:
-            import torch
-
-            ids = torch.tensor([[r.last] for r in b.rows], dtype=torch.long)
-            mask = torch.cat([b.mask, torch.ones((len(b.rows), 1), dtype=torch.long)], dim=1)
-            toks, cache = self._forward(ids, mask, b.cache, b.setup, b.rows, pick=True)
-            return toks, cache, mask
-        try:
-            toks, b.cache, b.mask = self.compute.run(run)
-        except Exception as e:
-            with self._cond:
-                self._batches.pop(b.key, None)
-            _fail(b.rows, self.name, e)
-            return
-        keep = [i for i, (r, t) in enumerate(zip(b.rows, toks)) if self._take(r, t)]
-        if len(keep) == len(b.rows):
-            return
-        if keep:
-            self.compute.run(_select, b, keep)
-        else:
-            with self._cond:
-                self._batches.pop(b.key, None)
-
-    def _forward(self, ids: Any, mask: Any, cache: Any, setup: Callable[[], None] | None,
-                 rows: Sequence[Row], *, pick: bool) -> tuple[list[int], Any]:
-        """One forward of ``rows`` and, with ``pick``, their next tokens: one compute-thread call."""
-        logits, cache = self.ops.forward(ids, mask, cache, setup, tuple(r.member for r in rows))
-        return (self.ops.pick(logits, rows) if pick else []), cache
+        joining = [r for r in joining if self._take(r, by_row[id(r)])]
+        with self._cond:
+            if leaving:
+                self._decoding = [r for r in self._decoding if id(r) not in leaving]
+            self._decoding.extend(joining)
 
     def _take(self, r: Row, tok: int) -> bool:
         """Give a row its next token: stream what is safe to show; False when it finished
@@ -414,40 +337,6 @@ class DecodeScheduler:
             _send(r, TextChunk(text[r.sent:safe]))
             r.sent = safe
         return None
-
-
-# ---- cache surgery (on the compute thread; tensors only, no model call) ---------------------------
-def _layers(cache: Any) -> list[Any]:
-    return list(cache.layers)
-
-
-def _select(b: Batch, keep: list[int]) -> None:
-    """Keep rows ``keep`` of a batch and drop the leading columns no remaining row uses."""
-    import torch
-
-    idx = torch.tensor(keep, dtype=torch.long)
-    mask = b.mask.index_select(0, idx)
-    used = mask.any(dim=0).nonzero()
-    first = int(used[0]) if len(used) else mask.shape[1]
-    for layer in _layers(b.cache):
-        layer.keys = layer.keys.index_select(0, idx)[:, :, first:]
-        layer.values = layer.values.index_select(0, idx)[:, :, first:]
-    b.mask = mask[:, first:]
-    b.rows = [b.rows[i] for i in keep]
-
-
-def _concat(a: Batch, n: Batch) -> None:
-    """Append batch ``n``'s rows to ``a``, left-padding the shorter of the two."""
-    import torch
-    import torch.nn.functional as F
-
-    ta, tn = a.mask.shape[1], n.mask.shape[1]
-    t = max(ta, tn)
-    for la, ln in zip(_layers(a.cache), _layers(n.cache)):
-        la.keys = torch.cat([F.pad(la.keys, (0, 0, t - ta, 0)), F.pad(ln.keys, (0, 0, t - tn, 0))], dim=0)
-        la.values = torch.cat([F.pad(la.values, (0, 0, t - ta, 0)), F.pad(ln.values, (0, 0, t - tn, 0))], dim=0)
-    a.mask = torch.cat([F.pad(a.mask, (t - ta, 0)), F.pad(n.mask, (t - tn, 0))], dim=0)
-    a.rows = a.rows + n.rows
 
 
 def _send(r: Row, ev: Any) -> None:

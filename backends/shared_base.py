@@ -110,7 +110,8 @@ class NeuronMasks:
     def __init__(self, model: Any) -> None:
         self.model = model
         self._full: dict[Any, Any] = {}            # member backend -> (L, I) 0/1 mask
-        self._active: list[Any] | None = None      # per layer (B, 1, I) while a mixed forward runs
+        self._active: Any = None                   # (L, R, I): the rows' masks while a mixed forward runs
+        self._token_row: Any = None                # (N,) each packed token's row, None when one token each
         self._hooks = [layer.mlp.down_proj.register_forward_pre_hook(self._hook(i))
                        for i, layer in enumerate(model.model.layers)]
 
@@ -127,12 +128,14 @@ class NeuronMasks:
         def pre(_mod: Any, inputs: tuple[Any, ...]) -> tuple[Any, ...] | None:
             if self._active is None:
                 return None
-            return (inputs[0] * self._active[layer],)
+            m = self._active[layer]
+            return (inputs[0] * (m if self._token_row is None else m.index_select(0, self._token_row)),)
         return pre
 
     @contextlib.contextmanager
-    def rows(self, members: Sequence[Any]) -> Iterator[None]:
-        """Mask one forward of rows ``members`` (None or an unadopted backend: all neurons)."""
+    def rows(self, members: Sequence[Any], lengths: Sequence[int]) -> Iterator[None]:
+        """Mask one packed forward: row i has ``lengths[i]`` new tokens and runs as ``members[i]``
+        (None or an unadopted backend: all neurons)."""
         import torch
 
         ones = None
@@ -144,9 +147,10 @@ class NeuronMasks:
                     ones = torch.ones_like(next(iter(self._full.values())))
                 full = ones
             per_row.append(full)
-        stacked = torch.stack(per_row, dim=1)          # (L, B, I)
-        self._active = [stacked[i].unsqueeze(1) for i in range(stacked.shape[0])]
+        self._active = torch.stack(per_row, dim=1)          # (L, R, I)
+        if any(n != 1 for n in lengths):
+            self._token_row = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
         try:
             yield
         finally:
-            self._active = None
+            self._active = self._token_row = None

@@ -21,6 +21,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from backends.base import BACKENDS, Backend, Capabilities, Finished, GenerationRequest, QueueStats, Status, TextChunk
 from backends.batching import DecodeScheduler, seeded_generator
+from backends.packed import RowCache
 from backends.weights import CausalLM, resolve_weights
 from router.core.compute import Inline
 from router.core.config import BackendConfig
@@ -227,16 +228,21 @@ class TransformersBackend(Backend):
     def decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
-    def forward(self, ids: Any, mask: Any, cache: Any, setup: Callable[[], None] | None,
-                members: Sequence[Any] = ()) -> tuple[Any, Any]:
-        """ids (B, S) new tokens, mask (B, T + S) over cached and new tokens (0: left padding),
-        cache of T columns or None -> (logits (B, V) at each row's last position, cache).
-        ``members``: per row, the code that submitted it (None: this backend), when codes share
-        this backend's batch: rows all of one code run that code's model, mixed rows this model
-        with each row's neurons masked."""
+    def new_cache(self, reserve: int) -> RowCache:
+        """An empty KV cache for one request, sized at first for ``reserve`` tokens."""
+        return RowCache(reserve)
+
+    def forward(self, tokens: Sequence[Sequence[int]], starts: Sequence[int], caches: Sequence[RowCache],
+                setup: Callable[[], None] | None, members: Sequence[Any] = (),
+                logits_at: Sequence[int] = ()) -> Any:
+        """One packed forward (backends/packed.py): row i feeds ``tokens[i]`` after the
+        ``starts[i]`` tokens in ``caches[i]`` -> logits (len(logits_at), V) at the last new token
+        of the rows ``logits_at``. ``members``: per row, the code that submitted it (None: this
+        backend), when codes share this backend's batch: rows all of one code run that code's
+        model, mixed rows this model with each row's neurons masked."""
         import contextlib
 
-        import torch
+        from backends import packed
 
         if setup is not None:
             setup()
@@ -246,16 +252,9 @@ class TransformersBackend(Backend):
             if len(distinct) == 1:
                 model = distinct.pop().model
             else:
-                scope = self._masks.rows(members)
-        dev = self.opts.device
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]   # each row counts its own tokens
-        kw = self._cache_kw()
-        extra = {} if cache is None else {kw: cache}
-        with torch.inference_mode(), scope:
-            # No mask when nothing is padded: the model then skips building one (batch 1 stays as fast).
-            out = model(input_ids=ids.to(dev), attention_mask=None if bool(mask.all()) else mask.to(dev),
-                        position_ids=pos.to(dev), use_cache=True, logits_to_keep=1, **extra)
-        return out.logits[:, -1, :], getattr(out, kw)
+                scope = self._masks.rows(members, [len(t) for t in tokens])
+        with scope:
+            return packed.forward(model, tokens, starts, caches, logits_at, self.opts.device)
 
     def pick(self, logits: Any, rows: Sequence[Any]) -> list[int]:
         """Each row's next token: argmax when greedy, else a draw from its own generator."""
@@ -270,15 +269,6 @@ class TransformersBackend(Backend):
                 probs = torch.softmax(logits[i].float() / r.req.temperature, dim=-1)
                 out.append(int(torch.multinomial(probs, 1, generator=r.gen)))
         return out
-
-    def _cache_kw(self) -> str:
-        # transformers renamed past_key_values to cache (5.2x; the old name goes in 5.40).
-        if not hasattr(self, "_cache_name"):
-            import inspect
-
-            self._cache_name = "cache" if "cache" in inspect.signature(self.model.forward).parameters \
-                else "past_key_values"
-        return self._cache_name
 
     def queue_stats(self) -> QueueStats | None:
         return None if self._scheduler is None else self._scheduler.stats()

@@ -73,23 +73,47 @@ def test_requests_that_join_a_running_batch_mid_stream_get_the_same_text(ops):
     assert ["".join(got[i]) for i in range(len(PROMPTS))] == alone
 
 
-def test_batched_logits_match_the_unbatched_ones_within_float_tolerance(ops):
-    """Where a near-tie could flip greedy text, the scores themselves agree: padded rows and their
-    own positions compute what each prompt computes alone."""
-    rows = [_prompt_ids([("user", p)]) for p in PROMPTS]
-    width = max(map(len, rows))
-    ids = torch.zeros((len(rows), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
+def packed_vs_alone(ops, rows, members=(), own=lambda i: None):
+    """Prefill ``rows`` in one packed forward, then one decode step of all of them, and compare
+    each row's logits with the same two forwards of that row alone (``own(i)``'s ops, default
+    ``ops``): within float tolerance, since only the batched matmuls' rounding differs."""
+    caches = [ops.new_cache(0) for _ in rows]
+    everyone = list(range(len(rows)))
+    members = tuple(members) or (None,) * len(rows)
+    prefill = ops.forward(rows, [0] * len(rows), caches, None, members, everyone)
+    nxt = prefill.argmax(-1).tolist()
+    step = ops.forward([[t] for t in nxt], [len(r) for r in rows], caches, None, members, everyone)
     for i, r in enumerate(rows):
-        ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
-    batched, cache = ops.forward(ids, mask, None, None)
-    nxt = batched.argmax(-1, keepdim=True)
-    step, _ = ops.forward(nxt, torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], 1), cache, None)
-    for i, r in enumerate(rows):
-        one, c1 = ops.forward(torch.tensor([r]), torch.ones((1, len(r)), dtype=torch.long), None, None)
-        torch.testing.assert_close(batched[i], one[0], atol=1e-5, rtol=1e-4)
-        two, _ = ops.forward(nxt[i:i + 1], torch.ones((1, len(r) + 1), dtype=torch.long), c1, None)
+        single = own(i) or ops
+        c = single.new_cache(0)
+        one = single.forward([r], [0], [c], None, (), [0])
+        torch.testing.assert_close(prefill[i], one[0], atol=1e-5, rtol=1e-4)
+        two = single.forward([[nxt[i]]], [len(r)], [c], None, (), [0])
         torch.testing.assert_close(step[i], two[0], atol=1e-5, rtol=1e-4)
+
+
+def test_batched_logits_match_the_unbatched_ones_within_float_tolerance(ops):
+    """Where a near-tie could flip greedy text, the scores themselves agree: packed rows at their
+    own positions, each attending to its own cache, compute what each prompt computes alone."""
+    packed_vs_alone(ops, [_prompt_ids([("user", p)]) for p in PROMPTS])
+
+
+def test_a_newcomer_is_prefilled_in_the_running_rows_forward(ops):
+    """Step 2 of the scheduler: the prompt of a request that arrives while another decodes rides
+    that decode step's forward, instead of a forward of its own that the running row waits for."""
+    s = _sched(ops)
+    fed: list[list[int]] = []
+    real = ops.forward
+
+    def counting(tokens, *a):
+        fed.append([len(t) for t in tokens])
+        return real(tokens, *a)
+    ops.forward = counting
+    s.submit(_req("hi", 6), lambda ev: None)
+    s.iterate()
+    s.submit(_req("a longer prompt here", 6), lambda ev: None)
+    s.iterate()
+    assert fed == [[len(_prompt_ids([("user", "hi")]))], [1, len(_prompt_ids([("user", "a longer prompt here")]))]]
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_with_the_same_result(ops):
@@ -99,9 +123,9 @@ def test_a_long_prompt_is_prefilled_in_chunks_with_the_same_result(ops):
     s = _sched(ops, prefill_chunk=16)
     real = ops.forward
 
-    def counting(ids, *a):
-        forwards.append(ids.shape[1])
-        return real(ids, *a)
+    def counting(tokens, *a):
+        forwards.append(sum(map(len, tokens)))
+        return real(tokens, *a)
     ops.forward = counting
     assert s.run_until_idle([_req(long)])[0][0] == whole[0][0]
     assert forwards[:6] == [16] * 5 + [len(_prompt_ids([("user", long)])) - 80]
@@ -212,7 +236,7 @@ def test_a_failing_row_fails_alone_and_a_failing_forward_fails_its_batch(ops):
     s.submit(_req("d"), got.append)
     s.iterate()
     assert len(got) == 2 and all(isinstance(e, BackendError) and "forward boom" in str(e) for e in got)
-    assert not s._batches and not s._prefilling
+    assert not s._decoding and not s._prefilling
 
 
 def test_requests_with_other_keys_decode_in_their_own_batch_with_their_own_setup(ops):
@@ -225,7 +249,7 @@ def test_requests_with_other_keys_decode_in_their_own_batch_with_their_own_setup
     s = _sched(ops)
     res = s.run_until_idle([_req("ab", 3), _req("abc", 3), _req("abcd", 3)])
     assert all(f.completion_tokens == 3 for _, f in res)
-    # Prefill: the two even prompts together, the odd one alone; then one forward per batch and step.
+    # Prefill: the two even prompts in one forward, the odd one in another; then one forward per key and step.
     assert installed.count("even") == installed.count("odd") == 3
 
 
@@ -256,20 +280,20 @@ def test_a_request_cancelled_while_its_long_prompt_is_prefilled_stops_there(ops)
     req.cancel.set()
     s.iterate()
     assert isinstance(got[-1], Finished) and got[-1].reason == FinishReason.CANCELLED
-    assert not s._prefilling and not s._batches and s.stats().running == 0
+    assert not s._prefilling and not s._decoding and s.stats().running == 0
 
 
 def test_a_failure_that_escapes_a_step_fails_the_started_requests_and_the_driver_goes_on(ops):
     s = _sched(ops)
-    real = s._decode
+    real = s._step
     calls = {"n": 0}
 
-    def once_broken(b):
+    def once_broken(decoding, feeding):
         calls["n"] += 1
         if calls["n"] == 2:
-            raise MemoryError("cache surgery ran out of memory")
-        real(b)
-    s._decode = once_broken
+            raise MemoryError("a cache could not grow")
+        real(decoding, feeding)
+    s._step = once_broken
     s.start(service_s=0.1)
     done = threading.Event()
     first: list[object] = []

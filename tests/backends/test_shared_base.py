@@ -15,7 +15,7 @@ from backends.pruning import prune_mlp_rows
 from backends.shared_base import kept_neurons, share_batches
 from backends.transformers_backend import TransformersBackend
 from router.core.config import BackendConfig
-from tests.backends.test_batching import CharTokenizer, _prompt_ids, _req
+from tests.backends.test_batching import CharTokenizer, _prompt_ids, _req, packed_vs_alone
 
 PROMPTS = ["hi", "a longer prompt here", "mid size one", "x" * 40, "what is seven and five", "q"]
 
@@ -75,9 +75,9 @@ def test_mixed_batch_text_equals_each_model_alone(pair):
     forwards: list[int] = []
     real = base.forward
 
-    def counting(ids, mask, cache, setup, members=()):
+    def counting(tokens, starts, caches, setup, members=(), logits_at=()):
         forwards.append(len(members))
-        return real(ids, mask, cache, setup, members)
+        return real(tokens, starts, caches, setup, members, logits_at)
     base.forward = counting
     for _ in range(40):
         if not s._busy():
@@ -93,21 +93,7 @@ def test_mixed_forward_logits_match_each_model_alone_within_float_tolerance(pair
     share_batches({"base": base, "code": code})
     rows = [_prompt_ids([("user", p)]) for p in PROMPTS]
     members = tuple(None if i % 2 == 0 else code for i in range(len(rows)))
-    width = max(map(len, rows))
-    ids = torch.zeros((len(rows), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
-    mixed, cache = base.forward(ids, mask, None, None, members)
-    nxt = mixed.argmax(-1, keepdim=True)
-    step, _ = base.forward(nxt, torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], 1), cache, None,
-                           members)
-    for i, r in enumerate(rows):
-        own = code if members[i] is code else base
-        one, c1 = own.forward(torch.tensor([r]), torch.ones((1, len(r)), dtype=torch.long), None, None)
-        torch.testing.assert_close(mixed[i], one[0], atol=1e-5, rtol=1e-4)
-        two, _ = own.forward(nxt[i:i + 1], torch.ones((1, len(r) + 1), dtype=torch.long), c1, None)
-        torch.testing.assert_close(step[i], two[0], atol=1e-5, rtol=1e-4)
+    packed_vs_alone(base, rows, members, own=lambda i: members[i])
 
 
 def test_a_batch_of_one_code_runs_that_codes_own_smaller_model(pair):
@@ -117,9 +103,9 @@ def test_a_batch_of_one_code_runs_that_codes_own_smaller_model(pair):
     for name, b in (("base", base), ("code", code)):
         b.model.register_forward_pre_hook(lambda *_a, name=name: calls.append(name))
     r = _prompt_ids([("user", "hi")])
-    base.forward(torch.tensor([r]), torch.ones((1, len(r)), dtype=torch.long), None, None, (code,))
-    base.forward(torch.tensor([r]), torch.ones((1, len(r)), dtype=torch.long), None, None, (None,))
-    base.forward(torch.tensor([r, r]), torch.ones((2, len(r)), dtype=torch.long), None, None, (None, code))
+    base.forward([r], [0], [base.new_cache(0)], None, (code,), [0])
+    base.forward([r], [0], [base.new_cache(0)], None, (None,), [0])
+    base.forward([r, r], [0, 0], [base.new_cache(0), base.new_cache(0)], None, (None, code), [0, 1])
     assert calls == ["code", "base", "base"]
 
 
