@@ -44,6 +44,8 @@ from router.core.errors import BackendError, DeadlineExceeded, Overloaded
 log = logging.getLogger(__name__)
 
 Emit = Callable[[Any], None]    # receives TextChunk, Finished or an exception; must not block
+PREFIX_MIN = 4                  # a shorter shared head is not worth a cached copy
+PREFIXES_KEPT = 16              # (key, member) heads kept: one per model or code, a few expert sets
 
 
 @dataclass(eq=False)
@@ -95,6 +97,12 @@ class DecodeScheduler:
         self._decoding: list[Row] = []
         self._closed = False
         self._thread: threading.Thread | None = None
+        # The chat template's head (system prompt and role markers) that every templated prompt
+        # starts with, and its KV columns per (key, member): a newcomer starting with it copies
+        # them and is prefilled from there on. Keyed by both because a code or an expert set
+        # computes other keys and values for the same tokens.
+        self._head: tuple[int, ...] | None = None
+        self._prefixes: collections.OrderedDict[tuple[Hashable, Any], Any] = collections.OrderedDict()
         # Mean seconds a request holds a slot (EWMA), for the expected wait; seeded by start().
         self._service_s = 1.0
 
@@ -234,7 +242,9 @@ class DecodeScheduler:
                 row.ids = ops.tokenize(req.messages)
                 row.key, row.setup = ops.prepare(req)
                 row.gen = ops.generator(req)
-                row.cache = self.ops.new_cache(len(row.ids) + min(req.max_tokens, 256))
+                prefix = self._prefix_for(row)
+                row.cache = self.ops.new_cache(len(row.ids) + min(req.max_tokens, 256), prefix)
+                row.prefilled = prefix.length if prefix is not None else 0
             except Exception as e:
                 _fail([row], self.name, e)
                 continue
@@ -242,6 +252,32 @@ class DecodeScheduler:
             req.started_ns = time.time_ns()
             with self._cond:
                 self._prefilling.append(row)
+
+    def _starts_with_head(self, ids: list[int]) -> bool:
+        if self._head is None:
+            head = getattr(self.ops, "prompt_head", None)
+            self._head = tuple(head()) if head is not None else ()
+        h = len(self._head)
+        return h >= PREFIX_MIN and len(ids) > h and tuple(ids[:h]) == self._head
+
+    def _prefix_for(self, row: Row) -> Any:
+        """The cached head for this row's (key, member), when its prompt starts with the head."""
+        if not self._starts_with_head(row.ids):
+            return None
+        prefix = self._prefixes.get((row.key, row.member))
+        if prefix is not None:
+            self._prefixes.move_to_end((row.key, row.member))
+        return prefix
+
+    def _remember_heads(self, feeding: list[tuple[Row, int]]) -> None:
+        """Keep the head's columns of a newcomer fed from its first token (compute thread)."""
+        h = len(self._head or ())
+        for r, n in feeding:
+            if r.prefilled == 0 and n >= h and (r.key, r.member) not in self._prefixes \
+                    and self._starts_with_head(r.ids):
+                self._prefixes[(r.key, r.member)] = r.cache.snapshot(h)
+                while len(self._prefixes) > PREFIXES_KEPT:
+                    self._prefixes.popitem(last=False)
 
     # ---- the packed step ----------------------------------------------------------------------
     def _step(self, decoding: list[Row], feeding: list[tuple[Row, int]]) -> None:
@@ -262,6 +298,7 @@ class DecodeScheduler:
         def run() -> list[int]:
             logits = self.ops.forward(tokens, starts, [r.cache for r in rows], setup,
                                       tuple(r.member for r in rows), want)
+            self._remember_heads(feeding)
             return list(self.ops.pick(logits, picked))
         try:
             toks = self.compute.run(run)

@@ -21,29 +21,47 @@ from typing import Any
 NAME = "caprouter_packed"
 
 
+class Prefix:
+    """The cached keys and values of a token prefix, per layer (kv_heads, length, head_dim)."""
+
+    def __init__(self, keys: list[Any], values: list[Any]) -> None:
+        self.keys, self.values = keys, values
+        self.length = int(keys[0].shape[1]) if keys else 0
+
+
 class RowCache:
     """One request's KV cache: per layer, keys and values of shape (kv_heads, capacity, head_dim),
     the first ``length`` columns used. Capacity grows by doubling (amortized O(1) appends, no
     per-step ``torch.cat`` of the whole cache as ``DynamicCache`` does)."""
 
-    def __init__(self, reserve: int = 0) -> None:
+    def __init__(self, reserve: int = 0, prefix: Prefix | None = None) -> None:
         self.reserve = reserve                  # columns to allocate at first (prompt + expected output)
+        self.prefix = prefix                    # columns copied in before a layer's first append
         self.keys: list[Any] = []
         self.values: list[Any] = []
         self.used: list[int] = []
 
     @property
     def length(self) -> int:
-        return self.used[-1] if self.used else 0
+        return self.used[-1] if self.used else (self.prefix.length if self.prefix else 0)
+
+    def snapshot(self, n: int) -> Prefix:
+        """Copies of the first ``n`` columns of every layer, for requests that start with the
+        same ``n`` tokens (on the compute thread)."""
+        return Prefix([k[:, :n].clone() for k in self.keys], [v[:, :n].clone() for v in self.values])
 
     def append(self, layer: int, k: Any, v: Any) -> tuple[Any, Any]:
         """k, v (kv_heads, n, head_dim) -> this layer's whole cache (kv_heads, length, head_dim)."""
         n = k.shape[1]
         if layer == len(self.keys):
-            cap = max(self.reserve, 2 * n, 16)
+            p = self.prefix.length if self.prefix else 0
+            cap = max(self.reserve, p + 2 * n, 16)
             self.keys.append(k.new_empty((k.shape[0], cap, k.shape[2])))
             self.values.append(v.new_empty((v.shape[0], cap, v.shape[2])))
-            self.used.append(0)
+            self.used.append(p)
+            if self.prefix:
+                self.keys[layer][:, :p] = self.prefix.keys[layer]
+                self.values[layer][:, :p] = self.prefix.values[layer]
         used = self.used[layer]
         if used + n > self.keys[layer].shape[1]:
             cap = max(2 * self.keys[layer].shape[1], used + n)

@@ -21,7 +21,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from backends.base import BACKENDS, Backend, Capabilities, Finished, GenerationRequest, QueueStats, Status, TextChunk
 from backends.batching import DecodeScheduler, seeded_generator
-from backends.packed import RowCache
+from backends.packed import Prefix, RowCache
 from backends.weights import CausalLM, resolve_weights
 from router.core.compute import Inline
 from router.core.config import BackendConfig
@@ -228,9 +228,18 @@ class TransformersBackend(Backend):
     def decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
-    def new_cache(self, reserve: int) -> RowCache:
-        """An empty KV cache for one request, sized at first for ``reserve`` tokens."""
-        return RowCache(reserve)
+    def new_cache(self, reserve: int, prefix: Prefix | None = None) -> RowCache:
+        """A KV cache for one request, sized at first for ``reserve`` tokens, holding ``prefix``."""
+        return RowCache(reserve, prefix)
+
+    def prompt_head(self) -> list[int]:
+        """The tokens every chat-templated user prompt starts with (the template's system prompt
+        and role markers): the scheduler caches their keys and values once."""
+        a, b = self.tokenize([("user", "a")]), self.tokenize([("user", "b")])
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return a[:n]
 
     def forward(self, tokens: Sequence[Sequence[int]], starts: Sequence[int], caches: Sequence[RowCache],
                 setup: Callable[[], None] | None, members: Sequence[Any] = (),

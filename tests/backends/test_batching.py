@@ -309,3 +309,31 @@ def test_a_failure_that_escapes_a_step_fails_the_started_requests_and_the_driver
     s.submit(_req("served after it", 3), lambda ev: (after.append(ev), isinstance(ev, Finished) and ok.set()))
     assert ok.wait(10) and after[-1].completion_tokens == 3
     s.close()
+
+
+def test_prompts_that_start_with_the_template_head_reuse_its_cached_columns(ops):
+    """The chat template's head (system prompt, role markers) is prefilled once per model: later
+    prompts copy its keys and values and feed only their own tokens, and answer the same."""
+    head = [3, 1, 4, 1, 5, 9, 2, 6]
+    ops.tokenize = lambda messages: head + _prompt_ids(messages)
+    ops.prompt_head = lambda: []
+    plain = [_sched(ops).run_until_idle([_req(p)])[0][0] for p in PROMPTS[:3]]
+    ops.prompt_head = lambda: head
+    fed: list[tuple[list[int], list[int]]] = []
+    real = ops.forward
+
+    def counting(tokens, starts, *a):
+        fed.append(([len(t) for t in tokens], list(starts)))
+        return real(tokens, starts, *a)
+    ops.forward = counting
+    s = _sched(ops)
+    got = [s.run_until_idle([_req(p)])[0][0] for p in PROMPTS[:3]]
+    assert got == plain
+    prefills = [f for f in fed if f[0][0] > 1]
+    n = [len(_prompt_ids([("user", p)])) for p in PROMPTS[:3]]
+    assert prefills == [([len(head) + n[0]], [0]), ([n[1]], [len(head)]), ([n[2]], [len(head)])]
+    # Another key (a code, an expert set) computes other values for the head: not shared.
+    ops.prepare = lambda req: ("other", None)
+    fed.clear()
+    s.run_until_idle([_req(PROMPTS[0])])
+    assert fed[0] == ([len(head) + n[0]], [0])

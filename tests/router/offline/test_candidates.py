@@ -17,6 +17,7 @@ from router.offline.candidates import (
     fold_split,
     select,
     selection_table,
+    vouched_margin,
 )
 from router.offline.routing_data import RoutingData
 
@@ -47,16 +48,23 @@ def test_folds_partition_the_rows_evenly_and_are_seeded():
     assert np.array_equal(f, fold_split(101, 3, seed=4)) and not np.array_equal(f, fold_split(101, 3, seed=5))
 
 
-def test_the_chosen_candidate_has_the_best_mean_and_plain_knn_is_among_those_tried():
+def test_the_chosen_candidate_beats_plain_knn_by_the_most_the_folds_vouch_for():
     X, data = _data(240, noise=0.1)
     tried = [c for c in default_candidates(QUICK) if c.kind == "datastore" or c.name == "matrix factorization"]
     rep = select(X, data, np.arange(240), DatastoreConfig(), tried, folds=3, seed=0)
     assert rep.metric == "aiq" and rep.folds == 3 and sum(rep.per_fold_n) == 240
     means = {n: rep.mean(n) for n in rep.scores}
-    assert means[rep.chosen.name] == max(means.values())
-    # RouterBench's kNN router (k=40, equal weights) is a candidate: the served router's held-out
-    # score is never below it.
-    assert "datastore k=40 temperature=100" in means
+    # RouterBench's kNN router (k=40, equal weights) is a candidate, and the served one's margin
+    # over it, less a standard error of the per-fold margins, is the largest and never negative.
+    assert REFERENCE in means
+
+    def vouched(n):
+        d = np.subtract(rep.scores[n], rep.scores[REFERENCE])
+        return d.mean() - d.std(ddof=1) / np.sqrt(len(d))
+    assert vouched(rep.chosen.name) == max(vouched(n) for n in means) >= 0.0
+    assert vouched_margin([0.0, 0.0, 0.0]) == 0.0 and vouched_margin([0.02, 0.01, 0.03]) == pytest.approx(0.02 - 0.01 / 3 ** 0.5)
+    # A mean gain that one fold contradicts is not vouched for: kNN itself (margin 0) beats it.
+    assert vouched_margin([0.03, 0.03, -0.04]) < 0
     assert all(len(v) == 3 and 0 <= min(v) for v in rep.scores.values())
     j = rep.as_json()
     assert j["chosen"] == rep.chosen.name and len(j["candidates"]) == len(tried)
@@ -95,7 +103,7 @@ def test_a_fold_without_complete_rows_is_a_clear_error():
         select(X, data, np.arange(20), DatastoreConfig(), default_candidates(QUICK)[:1], seed=0)
 
 
-def test_with_categories_the_choice_is_the_best_worse_margin_over_knn_on_random_and_grouped_folds():
+def test_with_categories_the_choice_is_the_best_worse_vouched_margin_on_random_and_grouped_folds():
     X, data = _data(240, noise=0.1, seed=5)
     data.categories = [f"c{int((x[1] + 1) * 4) % 8}" for x in X]          # 8 categories, by a direction of X
     assert category_fold_split(data.categories, 3, 0) is not None
@@ -105,7 +113,7 @@ def test_with_categories_the_choice_is_the_best_worse_margin_over_knn_on_random_
     assert rep.grouped is not None and set(rep.grouped) == set(rep.scores)
 
     def worse_margin(n):
-        return min(rep.mean(n) - rep.mean(REFERENCE), rep.grouped_mean(n) - rep.grouped_mean(REFERENCE))
+        return min(vouched_margin(np.subtract(k[n], k[REFERENCE])) for k in (rep.scores, rep.grouped))
     assert worse_margin(rep.chosen.name) == max(worse_margin(c.name) for c in tried) >= 0.0
     j = rep.as_json()
     assert all("category_held_out_mean" in c for c in j["candidates"])
