@@ -189,8 +189,8 @@ def write_doc(results: list[dict], path: str, seed: int) -> dict:
                   f"{len(r['backends'])} backends; train {r['n_train']}, val {r['n_val']}, test {r['n_test']} "
                   f"(complete rows). Served: {sel['chosen']}, chosen on {sel['folds']} held-out folds of train + "
                   f"val by {sel['metric']}" + (" (random folds and folds holding out whole categories: the best "
-                                               "worse margin over plain kNN)" if "category_held_out_mean" in
-                                               sel["candidates"][0] else "") +
+                                               "worse margin over plain kNN, less one standard error)"
+                                               if "category_held_out_mean" in sel["candidates"][0] else "") +
                   f" (fit in {r['fit_seconds']:.0f} s):", "",
                   "| candidate | held-out " + sel["metric"] + " (mean) | sd | categories held out (mean) |",
                   "|---|---|---|---|"]
