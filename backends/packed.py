@@ -31,7 +31,7 @@ class Prefix:
 
 class RowCache:
     """One request's KV cache: per layer, keys and values of shape (kv_heads, capacity, head_dim),
-    the first ``length`` columns used. Capacity grows by doubling (amortized O(1) appends, no
+    the first ``used[layer]`` columns filled. Capacity grows by doubling (amortized O(1) appends, no
     per-step ``torch.cat`` of the whole cache as ``DynamicCache`` does)."""
 
     def __init__(self, reserve: int = 0, prefix: Prefix | None = None) -> None:
@@ -40,10 +40,6 @@ class RowCache:
         self.keys: list[Any] = []
         self.values: list[Any] = []
         self.used: list[int] = []
-
-    @property
-    def length(self) -> int:
-        return self.used[-1] if self.used else (self.prefix.length if self.prefix else 0)
 
     def snapshot(self, n: int) -> Prefix:
         """Copies of the first ``n`` columns of every layer, for requests that start with the
