@@ -19,6 +19,14 @@ from collections.abc import Sequence
 from typing import Any
 
 NAME = "caprouter_packed"
+# PAD_ROWS. MKL's sgemm on this CPU (AMD EPYC, AVX-512, 2 cores) is slow for some row counts:
+# SmolLM2's LM head (576 -> 49,152) took 7 ms for 1 row, 23 ms for 3, 7 or 11 rows, 15 ms for 2
+# or 6, 12 ms for 4, 8 or 12. A whole decode step of 3 or 7 rows took 91-102 ms against 68-76 ms
+# with one filler token (interleaved runs, medians of 3); padding 5 or 6 rows up to 8 gained
+# nothing (up to 13% worse), other counts moved within the noise. So a forward of 3 mod 4 tokens
+# gets one filler token, and the LM head, bound by reading its weights, takes its rows in
+# multiples of 4. The tokens of one running batch change count at every arrival and departure,
+# so every batch size passes through these counts.
 
 
 class Prefix:
@@ -78,9 +86,10 @@ class PackedStep:
 
     is_compileable = False
 
-    def __init__(self, caches: Sequence[RowCache], lengths: Sequence[int]) -> None:
+    def __init__(self, caches: Sequence[RowCache], lengths: Sequence[int], pad: int = 0) -> None:
         self.caches = caches
         self.lengths = lengths
+        self.pad = pad                          # trailing filler tokens of no row (see ``padded``)
         self.views: dict[int, list[tuple[Any, Any]]] = {}
 
     def update(self, key: Any, value: Any, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
@@ -111,6 +120,8 @@ def packed_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
             mask = torch.arange(t, device=q.device)[None, :] <= torch.arange(t - n, t, device=q.device)[:, None]
         outs.append(F.scaled_dot_product_attention(q, k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask,
                                                    is_causal=n > 1 and n == t, scale=scaling, enable_gqa=True))
+    if step.pad:
+        outs.append(query.new_zeros((1, query.shape[1], step.pad, value.shape[-1])))
     return torch.cat(outs, dim=2).transpose(1, 2), None
 
 
@@ -121,20 +132,37 @@ def _register() -> None:
         AttentionInterface.register(NAME, packed_attention)
 
 
+def padding(n: int, pad: bool = True) -> int:
+    """Filler tokens for a forward of ``n`` tokens: one when ``n`` is 3 more than a multiple of 4
+    (MKL's slow case, see PAD_ROWS)."""
+    return 1 if pad and n % 4 == 3 else 0
+
+
+def head_padding(n: int, pad: bool = True) -> int:
+    """Extra rows for an LM head over ``n`` rows: up to a multiple of 4 (one row stays one)."""
+    return -n % 4 if pad and n > 1 else 0
+
+
 def forward(model: Any, tokens: Sequence[Sequence[int]], starts: Sequence[int], caches: Sequence[RowCache],
-            logits_at: Sequence[int], device: str = "cpu") -> Any:
+            logits_at: Sequence[int], device: str = "cpu", pad: bool = True) -> Any:
     """One packed forward. Row i feeds ``tokens[i]`` at positions ``starts[i]``, ... after the
     ``starts[i]`` tokens already in ``caches[i]``; returns the logits (len(logits_at), vocab) at
-    the last new token of each row listed in ``logits_at``."""
+    the last new token of each row listed in ``logits_at``. With ``pad``, MKL's slow row counts are
+    avoided (PAD_ROWS): filler tokens belong to no row, attend to nothing and are dropped, and the
+    LM head's extra rows repeat the last one."""
     import torch
 
     _register()
     lengths = [len(t) for t in tokens]
-    ids = torch.tensor([[t for row in tokens for t in row]], dtype=torch.long, device=device)
-    pos = torch.tensor([[s + j for s, n in zip(starts, lengths) for j in range(n)]], dtype=torch.long, device=device)
+    fill = padding(sum(lengths), pad)
+    ids = torch.tensor([[t for row in tokens for t in row] + [0] * fill], dtype=torch.long, device=device)
+    pos = torch.tensor([[s + j for s, m in zip(starts, lengths) for j in range(m)] + [0] * fill],
+                       dtype=torch.long, device=device)
     ends = torch.tensor(lengths).cumsum(0) - 1
-    keep = ends[torch.as_tensor(list(logits_at), dtype=torch.long)].to(device)
-    step = PackedStep(caches, lengths)
+    at = list(logits_at)
+    at += at[-1:] * head_padding(len(at), pad)
+    keep = ends[torch.as_tensor(at, dtype=torch.long)].to(device)
+    step = PackedStep(caches, lengths, fill)
     # The packed attention is the model's only for this call: every other caller (onboarding,
     # evaluation) keeps the model's own attention and masks. transformers reads the setting at
     # each call, and all forwards run on the one compute thread.
@@ -146,4 +174,5 @@ def forward(model: Any, tokens: Sequence[Sequence[int]], starts: Sequence[int], 
             out = model(input_ids=ids, position_ids=pos, cache=step, use_cache=True, packed=step, logits_to_keep=keep)
     finally:
         config._attn_implementation = own
-    return out.logits[0]
+    return out.logits[0, :len(logits_at)]
+

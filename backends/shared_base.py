@@ -133,9 +133,9 @@ class NeuronMasks:
         return pre
 
     @contextlib.contextmanager
-    def rows(self, members: Sequence[Any], lengths: Sequence[int]) -> Iterator[None]:
+    def rows(self, members: Sequence[Any], lengths: Sequence[int], pad: int = 0) -> Iterator[None]:
         """Mask one packed forward: row i has ``lengths[i]`` new tokens and runs as ``members[i]``
-        (None or an unadopted backend: all neurons)."""
+        (None or an unadopted backend: all neurons), then come ``pad`` filler tokens."""
         import torch
 
         ones = None
@@ -147,6 +147,9 @@ class NeuronMasks:
                     ones = torch.ones_like(next(iter(self._full.values())))
                 full = ones
             per_row.append(full)
+        if pad:
+            per_row.append(per_row[-1])                      # fillers: any mask; their output is dropped
+            lengths = [*lengths, pad]
         self._active = torch.stack(per_row, dim=1)          # (L, R, I)
         if any(n != 1 for n in lengths):
             self._token_row = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))

@@ -54,6 +54,9 @@ class TransformersOptions(BaseModel):
     # Prompt tokens prefilled per scheduler iteration: a long newcomer's prompt is fed in chunks
     # of this many tokens between decode steps of the running batch.
     prefill_chunk: int = Field(256, ge=16, le=32_768)
+    # Filler rows where MKL's matrix products are slow for a row count (backends/packed.py,
+    # PAD_ROWS): up to 25% off a decode step of 3 or 7 rows on 2 AVX-512 cores.
+    pad_rows: bool = True
     # Prompt tokens kept (the most recent); SmolLM2 was trained at 8k, CPU latency argues shorter.
     max_prompt_tokens: int = Field(2048, ge=16)
     # A width-pruned code of a base backend served here decodes in the base's batch
@@ -261,9 +264,10 @@ class TransformersBackend(Backend):
             if len(distinct) == 1:
                 model = distinct.pop().model
             else:
-                scope = self._masks.rows(members, [len(t) for t in tokens])
+                lengths = [len(t) for t in tokens]
+                scope = self._masks.rows(members, lengths, packed.padding(sum(lengths), self.opts.pad_rows))
         with scope:
-            return packed.forward(model, tokens, starts, caches, logits_at, self.opts.device)
+            return packed.forward(model, tokens, starts, caches, logits_at, self.opts.device, self.opts.pad_rows)
 
     def pick(self, logits: Any, rows: Sequence[Any]) -> list[int]:
         """Each row's next token: argmax when greedy, else a draw from its own generator."""

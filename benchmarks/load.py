@@ -540,6 +540,23 @@ def cpu_share(w: Window) -> str:
 
 # ---- phases ----------------------------------------------------------------------------------
 
+def gen_row(n: int, ws: list[Window], speed: float, tps: float | None = None) -> str:
+    """One line of the Generate table: ``n`` callers over the windows ``ws`` (their records
+    pooled; tokens/s and req/s their median unless ``tps`` is given)."""
+    ok = [r for w in ws for r in w.measured("generate") if r.ok]
+    ttft = [r.t_first - r.t0 for r in ok if r.t_first is not None]
+    lat = [r.t1 - r.t0 for r in ok]
+    tps = tps if tps is not None else statistics.median(w.tokens_per_s() for w in ws)
+    rate = statistics.median(w.rate() for w in ws)
+    errors: Counter[str] = Counter()
+    for w in ws:
+        errors.update(w.errors())
+    cpu = cpu_share(ws[0]) if len(ws) == 1 else ""
+    return (f"  {n:>7} {tps:>7.1f} {speed:>6.2f} {rate:>6.2f} {fmt(pct(ttft, 50), 2):>11} "
+            f"{fmt(pct(ttft, 99), 2):>11} {fmt(pct(lat, 50), 2):>7} {fmt(pct(lat, 99), 2):>7} "
+            f"{cpu:>14}  {codes_text(errors)}")
+
+
 async def run_phases(server: Server, args: argparse.Namespace, ref: dict[str, Any], fig: dict[str, Any],
                      report: dict[str, Any]) -> None:
     max_callers = max([*args.route_levels, *args.generate_levels, *args.feedback_levels, args.overload, 1])
@@ -592,41 +609,62 @@ async def run_phases(server: Server, args: argparse.Namespace, ref: dict[str, An
         print(f"\nGenerate, closed loop, max_tokens {args.max_tokens}, temperature 0 ({window}):")
         print(f"  {'callers':>7} {'tok/s':>7} {'x 1':>6} {'req/s':>6} {'ttft p50 s':>11} {'ttft p99 s':>11} "
               f"{'p50 s':>7} {'p99 s':>7} {'cpu srv/cli %':>14}  errors")
-        grows: dict[int, Window] = {}
+        # The machine's speed drifts (by up to 1.5x from one minute to the next here), so with
+        # --generate-rounds the levels are measured in turn that many times and each level's
+        # speed-up is the median of its ratios to the first level of the same round.
+        grows: dict[int, list[Window]] = {n: [] for n in args.generate_levels}
+        ratios: dict[int, list[float]] = {n: [] for n in args.generate_levels}
+        first = args.generate_levels[0]
+        for rnd in range(args.generate_rounds):
+            if args.generate_rounds > 1:
+                print(f"  round {rnd + 1} of {args.generate_rounds}")
+            for n in args.generate_levels:
+                def gen_caller(i: int, seq: int, n: int = n) -> Awaitable[Rec]:
+                    return calls.generate(calls.stub(i, n), PROMPTS[(i * 5 + seq) % len(PROMPTS)])
+                w = await closed_loop(server, [gen_caller] * n, args.warmup, args.duration, args.deadline,
+                                      args.max_requests)
+                grows[n].append(w)
+                decision_ids += [r.decision_id for r in w.recs if r.ok and r.decision_id]
+                base = grows[first][-1].tokens_per_s()
+                ratios[n].append(w.tokens_per_s() / base if base else math.nan)
+                print(gen_row(n, [w], ratios[n][-1]), flush=True)
+        if args.generate_rounds > 1:
+            print(f"  median of {args.generate_rounds} rounds (speed-up: the median of each round's ratio):")
         for n in args.generate_levels:
-            def gen_caller(i: int, seq: int, n: int = n) -> Awaitable[Rec]:
-                return calls.generate(calls.stub(i, n), PROMPTS[(i * 5 + seq) % len(PROMPTS)])
-            w = await closed_loop(server, [gen_caller] * n, args.warmup, args.duration, args.deadline,
-                                  args.max_requests)
-            grows[n] = w
-            decision_ids += [r.decision_id for r in w.recs if r.ok and r.decision_id]
-            ok = [r for r in w.measured("generate") if r.ok]
+            ws = grows[n]
+            ok = [r for w in ws for r in w.measured("generate") if r.ok]
             ttft = [r.t_first - r.t0 for r in ok if r.t_first is not None]
             lat = [r.t1 - r.t0 for r in ok]
-            tps, base = w.tokens_per_s(), grows[args.generate_levels[0]].tokens_per_s()
-            speed = tps / base if base else math.nan
+            tps = statistics.median(w.tokens_per_s() for w in ws)
+            speed = statistics.median(ratios[n])
+            rate = statistics.median(w.rate() for w in ws)
             fig[f"gen_tps_{n}"] = tps
-            fig[f"gen_rps_{n}"] = w.rate()
+            fig[f"gen_rps_{n}"] = rate
             fig[f"gen_speedup_{n}"] = speed
             fig[f"gen_ttft_p50_s_{n}"] = pct(ttft, 50)
             fig[f"gen_ttft_p99_s_{n}"] = pct(ttft, 99)
             fig[f"gen_p99_s_{n}"] = pct(lat, 99)
+            errors: Counter[str] = Counter()
+            for w in ws:
+                errors.update(w.errors())
             report["generate"][n] = {
-                "tokens_per_s": tps, "speedup": speed, "rps": w.rate(), "ttft_p50_s": pct(ttft, 50),
+                "tokens_per_s": tps, "speedup": speed, "rps": rate, "ttft_p50_s": pct(ttft, 50),
                 "ttft_p99_s": pct(ttft, 99), "p50_s": pct(lat, 50), "p99_s": pct(lat, 99),
                 "mean_tokens": statistics.mean(r.tokens for r in ok) if ok else math.nan,
-                "errors": dict(w.errors()), "requests": w.issued, "server_rss_mb": w.rss_end_mb,
-                "server_cpu_s": w.server_cpu_s, "client_cpu_s": w.client_cpu_s, "wall_s": w.wall_s,
-                "backends": dict(Counter(r.backend for r in ok))}
-            print(f"  {n:>7} {tps:>7.1f} {speed:>6.2f} {w.rate():>6.2f} {fmt(pct(ttft, 50), 2):>11} "
-                  f"{fmt(pct(ttft, 99), 2):>11} {fmt(pct(lat, 50), 2):>7} {fmt(pct(lat, 99), 2):>7} "
-                  f"{cpu_share(w):>14}  {codes_text(w.errors())}", flush=True)
+                "errors": dict(errors), "requests": sum(w.issued for w in ws), "server_rss_mb": ws[-1].rss_end_mb,
+                "server_cpu_s": sum(w.server_cpu_s for w in ws), "client_cpu_s": sum(w.client_cpu_s for w in ws),
+                "wall_s": sum(w.wall_s for w in ws), "backends": dict(Counter(r.backend for r in ok)),
+                "rounds": [{"tokens_per_s": w.tokens_per_s(), "speedup": x} for w, x in zip(ws, ratios[n])]}
+            if args.generate_rounds > 1:
+                print(gen_row(n, ws, speed, tps), flush=True)
+        if args.generate_rounds > 1:
+            fig["gen_rounds"] = args.generate_rounds
         for n in args.generate_levels[1:]:
             alone = ""
             if n > 1 and "decode_b8_tps" in ref:
                 alone = f" (model alone batch 8: {ref['decode_b8_tps']:.0f} tok/s, batch 1: {ref['decode_b1_tps']:.0f})"
             print(f"  Generate {n} callers: {fig[f'gen_tps_{n}']:.1f} tok/s = {fig[f'gen_speedup_{n}']:.2f} x the "
-                  f"{args.generate_levels[0]}-caller figure{alone}")
+                  f"{first}-caller figure{alone}")
 
         # Feedback
         if args.feedback_levels and (not args.address or args.write_feedback):
@@ -857,6 +895,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--warmup", type=float, help="seconds of warm-up before each window (default 3)")
     ap.add_argument("--route-levels", help="Route callers (default 1,4,16,64)")
     ap.add_argument("--generate-levels", help="Generate callers (default 1,4,8,16)")
+    ap.add_argument("--generate-rounds", type=int, default=1,
+                    help="measure the Generate levels this many times in turn; report medians (the "
+                         "machine's speed drifts between windows)")
     ap.add_argument("--feedback-levels", help="Feedback callers (default 1,16; '' to skip)")
     ap.add_argument("--overload", type=int, help="callers of the overload phase (default 128; 0 to skip)")
     ap.add_argument("--overload-generate", type=int, help="of those, on Generate (default 1 in 8)")
@@ -898,6 +939,8 @@ def parse_args() -> argparse.Namespace:
     args.overload = args.overload if args.overload is not None else (32 if q else 128)
     if (q or args.soak) and not args.reference:
         args.skip_reference = True
+    if args.generate_rounds < 1:
+        ap.error("--generate-rounds must be >= 1")
     if not args.route_levels or not args.generate_levels:
         ap.error("--route-levels and --generate-levels need at least one level each")
     if args.soak is not None and (args.soak <= 0 or args.rate <= 0):

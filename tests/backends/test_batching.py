@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from backends import packed
 from backends.base import Finished, FinishReason, GenerationRequest, TextChunk
 from backends.batching import DecodeScheduler
 from backends.transformers_backend import TransformersBackend
@@ -96,6 +97,33 @@ def test_batched_logits_match_the_unbatched_ones_within_float_tolerance(ops):
     """Where a near-tie could flip greedy text, the scores themselves agree: packed rows at their
     own positions, each attending to its own cache, compute what each prompt computes alone."""
     packed_vs_alone(ops, [_prompt_ids([("user", p)]) for p in PROMPTS])
+
+
+def test_padding_avoids_the_slow_row_counts_only():
+    assert [packed.padding(n) for n in (1, 2, 3, 4, 5, 6, 7, 8, 11)] == [0, 0, 1, 0, 0, 0, 1, 0, 1]
+    assert [packed.head_padding(n) for n in (0, 1, 2, 3, 4, 5, 7, 8)] == [0, 0, 2, 1, 0, 3, 1, 0]
+    assert packed.padding(7, pad=False) == packed.head_padding(7, pad=False) == 0
+
+
+def test_filler_tokens_change_no_row(tiny):
+    """A forward padded with filler tokens (MKL's fast row counts, backends/packed.py) gives every
+    row the logits and the cache the unpadded forward gives it, and nothing more."""
+    rows, starts = [[5, 6, 7, 8, 9], [10], [11]], [0, 0, 0]     # 7 tokens: one filler
+    want = [0, 2, 1]                                            # 3 rows of logits: one more
+
+    def run(pad):
+        caches = [packed.RowCache() for _ in rows]
+        logits = packed.forward(tiny, rows, starts, caches, want, pad=pad)
+        return logits, caches
+    (plain, pc), (padded, qc) = run(False), run(True)
+    assert padded.shape == plain.shape == (3, 128)
+    torch.testing.assert_close(padded, plain, atol=1e-5, rtol=1e-4)
+    for a, b, r in zip(pc, qc, rows):
+        assert a.used == b.used == [len(r)] * len(tiny.model.layers)
+        for layer in range(len(tiny.model.layers)):
+            torch.testing.assert_close(b.keys[layer][:, :len(r)], a.keys[layer][:, :len(r)], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(b.values[layer][:, :len(r)], a.values[layer][:, :len(r)], atol=1e-5,
+                                       rtol=1e-4)
 
 
 def test_a_newcomer_is_prefilled_in_the_running_rows_forward(ops):
