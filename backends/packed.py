@@ -23,7 +23,7 @@ NAME = "caprouter_packed"
 # SmolLM2's LM head (576 -> 49,152) took 7 ms for 1 row, 23 ms for 3, 7 or 11 rows, 15 ms for 2
 # or 6, 12 ms for 4, 8 or 12. A whole decode step of 3 or 7 rows took 91-102 ms against 68-76 ms
 # with one filler token (interleaved runs, medians of 3); padding 5 or 6 rows up to 8 gained
-# nothing (up to 13% worse), other counts moved within the noise. So a forward of 3 mod 4 tokens
+# nothing (up to 15% worse), other counts moved within the noise. So a forward of 3 mod 4 tokens
 # gets one filler token, and the LM head, bound by reading its weights, takes its rows in
 # multiples of 4. The tokens of one running batch change count at every arrival and departure,
 # so every batch size passes through these counts.
