@@ -208,8 +208,7 @@ class App:
         if self.keys.enabled():
             await loop.run_in_executor(None, lambda: access.ledger)     # replay what keys spent, now
         service = RouterService(cfg, encoder, store, self._backends, capability=capability, telemetry=self.telemetry,
-                                access=access, tracer=self.tracer_provider.get_tracer("caprouter", __version__),
-                                compute=self.compute)
+                                access=access, tracer=self.tracer_provider.get_tracer("caprouter", __version__))
         self.loading_detail = "restoring onboarded backends"
         restored = await loop.run_in_executor(None, service.attach_registry, storage.stream("registry"))
         if restored:

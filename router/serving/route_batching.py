@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from router.core.compute import Compute
 from router.core.errors import Overloaded
 from router.prediction.predictor import Prediction
 
@@ -80,11 +79,8 @@ Predict = Callable[[npt.NDArray[np.float32], Sequence[int], Mapping[str, Any]], 
 
 class RouteBatcher:
     def __init__(self, encode: Encode, predict: Predict, *, window_s: float, max_prompts: int,
-                 max_pending: int, compute: Compute | None = None) -> None:
+                 max_pending: int) -> None:
         self._encode = encode
-        # Where ``encode`` runs its forwards (router/core/compute.py). Given, a batch takes its
-        # prompts when that thread gets to it, not when it is handed over: see ``_grown``.
-        self._compute = compute
         self._predict = predict
         self.window_s = window_s
         self.max_prompts = max_prompts
@@ -224,36 +220,11 @@ class RouteBatcher:
             except RuntimeError:            # the loop closed: nobody waits any more
                 pass
 
-    def _grown(self, items: list[_Item]) -> tuple[list[str], npt.NDArray[np.float32]]:
-        """On the compute thread: add to ``items`` the prompts that queued while the batch waited
-        for it (up to ``max_prompts``), then embed them all (the encoder's own compute calls run
-        inline here).
-
-        Why: a batch handed to the compute thread waits behind a decode step (60-150 ms); the
-        prompts that arrive meanwhile would otherwise wait for the next batch, itself queued behind
-        the next step. Measured (`benchmarks/load.py --soak 150 --rate 283
-        --soak-generate-share 0.001`, the same arrivals): Route p50 158 -> 44 ms, p99 816 -> 219
-        ms, Generate p99 6.6 -> 4.3 s."""
-        with self._cond:
-            n = sum(len(it.texts) for it in items)
-            while self._queue and n + len(self._queue[0].texts) <= self.max_prompts:
-                it = self._queue.popleft()
-                items.append(it)
-                n += len(it.texts)
-                self._pending -= len(it.texts)
-            self._last_batch = n
-        texts = [t for it in items for t in it.texts]
-        return texts, self._encode(texts)
-
     def _serve(self, items: list[_Item]) -> list[Routed]:
-        """Embed and predict ``items`` (which may grow, see ``_grown``): one Routed per item."""
+        texts = [t for it in items for t in it.texts]
         ns0 = time.time_ns()
         t0 = time.perf_counter()
-        if self._compute is None:
-            texts = [t for it in items for t in it.texts]
-            X = self._encode(texts)
-        else:
-            texts, X = self._compute.run(self._grown, items)
+        X = self._encode(texts)
         t1 = time.perf_counter()
         ns1 = time.time_ns()
         # Usually one group: items differ in backends only when an Onboard lands between them.

@@ -38,7 +38,6 @@ from datastore.base import Datastore
 from datastore.storage import RecordLog
 from encoders.base import PromptEncoder
 from router import __version__
-from router.core.compute import Compute
 from router.core.config import AppConfig, BackendConfig
 from router.core.costs import CostModel
 from router.core.errors import (
@@ -196,9 +195,7 @@ class RouterService:
     def __init__(self, config: AppConfig, encoder: PromptEncoder, datastore: Datastore,
                  backends: Mapping[str, Backend], *, capability: Capability | None = None,
                  telemetry: Telemetry | None = None, access: Access | None = None,
-                 tracer: trace.Tracer | None = None, compute: Compute | None = None) -> None:
-        """``compute``: the thread the encoder's forwards run on (router/core/compute.py), so that
-        a routing batch takes its prompts when that thread gets to it."""
+                 tracer: trace.Tracer | None = None) -> None:
         self.config = config
         self._tracer = tracer or trace.NoOpTracer()
         self.cache = AnswerCache(config.cache, encoder.dim) if config.cache.enabled else None
@@ -210,7 +207,7 @@ class RouterService:
         r = config.routing
         self.defaults = Knobs(r.cost_weight, r.min_quality, r.max_cost, max_queue_ms=r.max_queue_ms)
         self.batcher = RouteBatcher(self.encoder.encode, self.predict, window_s=r.batch_window_ms / 1e3,
-                                    max_prompts=r.batch_max_prompts, max_pending=r.max_pending, compute=compute)
+                                    max_prompts=r.batch_max_prompts, max_pending=r.max_pending)
         # decision id -> (embedded text, chosen backend, row of _embeddings): what Feedback by id
         # needs, and no more. Whole Decisions took 2.8 KB each (RSS +16% in a 10-minute soak at
         # 154 routes/s, the cache filling); embedding again on Feedback instead capped Feedback at

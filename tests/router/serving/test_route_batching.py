@@ -108,36 +108,6 @@ def test_the_window_waits_for_callers_on_their_way_in():
     b.close()
 
 
-class BusyCompute:
-    """A compute thread that is busy with something else (a decode step) when a batch is handed to
-    it: ``meanwhile`` runs before the batch does."""
-
-    def __init__(self) -> None:
-        self.meanwhile: list = []
-
-    def run(self, fn, *args):
-        while self.meanwhile:
-            self.meanwhile.pop(0)()
-        return fn(*args)
-
-
-def test_a_batch_takes_the_prompts_that_queued_while_it_waited_for_the_compute_thread():
-    calls: list[list[str]] = []
-
-    def encode(texts):
-        calls.append(list(texts))
-        return np.zeros((len(texts), 4), np.float32)
-    compute = BusyCompute()
-    b = RouteBatcher(encode, _pred, window_s=0.0, max_prompts=3, max_pending=100, compute=compute)
-    late: list = []
-    compute.meanwhile.append(lambda: late.extend(b.submit([t], [1], {"x": None}) for t in ("b", "c", "d")))
-    first = b.submit(["a"], [1], {"x": None})
-    assert first.result(5).batch_prompts == 3
-    assert [f.result(5).batch_prompts for f in late] == [3, 3, 1]     # up to max_prompts, the rest next
-    assert calls == [["a", "b", "c"], ["d"]] and b.pending == 0
-    b.close()
-
-
 def test_a_full_routing_queue_refuses_at_once_and_errors_reach_every_caller():
     gate, entered = threading.Event(), threading.Event()
 
