@@ -89,7 +89,7 @@ class PackedStep:
     def __init__(self, caches: Sequence[RowCache], lengths: Sequence[int], pad: int = 0) -> None:
         self.caches = caches
         self.lengths = lengths
-        self.pad = pad                          # trailing filler tokens of no row (see ``padded``)
+        self.pad = pad                          # trailing filler tokens of no row (see ``padding``)
         self.views: dict[int, list[tuple[Any, Any]]] = {}
 
     def update(self, key: Any, value: Any, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
@@ -175,4 +175,3 @@ def forward(model: Any, tokens: Sequence[Sequence[int]], starts: Sequence[int], 
     finally:
         config._attn_implementation = own
     return out.logits[0, :len(logits_at)]
-

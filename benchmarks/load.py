@@ -540,21 +540,34 @@ def cpu_share(w: Window) -> str:
 
 # ---- phases ----------------------------------------------------------------------------------
 
-def gen_row(n: int, ws: list[Window], speed: float, tps: float | None = None) -> str:
-    """One line of the Generate table: ``n`` callers over the windows ``ws`` (their records
-    pooled; tokens/s and req/s their median unless ``tps`` is given)."""
-    ok = [r for w in ws for r in w.measured("generate") if r.ok]
-    ttft = [r.t_first - r.t0 for r in ok if r.t_first is not None]
-    lat = [r.t1 - r.t0 for r in ok]
-    tps = tps if tps is not None else statistics.median(w.tokens_per_s() for w in ws)
-    rate = statistics.median(w.rate() for w in ws)
-    errors: Counter[str] = Counter()
-    for w in ws:
-        errors.update(w.errors())
+@dataclass
+class GenStats:
+    """A Generate level over its windows: their records pooled, rates the windows' median."""
+
+    ok: list[Rec]
+    ttft: list[float]
+    lat: list[float]
+    tps: float
+    rate: float
+    errors: Counter[str]
+
+    @classmethod
+    def of(cls, ws: list[Window]) -> GenStats:
+        ok = [r for w in ws for r in w.measured("generate") if r.ok]
+        errors: Counter[str] = Counter()
+        for w in ws:
+            errors.update(w.errors())
+        return cls(ok, [r.t_first - r.t0 for r in ok if r.t_first is not None], [r.t1 - r.t0 for r in ok],
+                   statistics.median(w.tokens_per_s() for w in ws), statistics.median(w.rate() for w in ws), errors)
+
+
+def gen_row(n: int, ws: list[Window], speed: float) -> str:
+    """One line of the Generate table: ``n`` callers over the windows ``ws``."""
+    g = GenStats.of(ws)
     cpu = cpu_share(ws[0]) if len(ws) == 1 else ""
-    return (f"  {n:>7} {tps:>7.1f} {speed:>6.2f} {rate:>6.2f} {fmt(pct(ttft, 50), 2):>11} "
-            f"{fmt(pct(ttft, 99), 2):>11} {fmt(pct(lat, 50), 2):>7} {fmt(pct(lat, 99), 2):>7} "
-            f"{cpu:>14}  {codes_text(errors)}")
+    return (f"  {n:>7} {g.tps:>7.1f} {speed:>6.2f} {g.rate:>6.2f} {fmt(pct(g.ttft, 50), 2):>11} "
+            f"{fmt(pct(g.ttft, 99), 2):>11} {fmt(pct(g.lat, 50), 2):>7} {fmt(pct(g.lat, 99), 2):>7} "
+            f"{cpu:>14}  {codes_text(g.errors)}")
 
 
 async def run_phases(server: Server, args: argparse.Namespace, ref: dict[str, Any], fig: dict[str, Any],
@@ -632,31 +645,25 @@ async def run_phases(server: Server, args: argparse.Namespace, ref: dict[str, An
             print(f"  median of {args.generate_rounds} rounds (speed-up: the median of each round's ratio):")
         for n in args.generate_levels:
             ws = grows[n]
-            ok = [r for w in ws for r in w.measured("generate") if r.ok]
-            ttft = [r.t_first - r.t0 for r in ok if r.t_first is not None]
-            lat = [r.t1 - r.t0 for r in ok]
-            tps = statistics.median(w.tokens_per_s() for w in ws)
+            g = GenStats.of(ws)
+            ok, ttft, lat, tps, rate = g.ok, g.ttft, g.lat, g.tps, g.rate
             speed = statistics.median(ratios[n])
-            rate = statistics.median(w.rate() for w in ws)
             fig[f"gen_tps_{n}"] = tps
             fig[f"gen_rps_{n}"] = rate
             fig[f"gen_speedup_{n}"] = speed
             fig[f"gen_ttft_p50_s_{n}"] = pct(ttft, 50)
             fig[f"gen_ttft_p99_s_{n}"] = pct(ttft, 99)
             fig[f"gen_p99_s_{n}"] = pct(lat, 99)
-            errors: Counter[str] = Counter()
-            for w in ws:
-                errors.update(w.errors())
             report["generate"][n] = {
                 "tokens_per_s": tps, "speedup": speed, "rps": rate, "ttft_p50_s": pct(ttft, 50),
                 "ttft_p99_s": pct(ttft, 99), "p50_s": pct(lat, 50), "p99_s": pct(lat, 99),
                 "mean_tokens": statistics.mean(r.tokens for r in ok) if ok else math.nan,
-                "errors": dict(errors), "requests": sum(w.issued for w in ws), "server_rss_mb": ws[-1].rss_end_mb,
+                "errors": dict(g.errors), "requests": sum(w.issued for w in ws), "server_rss_mb": ws[-1].rss_end_mb,
                 "server_cpu_s": sum(w.server_cpu_s for w in ws), "client_cpu_s": sum(w.client_cpu_s for w in ws),
                 "wall_s": sum(w.wall_s for w in ws), "backends": dict(Counter(r.backend for r in ok)),
                 "rounds": [{"tokens_per_s": w.tokens_per_s(), "speedup": x} for w, x in zip(ws, ratios[n])]}
             if args.generate_rounds > 1:
-                print(gen_row(n, ws, speed, tps), flush=True)
+                print(gen_row(n, ws, speed), flush=True)
         if args.generate_rounds > 1:
             fig["gen_rounds"] = args.generate_rounds
         for n in args.generate_levels[1:]:
