@@ -26,7 +26,7 @@ from router.offline import baselines
 from router.offline.candidates import inner_split, out_of_fold_knn
 from router.offline.evaluation import evaluate, two_backend, zero_router
 from router.offline.routing_data import split_indices
-from router.offline.training import blend_predictor, fit_router
+from router.offline.training import fit_router
 from router.prediction.predictor import knn_estimates
 from router.prediction.predictor import knn_store as prediction_knn_store
 
@@ -79,7 +79,7 @@ def run_split(data, X, tr, va, te, seed: int, ablation: bool) -> dict:
     t0 = time.time()
     fit = fit_router(X, data, tr, va, cfg.datastore, base, seed=seed, progress=True)
     fit_s = time.time() - t0
-    preds[MAIN] = blend_predictor(fit.model, fit.store, data.backends).predict(X[te], data.backends, mean_cost).quality
+    preds[MAIN] = fit.predictor(data.backends).predict(X[te], data.backends, mean_cost).quality
     if ablation:
         K = out_of_fold_knn(X[tr], [data.records[i] for i in tr], data.backends, cfg.datastore, seed=seed,
                             scales=base.knn_scales)

@@ -499,6 +499,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"wrote artifact {args.out}: {len(m['backends'])} backends, {m['metrics']['selection']['chosen']}, "
               f"best epoch {m['metrics']['best_epoch']}, datastore weight {min(w.values()):.2f}..{max(w.values()):.2f}"
               f" ({took})")
+    elif m["router"] == "ensemble":
+        ens = m["ensemble"]
+        print(f"wrote artifact {args.out}: {len(m['backends'])} backends, {m['metrics']['selection']['chosen']} "
+              f"({len(ens['members'])} learned members, {len(ens['neighbourhoods'])} datastore neighbourhoods) "
+              f"({took})")
     else:
         print(f"wrote artifact {args.out}: {len(m['backends'])} backends, the datastore alone (k "
               f"{m['datastore']['k']}, temperature {m['datastore']['temperature']:g}) ({took})")
@@ -635,9 +640,9 @@ def parser() -> argparse.ArgumentParser:
                    help="share held out for the test report when the data has no split of its own (0: none)")
     t.add_argument("--folds", type=int, default=3,
                    help="held-out folds on which the candidate routers are compared (at least 2)")
-    t.add_argument("--router", default="auto", choices=("auto", "datastore", "learned"),
-                   help="which candidates to compare: all (default), only the datastore's neighbourhoods, or "
-                        "only the learned routers")
+    t.add_argument("--router", default="auto", choices=("auto", "datastore", "learned", "ensemble"),
+                   help="which candidates to compare: all (default), only the datastore's neighbourhoods, "
+                        "only the learned routers, or only the ensembles (means of several of them)")
     t.add_argument("--clip-scores", action="store_true",
                    help="clip scores outside [0, 1] into it (and say how many) instead of refusing the file")
     t.set_defaults(fn=cmd_train)

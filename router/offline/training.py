@@ -23,16 +23,10 @@ from router.offline import evaluation as M
 from router.offline.evaluation import evaluate, zero_router
 from router.offline.routing_data import RoutingData, load_routing_data, split_indices
 from router.prediction import artifact as art
-from router.prediction.predictor import Capability, Predictor, knn_store
+from router.prediction.predictor import Predictor, knn_store
 from router.serving.app import build_encoder
 
 log = logging.getLogger(__name__)
-
-
-def blend_predictor(model: Any, store: Datastore, backends: Sequence[str]) -> Predictor:
-    """What ``caprouter serve`` makes of a trained model (None: the datastore alone was chosen)
-    and its datastore: the same Predictor."""
-    return Predictor(store, None if model is None else Capability(model, backends))
 
 
 def select_aptitude(X: npt.NDArray[np.float32], m: int, *, seed: int = 0, method: str = "kmeans") -> npt.NDArray[np.int64]:
@@ -104,25 +98,39 @@ def _embed(encoder: PromptEncoder, data: RoutingData, progress: bool) -> npt.NDA
     return np.concatenate(parts)
 
 
-ROUTER_KINDS = {"auto": ("datastore", "capability"), "datastore": ("datastore",), "learned": ("capability",)}
+ROUTER_KINDS = {"auto": ("datastore", "capability", "ensemble"), "datastore": ("datastore",),
+                "learned": ("capability",), "ensemble": ("ensemble",)}
 
 
 @dataclass
 class FittedRouter:
-    """What `caprouter train` serves: the chosen candidate, its model (None: the datastore alone),
-    the datastore's neighbourhood, and the store of the training rows the model was fitted with."""
+    """What `caprouter train` serves: the chosen candidate, its learned models (none: the datastore
+    alone; several: an ensemble's, with its ``neighbourhoods``), the datastore's neighbourhood, and
+    the store of the training rows the models were fitted with."""
 
     report: candidates.SelectionReport
-    model: Any
+    models: list[Any]
+    configs: list[CapabilityConfig]
     datastore: DatastoreConfig
     store: Datastore
-    best_epoch: int | None = None
+    neighbourhoods: list[tuple[float, float]] = field(default_factory=list)
+    best_epoch: int | None = None       # the single model's (an ensemble's members' are in ``members``)
     val_bce: float | None = None
+    members: list[dict[str, Any]] = field(default_factory=list)   # an ensemble's: name, best epoch, val BCE
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def chosen(self) -> candidates.Candidate:
         return self.report.chosen
+
+    @property
+    def model(self) -> Any:
+        """The one capability model served (None: the datastore alone, or an ensemble)."""
+        return self.models[0] if self.chosen.kind == "capability" else None
+
+    def predictor(self, backends: Sequence[str]) -> Predictor:
+        """What ``caprouter serve`` makes of this router: the same Predictor."""
+        return Predictor(self.store, art.served_capability(self.models, self.configs, backends, self.neighbourhoods))
 
 
 def fit_router(X: npt.NDArray[np.float32], data: RoutingData, tr: npt.NDArray[np.int64], va: npt.NDArray[np.int64],
@@ -133,7 +141,7 @@ def fit_router(X: npt.NDArray[np.float32], data: RoutingData, tr: npt.NDArray[np
     t0 = time.perf_counter()
     tried = [c for c in candidates.default_candidates(base) if c.kind in ROUTER_KINDS[router]]
     report = candidates.select(X, data, np.sort(np.concatenate([tr, va])), ds, tried, folds=folds, seed=seed,
-                               min_model_prompts=0 if router == "learned" else min_model_prompts, progress=progress)
+                               min_model_prompts=0 if router in ("learned", "ensemble") else min_model_prompts, progress=progress)
     seconds = {"choosing_s": time.perf_counter() - t0}
     chosen = report.chosen
     if chosen.kind == "datastore":
@@ -141,15 +149,30 @@ def fit_router(X: npt.NDArray[np.float32], data: RoutingData, tr: npt.NDArray[np
         ds = ds.model_copy(update={"k": int(k) or ds.k, "temperature": float(t) or ds.temperature})
     records = [data.records[i] for i in tr]
     store = knn_store(X[tr], records, ds)
-    cfg = chosen.capability
-    if cfg is None:
-        return FittedRouter(report, None, ds, store, seconds=seconds)
+    members = chosen.members if chosen.kind == "ensemble" else (chosen,)
+    learned = [m for m in members if m.kind == "capability"]
+    neighbourhoods = [(float(m.scale[0]), float(m.scale[1])) for m in members if m.kind == "datastore"]
+    if not learned:
+        return FittedRouter(report, [], [], ds, store, seconds=seconds)
     t0 = time.perf_counter()
-    K, Kv = candidates.knn_training_inputs(X, data.records, data.backends, ds, tr, va, cfg, seed, store=store) \
-        if cfg.knn_blend else (None, None)
-    res = train(X[tr], data.Y[tr], X[va], data.Y[va], cfg, K=K, Kv=Kv, progress=progress)
+    fits, configs, inputs = [], [], {}
+    for m in learned:
+        cfg = m.capability
+        assert cfg is not None
+        configs.append(cfg)
+        key = repr(cfg.knn_scales) if cfg.knn_blend else "none"
+        if key not in inputs:       # members that take the same datastore inputs share them
+            inputs[key] = candidates.knn_training_inputs(X, data.records, data.backends, ds, tr, va, cfg, seed,
+                                                         store=store) if cfg.knn_blend else (None, None)
+        K, Kv = inputs[key]
+        fits.append(train(X[tr], data.Y[tr], X[va], data.Y[va], cfg, K=K, Kv=Kv, progress=progress))
     seconds["training_s"] = time.perf_counter() - t0
-    return FittedRouter(report, res.model, ds, store, res.best_epoch, res.best_val, seconds)
+    models = [r.model for r in fits]
+    if chosen.kind == "ensemble":
+        info = [{"name": m.name, "best_epoch": r.best_epoch, "val_bce": r.best_val} for m, r in zip(learned, fits)]
+        return FittedRouter(report, models, configs, ds, store, neighbourhoods, members=info, seconds=seconds)
+    return FittedRouter(report, models, configs, ds, store, best_epoch=fits[0].best_epoch, val_bce=fits[0].best_val,
+                        seconds=seconds)
 
 
 def train_command(config: AppConfig, data_path: str, out: str, *, costs: str | None = None, seed: int = 0,
@@ -159,10 +182,10 @@ def train_command(config: AppConfig, data_path: str, out: str, *, costs: str | N
     """Train and write an artifact. The data's own test split is held out where it has one, else a
     seeded ``test_share`` of it (0: none, for a router that serves rather than is measured).
     Every candidate router is scored on ``folds`` held-out folds of the rest and the best is
-    served (router/offline/candidates.py); a learned one is then trained on 90% of the rest,
-    early-stopped on the other 10%. The served datastore holds every outcome that is not test
-    data (training and validation). ``router``: "auto" (every candidate), "datastore" or
-    "learned" (only those)."""
+    served (router/offline/candidates.py); a learned one (or an ensemble's learned members) is
+    then trained on 90% of the rest, early-stopped on the other 10%. The served datastore holds
+    every outcome that is not test data (training and validation). ``router``: "auto" (every
+    candidate), "datastore", "learned" or "ensemble" (only those)."""
     if not 0.0 <= test_share < 1.0:
         raise InvalidArgument(f"--test-share must be in [0, 1), got {test_share}")
     if folds < 2:
@@ -190,13 +213,15 @@ def train_command(config: AppConfig, data_path: str, out: str, *, costs: str | N
     fit = fit_router(X, data, tr, va, config.datastore, base, folds=folds, seed=seed, router=router,
                      min_model_prompts=min_model_prompts, progress=progress)
     timings.update(fit.seconds)
-    model, cfg, ds, store = fit.model, fit.chosen.capability, fit.datastore, fit.store
+    model, cfg, ds = fit.model, fit.chosen.capability, fit.datastore
     fallback = np.nanmean(data.C[tr], 0)
     metrics: dict[str, Any] = {"selection": fit.report.as_json()}
     if fit.best_epoch is not None:
         metrics.update(best_epoch=fit.best_epoch, val_bce=fit.val_bce)
+    if fit.members:
+        metrics["ensemble_members"] = fit.members
     metrics["seconds"] = timings
-    pred = blend_predictor(model, store, data.backends)
+    pred = fit.predictor(data.backends)
     va_c = va[data.complete_rows()[va]]
     if len(va_c):
         p = pred.predict(X[va_c], data.backends, fallback)
@@ -217,11 +242,15 @@ def train_command(config: AppConfig, data_path: str, out: str, *, costs: str | N
         **({"capability": config_dict(cfg),
             "knn_weights": {b: [float(x) for x in w] for b, w in zip(data.backends, model.w.detach().numpy())}}
            if model is not None and cfg is not None else {}),
+        **({"ensemble": {"members": [{"name": i["name"], "capability": config_dict(c), "weights": f"member-{j}.safetensors"}
+                                     for j, (i, c) in enumerate(zip(fit.members, fit.configs))],
+                         "neighbourhoods": [list(s) for s in fit.neighbourhoods]}}
+           if fit.chosen.kind == "ensemble" else {}),
         "datastore": ds.model_dump(include={"k", "prior_strength", "temperature"}),
         "metrics": metrics,
     }
     served = np.sort(np.concatenate([tr, va]))
-    art.save(Path(out), model=model, manifest=manifest, records=[data.records[i] for i in served],
+    art.save(Path(out), models=fit.models, manifest=manifest, records=[data.records[i] for i in served],
              embeddings=X[served])
     return manifest
 
@@ -243,7 +272,7 @@ def eval_command(config: AppConfig, artifact_dir: str, data_path: str, *, json_o
     X = _embed(encoder, data, progress)
     store = knn_store(a.embeddings, a.records, config.datastore.model_copy(update=a.manifest["datastore"]))
     fallback = np.array([a.manifest["cost"]["mean_per_request"][b] for b in a.backends])
-    p = blend_predictor(a.model, store, a.backends).predict(X, a.backends, fallback)
+    p = Predictor(store, a.capability()).predict(X, a.backends, fallback)
     q, c = p.quality, p.cost
     Y, C = data.Y, data.C
     Ytr = np.array([[r.scores.get(b, np.nan) for b in a.backends] for r in a.records], dtype=np.float32)

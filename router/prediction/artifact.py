@@ -3,9 +3,12 @@ the one contract between the two (backend names included: ``router.core.names``)
 
     DIR/manifest.json        format, code version, embedder (id, dim, max_tokens), backends, cost facts,
                              data (path, sha256, split sizes), the router chosen ("router":
-                             "capability" or "datastore") and the candidates' scores, training
-                             config, blend weight, the datastore's k and temperature, metrics
+                             "capability", "ensemble" or "datastore") and the candidates' scores,
+                             training config, blend weight, the datastore's k and temperature, metrics;
+                             an ensemble's members ("ensemble": their configs and weight files) and
+                             neighbourhoods
     DIR/model.safetensors    the capability encoder's weights (absent when the datastore alone serves)
+    DIR/member-<i>.safetensors  an ensemble's learned members, instead
     DIR/outcomes.jsonl.gz    the training outcomes (the datastore served next to the encoder)
     DIR/embeddings.npy       their embeddings, row-aligned
 """
@@ -17,7 +20,8 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +30,10 @@ import numpy as np
 from datastore.records import OutcomeRecord, read_outcomes
 from encoders.capability import CapabilityConfig, build_model
 from router import __version__
+from router.core.compute import Compute
 from router.core.errors import ArtifactError
 from router.core.names import BACKEND_NAME_RULE, invalid_backend_names
+from router.prediction.predictor import Capability, Ensemble, Scale
 
 FORMAT = 1
 
@@ -36,17 +42,35 @@ FORMAT = 1
 class Artifact:
     path: Path
     manifest: dict[str, Any]
-    model: Any                  # None: the datastore alone serves
+    models: list[Any]           # the learned members: none when the datastore alone serves, one for a model
+    configs: list[CapabilityConfig]
     embeddings: np.ndarray
     records: list[OutcomeRecord]
+    neighbourhoods: list[Scale] = field(default_factory=list)     # an ensemble's datastore members
 
     @property
     def backends(self) -> list[str]:
         return list(self.manifest["backends"])
 
     @property
-    def capability_config(self) -> CapabilityConfig:
-        return capability_config(self.manifest)
+    def model(self) -> Any:
+        """The one capability model served (None: the datastore alone, or an ensemble)."""
+        return self.models[0] if self.manifest.get("router", "capability") == "capability" else None
+
+    def capability(self, compute: Compute | None = None) -> Capability | Ensemble | None:
+        """What serving blends with the datastore (None: the datastore alone)."""
+        return served_capability(self.models, self.configs, self.backends, self.neighbourhoods, compute)
+
+
+def served_capability(models: Sequence[Any], configs: Sequence[CapabilityConfig], backends: Sequence[str],
+                      neighbourhoods: Sequence[Scale] = (), compute: Compute | None = None
+                      ) -> Capability | Ensemble | None:
+    """``caprouter train``'s chosen router as serving runs it: no model, one capability model, or
+    the ensemble of the models and datastore neighbourhoods."""
+    caps = [Capability(m, backends, compute, config=c) for m, c in zip(models, configs)]
+    if not caps:
+        return None
+    return caps[0] if len(caps) == 1 and not neighbourhoods else Ensemble(caps, neighbourhoods)
 
 
 def capability_config(manifest: dict[str, Any]) -> CapabilityConfig:
@@ -55,8 +79,14 @@ def capability_config(manifest: dict[str, Any]) -> CapabilityConfig:
     return CapabilityConfig(**capability)
 
 
-def save(out: Path, *, model: Any, manifest: dict[str, Any], records: list[OutcomeRecord],
+def _state(model: Any) -> dict[str, Any]:
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+
+
+def save(out: Path, *, models: list[Any], manifest: dict[str, Any], records: list[OutcomeRecord],
          embeddings: np.ndarray) -> Path:
+    """``models``: none (the datastore alone: manifest "router": "datastore"), one ("capability")
+    or an ensemble's learned members, in the order of the manifest's "ensemble" "members"."""
     from safetensors.torch import save_file
 
     bad = invalid_backend_names(manifest["backends"])
@@ -66,8 +96,11 @@ def save(out: Path, *, model: Any, manifest: dict[str, Any], records: list[Outco
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if model is not None:       # None: the datastore alone was chosen (manifest "router": "datastore")
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    if manifest.get("router") == "ensemble":
+        for i, m in enumerate(models):
+            save_file(_state(m), str(tmp / f"member-{i}.safetensors"))
+    elif models:
+        save_file(_state(models[0]), str(tmp / "model.safetensors"))
     np.save(tmp / "embeddings.npy", embeddings.astype(np.float32))
     # mtime 0: the same outcomes give the same bytes (the bundled default artifact is in git).
     with gzip.GzipFile(tmp / "outcomes.jsonl.gz", "wb", mtime=0) as gz, io.TextIOWrapper(gz, "utf-8") as f:
@@ -102,16 +135,25 @@ def load(path: Path, *, embedder_id: str | None = None, dim: int | None = None) 
                             f"{embedder_id!r}; retrain with `caprouter train` or configure that encoder")
     if dim is not None and emb["dim"] != dim:
         raise ArtifactError(f"{path} expects {emb['dim']}-d embeddings, the configured encoder gives {dim}-d")
-    model = None
-    if manifest.get("router", "capability") == "capability":
-        model = build_model(emb["dim"], len(manifest["backends"]), capability_config(manifest))
-        state = load_file(str(path / "model.safetensors"))
+    kind = manifest.get("router", "capability")
+    if kind == "ensemble":
+        ens = manifest["ensemble"]
+        files = [(path / m["weights"], capability_config(m)) for m in ens["members"]]
+        neighbourhoods: list[Scale] = [(float(k), float(t)) for k, t in ens.get("neighbourhoods", [])]
+    else:
+        files = [(path / "model.safetensors", capability_config(manifest))] if kind == "capability" else []
+        neighbourhoods = []
+    models = []
+    for file, cfg in files:
+        model = build_model(emb["dim"], len(manifest["backends"]), cfg)
+        state = load_file(str(file))
         if state["w"].ndim == 1:          # artifacts before per-neighbourhood weights: one neighbourhood
             state["w"] = state["w"][:, None]
         model.load_state_dict(state)
         model.eval()
+        models.append(model)
     embeddings = np.load(path / "embeddings.npy")
     records = list(read_outcomes(path / "outcomes.jsonl.gz"))
     if len(records) != len(embeddings):
         raise ArtifactError(f"{path}: {len(records)} outcomes but {len(embeddings)} embeddings")
-    return Artifact(path, manifest, model, embeddings, records)
+    return Artifact(path, manifest, models, [c for _, c in files], embeddings, records, neighbourhoods)

@@ -15,7 +15,7 @@ from datastore.base import Datastore
 from datastore.records import OutcomeRecord
 from encoders.capability import add_backend, onboard, replace_backend
 from router.core.config import DatastoreConfig
-from router.prediction.predictor import Capability, knn_quality, knn_store, search
+from router.prediction.predictor import Capability, Ensemble, knn_quality, knn_store, search
 
 
 def aptitude_knn(X: npt.NDArray[np.float32], y: npt.NDArray[np.float32], ds_cfg: DatastoreConfig, *,
@@ -52,12 +52,20 @@ def fit_backend(model: Any, X: npt.NDArray[np.float32], y: npt.NDArray[np.float3
     return onboard(model, X, y, knn=knn, peer_residuals=peer_residuals)
 
 
-def fit_capability(capability: Capability, name: str, X: npt.NDArray[np.float32], y: npt.NDArray[np.float32],
-                   ds_cfg: DatastoreConfig, datastore: Datastore) -> Capability:
+def fit_capability(capability: Capability | Ensemble, name: str, X: npt.NDArray[np.float32],
+                   y: npt.NDArray[np.float32], ds_cfg: DatastoreConfig, datastore: Datastore) -> Capability | Ensemble:
     """A copy of ``capability`` that also predicts ``name`` (or predicts it anew), its vector
     fitted to the aptitude results X (m, d), y (m,). Where the datastore holds the trained
     backends' own outcomes on those prompts, their residuals correct the fit for the luck of the
-    sample. Call it before the new results join the datastore."""
+    sample. Call it before the new results join the datastore. An ensemble's learned members are
+    each fitted so (each against its own predictions); its neighbourhoods need no fit."""
+    if isinstance(capability, Ensemble):
+        return capability.with_members([_fit_one(m, name, X, y, ds_cfg, datastore) for m in capability.members])
+    return _fit_one(capability, name, X, y, ds_cfg, datastore)
+
+
+def _fit_one(capability: Capability, name: str, X: npt.NDArray[np.float32], y: npt.NDArray[np.float32],
+             ds_cfg: DatastoreConfig, datastore: Datastore) -> Capability:
     rec = datastore.recorded(X)
     # The backend being fitted is nobody's peer (re-onboarded, its old vector is in the model).
     cols = [rec.column(b) if b != name else None for b in capability.backends]

@@ -154,17 +154,55 @@ class Capability:
         return self._frozen.predict(X, K)
 
 
+class Ensemble:
+    """The mean predicted quality of several trained capability encoders and datastore
+    neighbourhoods (``caprouter train``'s ensemble candidates, router/offline/candidates.py).
+    Serves where a ``Capability`` does: the members share their backends, and onboarding fits a
+    new backend into each learned member (``prediction.onboarding.fit_capability``)."""
+
+    def __init__(self, members: Sequence[Capability], neighbourhoods: Sequence[Scale] = ()) -> None:
+        if not members:
+            raise ValueError("an ensemble needs at least one trained member")
+        if len({m.backends for m in members}) != 1:
+            raise ValueError("an ensemble's members must predict the same backends")
+        self.members = tuple(members)
+        self.neighbourhoods = tuple((float(k), float(t)) for k, t in neighbourhoods)
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        return self.members[0].backends
+
+    @property
+    def scales(self) -> list[Scale]:
+        """Every neighbourhood a member takes as input and the ensemble's own, once each."""
+        return list(dict.fromkeys([*(s for m in self.members for s in m.scales), *self.neighbourhoods]))
+
+    def column(self, backend: str) -> int | None:
+        return self.members[0].column(backend)
+
+    def with_members(self, members: Sequence[Capability]) -> Ensemble:
+        return Ensemble(members, self.neighbourhoods)
+
+    def predict(self, X: npt.NDArray[np.float32], by_scale: dict[Scale, Estimate]) -> npt.NDArray[np.float32]:
+        """X: (n, d) and the datastore's estimates at (at least) ``scales`` -> (n, B) quality, the
+        members' and neighbourhoods' mean, in ``backends`` order."""
+        parts = [m.predict(X, by_scale) for m in self.members]
+        parts += [columns(by_scale[s], self.backends)[0] for s in self.neighbourhoods]
+        return np.asarray(np.mean(parts, 0, dtype=np.float64), dtype=np.float32)
+
+
 class Predictor:
     """Quality, cost and support per backend for prompt embeddings: the datastore's estimates,
-    blended by the capability encoder where one is served (for the backends it knows; others keep
-    the datastore's estimate). Immutable: onboarding builds a new one (``with_capability``), so a
-    request that runs meanwhile sees the old predictor or the new one, never half."""
+    blended by the capability encoder (or an ensemble of them) where one is served (for the
+    backends it knows; others keep the datastore's estimate). Immutable: onboarding builds a new
+    one (``with_capability``), so a request that runs meanwhile sees the old predictor or the
+    new one, never half."""
 
-    def __init__(self, datastore: Datastore, capability: Capability | None = None) -> None:
+    def __init__(self, datastore: Datastore, capability: Capability | Ensemble | None = None) -> None:
         self.datastore = datastore
         self.capability = capability
 
-    def with_capability(self, capability: Capability) -> Predictor:
+    def with_capability(self, capability: Capability | Ensemble) -> Predictor:
         return Predictor(self.datastore, capability)
 
     def predict(self, X: npt.NDArray[np.float32], backends: Sequence[str],

@@ -24,7 +24,6 @@ from router import __version__
 from router.core.compute import Compute, ComputeThread
 from router.core.config import AppConfig, BackendConfig, CostModelConfig, builtin_data, caprouter_home
 from router.prediction import artifact as art
-from router.prediction.predictor import Capability
 from router.serving.access import Access, AuditLog, SpendLedger
 from router.serving.keys import KeyFile
 from router.serving.registrations import log_path
@@ -186,9 +185,7 @@ class App:
             path = Path(cfg.artifact)
             artifact = await loop.run_in_executor(None, lambda: self.compute.run(
                 art.load, path, embedder_id=encoder.model_id, dim=encoder.dim))
-            if artifact.model is not None:
-                capability = Capability(artifact.model, artifact.backends, self.compute,
-                                        config=artifact.capability_config)
+            capability = artifact.capability(self.compute)
         self.loading_detail = "opening the system of record"
         storage = self.storage = await loop.run_in_executor(None, open_system_of_record, cfg)
         self.loading_detail = "loading the datastore"

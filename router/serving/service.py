@@ -57,7 +57,7 @@ from router.policy.budget import BudgetWindows, assign
 from router.policy.eligibility import Needs, ineligible
 from router.policy.selection import Knobs, KnobsInput, Selection, promote, select
 from router.prediction.onboarding import fit_capability
-from router.prediction.predictor import Capability, Prediction, Predictor
+from router.prediction.predictor import Capability, Ensemble, Prediction, Predictor
 from router.serving import registrations as reg
 from router.serving.access import Access
 from router.serving.answer_cache import AnswerCache, CachedAnswer, Hit, params_of, request_key
@@ -193,7 +193,7 @@ def _rpc(dispatch: bool) -> str:
 
 class RouterService:
     def __init__(self, config: AppConfig, encoder: PromptEncoder, datastore: Datastore,
-                 backends: Mapping[str, Backend], *, capability: Capability | None = None,
+                 backends: Mapping[str, Backend], *, capability: Capability | Ensemble | None = None,
                  telemetry: Telemetry | None = None, access: Access | None = None,
                  tracer: trace.Tracer | None = None) -> None:
         self.config = config
@@ -245,7 +245,7 @@ class RouterService:
         return list(self.backends)
 
     @property
-    def capability(self) -> Capability | None:
+    def capability(self) -> Capability | Ensemble | None:
         return self.predictor.capability
 
     # ---- validation ----------------------------------------------------------------------------

@@ -84,7 +84,7 @@ def test_a_linear_boundary_is_learned_where_the_datastore_only_averages_neighbou
 def test_too_few_prompts_for_a_model_serve_the_datastore_and_say_so():
     X, data = _data(MIN_MODEL_PROMPTS - 1, seed=2)
     rep = select(X, data, np.arange(len(data)), DatastoreConfig(), default_candidates(QUICK), seed=0)
-    assert rep.chosen.kind == "datastore" and all(n.startswith("datastore") for n in rep.scores)
+    assert rep.chosen.kind == "datastore" and all(n.startswith("datastore") for n in rep.scores)   # no ensemble
     assert f"fewer than the {MIN_MODEL_PROMPTS}" in rep.note
 
 
@@ -118,3 +118,28 @@ def test_with_categories_the_choice_is_the_best_worse_vouched_margin_on_random_a
     j = rep.as_json()
     assert all("category_held_out_mean" in c for c in j["candidates"])
     assert "categories held out" in selection_table(j).splitlines()[0]
+
+
+def test_an_ensemble_scores_the_mean_of_its_members_each_fitted_once_per_fold(monkeypatch):
+    from router.offline import candidates as cm
+
+    X, data = _data(240, noise=0.1, seed=6)
+    cands = default_candidates(QUICK)
+    ens = [c for c in cands if c.kind == "ensemble"]
+    assert [len(c.members) for c in ens] == [len(m) for m in cm.ENSEMBLES]
+    assert all(any(m.kind == "capability" for m in c.members) for c in ens)
+    assert cands[-len(ens):] == ens                       # the most complex last: ties go to simpler ones
+    fits = []
+    real = cm.train
+    monkeypatch.setattr(cm, "train", lambda *a, **k: fits.append(1) or real(*a, **k))
+    rows = np.arange(240)
+    fold = fold_split(240, 3, 0)
+    part = cm._Fold(X, data, rows[fold != 0], rows[fold == 0], DatastoreConfig(), [[40, 100.0], [100, 100.0]], 0, 0)
+    q = part.quality(ens[0])                              # its members, fitted on demand
+    assert len(fits) == 2                                 # the MLP and the blend; the neighbourhoods need none
+    np.testing.assert_allclose(q, np.mean([part.quality(m) for m in ens[0].members], 0), atol=1e-6)
+    part.quality(ens[1])
+    assert len(fits) == 3                                 # only MF is new: the MLP and the blend are shared
+    # Through select, with no member among the candidates: scored all the same.
+    rep = select(X, data, rows, DatastoreConfig(), [ens[1]], folds=3, seed=0)
+    assert rep.chosen is ens[1] and len(rep.scores[ens[1].name]) == 3

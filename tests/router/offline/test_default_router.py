@@ -42,9 +42,9 @@ def test_bundled_artifact_is_built_from_the_bundled_outcomes():
 
 @pytest.mark.slow
 def test_rebuilding_gives_an_equivalent_router(tmp_path):
-    from router.offline.training import blend_predictor, train_command
+    from router.offline.training import train_command
     from router.prediction import artifact as art
-    from router.prediction.predictor import knn_store
+    from router.prediction.predictor import Predictor, knn_store
 
     cfg = load_config(None)
     train_command(cfg, str(builtin_data("aptitude_outcomes.jsonl")), str(tmp_path / "r"), seed=0, test_share=0.0,
@@ -57,6 +57,6 @@ def test_rebuilding_gives_an_equivalent_router(tmp_path):
     for a in (old, new):
         store = knn_store(a.embeddings, a.records, cfg.datastore.model_copy(update=a.manifest["datastore"]))
         fallback = np.array([a.manifest["cost"]["mean_per_request"][b] for b in a.backends])
-        preds.append(blend_predictor(a.model, store, a.backends).predict(old.embeddings, a.backends, fallback).quality)
+        preds.append(Predictor(store, a.capability()).predict(old.embeddings, a.backends, fallback).quality)
     # Same pipeline, same seed: the same router up to floating-point differences between CPUs.
     assert np.corrcoef(preds[0].ravel(), preds[1].ravel())[0, 1] > 0.95

@@ -292,3 +292,65 @@ def test_small_data_serves_the_datastore_alone_chosen_on_folds_and_says_so(slice
         assert got.backend in m["backends"] and len(got.candidates) == len(m["backends"])
     finally:
         srv.stop()
+
+
+def test_an_ensemble_trains_evaluates_and_serves(slice_file, tmp_path):
+    """--router ensemble: the ensembles alone are compared (their members fitted on each fold), the
+    winner's learned members are written one file each, and `eval` and `serve --artifact` run the
+    same mean of members and neighbourhoods that was chosen."""
+    import numpy as np
+
+    from router.core.config import load_config
+    from router.prediction import artifact as art
+    from router.prediction.predictor import Ensemble, Predictor, knn_store
+    from tests.conftest import LiveServer
+
+    out = tmp_path / "router"
+    r = subprocess.run([str(BIN), "train", "--data", str(slice_file), "--out", str(out), "--epochs", "15",
+                        "--router", "ensemble"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "manifest.json").read_text())
+    sel = m["metrics"]["selection"]
+    assert m["router"] == "ensemble" and "capability" not in m and "ensemble: " in r.stdout
+    names = [c["name"] for c in sel["candidates"]]
+    assert len(names) == 2 and sel["chosen"] in names and all(n.startswith("ensemble: ") for n in names)
+    members = m["ensemble"]["members"]
+    assert [x["name"] for x in members] == [x["name"] for x in m["metrics"]["ensemble_members"]]
+    assert all((out / x["weights"]).exists() for x in members) and not (out / "model.safetensors").exists()
+
+    a = art.load(out)
+    ens = a.capability()
+    assert isinstance(ens, Ensemble) and a.model is None and len(ens.members) == len(members)
+    assert [list(s) for s in ens.neighbourhoods] == m["ensemble"]["neighbourhoods"]
+    # Served: the mean of the members and neighbourhoods over the store of every non-test outcome.
+    rows = [json.loads(line) for line in gzip.open(slice_file, "rt")]
+    assert m["metrics"]["test"]["aiq"] > 0
+    store = knn_store(a.embeddings, a.records, load_config(None).datastore.model_copy(update=m["datastore"]))
+    x = a.embeddings[:7]
+    q = Predictor(store, ens).predict(x, a.backends, np.zeros(len(a.backends))).quality
+    by = dict(zip(ens.scales, store.estimate_many(x, ens.scales)))
+    np.testing.assert_allclose(q, ens.predict(x, by), atol=1e-6)
+    rep = tmp_path / "eval.json"
+    r = subprocess.run([str(BIN), "eval", "--artifact", str(out), "--data", str(slice_file), "--json", str(rep)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(rep.read_text())
+    assert got["n"] == sum(1 for row in rows if row["split"] == "test")
+    assert 0 < got["caprouter"]["aiq"] <= 1 and "kNN (k=40)" in got
+
+    import grpc
+
+    from caprouter.v1 import router_pb2 as pb
+    from caprouter.v1 import router_pb2_grpc
+
+    cfg = load_config(None, {"server.port": 0, "artifact": str(out), "backends": [],
+                             "datastore.state_dir": str(tmp_path / "state"), "routing.cost_unit": "USD/M tokens"})
+    srv = LiveServer(cfg)
+    try:
+        srv.call(srv.server.load_and_serve())
+        assert isinstance(srv.app.service.capability, Ensemble)
+        with grpc.insecure_channel(srv.address) as ch:
+            got = router_pb2_grpc.RouterStub(ch).Route(pb.RouteRequest(prompt="What is 17 * 23?"), timeout=30)
+        assert got.backend in m["backends"] and len(got.candidates) == len(m["backends"])
+    finally:
+        srv.stop()

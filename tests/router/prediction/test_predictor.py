@@ -9,7 +9,16 @@ from datastore.base import Estimate
 from datastore.records import OutcomeRecord
 from encoders.capability import CapabilityConfig, build_model
 from router.core.config import DatastoreConfig
-from router.prediction.predictor import OWN, Capability, Predictor, columns, knn_estimates, knn_quality, knn_store
+from router.prediction.predictor import (
+    OWN,
+    Capability,
+    Ensemble,
+    Predictor,
+    columns,
+    knn_estimates,
+    knn_quality,
+    knn_store,
+)
 
 
 def _unit(rows) -> np.ndarray:
@@ -65,11 +74,38 @@ def test_the_predictor_blends_only_the_backends_the_capability_model_knows():
     assert ((blended.quality >= 0) & (blended.quality <= 1)).all() and np.isfinite(blended.cost).all()
 
 
-@pytest.mark.parametrize("with_capability", [False, True])
+def _ensemble(dim: int) -> Ensemble:
+    """A blend taking two neighbourhoods, a plain model (no datastore input) and one neighbourhood
+    of the ensemble's own."""
+    blend = CapabilityConfig(dim=4, hidden=8, codes=2, knn_scales=[[0, 0], [30, 1.0]])
+    plain = CapabilityConfig(dim=4, hidden=8, codes=1, knn_blend=False, knn_scales=None, seed=1)
+    return Ensemble([Capability(build_model(dim, 2, blend).eval(), ["a", "b"]),
+                     Capability(build_model(dim, 2, plain).eval(), ["a", "b"])], [(20, 100.0)])
+
+
+def test_an_ensemble_predicts_the_mean_of_its_members_and_neighbourhoods():
+    store, X, _ = _store()
+    ens = _ensemble(X.shape[1])
+    assert ens.scales == [OWN, (30.0, 1.0), (20.0, 100.0)]        # each neighbourhood searched once
+    by = store.estimate_many(X, ens.scales)
+    by = dict(zip(ens.scales, by))
+    parts = [m.predict(X, by) for m in ens.members] + [columns(by[(20.0, 100.0)], ["a", "b"])[0]]
+    got = Predictor(store, ens).predict(X, ["a", "b"], np.zeros(2)).quality
+    np.testing.assert_allclose(got, np.mean(parts, 0), atol=1e-6)
+    assert all(np.abs(got - p).max() > 1e-3 for p in parts)        # every member moves the mean
+    with pytest.raises(ValueError, match="same backends"):
+        Ensemble([ens.members[0], Capability(ens.members[1].model, ["a", "c"])])
+    with pytest.raises(ValueError, match="at least one trained member"):
+        Ensemble([], [(40, 100.0)])
+
+
+@pytest.mark.parametrize("with_capability", [False, True, "ensemble"])
 def test_batched_equals_one_by_one(with_capability):
     store, X, _ = _store(n=60)
-    cap = None
-    if with_capability:
+    cap: Capability | Ensemble | None = None
+    if with_capability == "ensemble":
+        cap = _ensemble(X.shape[1])
+    elif with_capability:
         cap = Capability(build_model(X.shape[1], 2, CapabilityConfig(dim=4, hidden=8, codes=2)).eval(), ["a", "b"])
     p = Predictor(store, cap)
     fallback = np.arange(60 * 3, dtype=np.float64).reshape(60, 3)

@@ -76,18 +76,24 @@ def test_update_replaces_the_earlier_results(open_service):
     assert again.route(Query(prompt="Write a haiku about the sea.", knobs=only)).backend == "wordy"
 
 
-def test_aptitude_items_by_id_and_capability_vector_fitted(open_service):
+@pytest.mark.parametrize("served", ["model", "ensemble"])
+def test_aptitude_items_by_id_and_capability_vector_fitted(open_service, served):
     import torch
 
     from encoders.capability import CapabilityConfig, build_model
-    from router.prediction.predictor import Capability
+    from router.prediction.predictor import Capability, Ensemble
     from router.serving.registrations import load_suite, suite_path
 
     cfg = CapabilityConfig(dim=8, hidden=16, codes=2)
     model = build_model(384, 2, cfg).eval()
     with torch.no_grad():
         model.w.fill_(1.0)
-    svc = open_service(Capability(model, ["mathy", "wordy"], config=cfg))
+    cap = Capability(model, ["mathy", "wordy"], config=cfg)
+    if served == "ensemble":    # a learned member without datastore input, and a neighbourhood of the ensemble's own
+        plain = CapabilityConfig(dim=8, hidden=16, codes=1, knn_blend=False, knn_scales=None, seed=1)
+        cap = Ensemble([cap, Capability(build_model(384, 2, plain).eval(), ["mathy", "wordy"], config=plain)],
+                       [(8, 100.0)])
+    svc = open_service(cap)
     items = load_suite(suite_path(None))
     arith = [it for it in items if it["kind"] == "arithmetic"][:15]
     facts = [it for it in items if it["kind"] == "facts"][:15]
@@ -96,6 +102,8 @@ def test_aptitude_items_by_id_and_capability_vector_fitted(open_service):
                        {"kind": "compute", "active_parameters": 1_000_000_000})
     res = svc.onboard(spec)
     assert res.capability_fitted and svc.capability.backends == ("mathy", "wordy", "calc-1")
+    members = svc.capability.members if served == "ensemble" else (svc.capability,)
+    assert all(m.backends == ("mathy", "wordy", "calc-1") for m in members)      # each learned member fitted
     X = svc.encoder.encode(["What is 12 + 30? Answer with just the number.",
                             "What is the capital of Italy? Answer in one word."])
     q_math, q_fact = svc.predict(X, [40, 40]).quality
@@ -103,7 +111,8 @@ def test_aptitude_items_by_id_and_capability_vector_fitted(open_service):
     # Re-onboarding replaces its column; the prompt side is untouched.
     svc.onboard(spec)
     assert svc.capability.backends == ("mathy", "wordy", "calc-1")
-    np.testing.assert_array_equal(svc.capability.model.f[0].weight.detach().numpy(), model.f[0].weight.detach().numpy())
+    served_model = svc.capability.members[0].model if served == "ensemble" else svc.capability.model
+    np.testing.assert_array_equal(served_model.f[0].weight.detach().numpy(), model.f[0].weight.detach().numpy())
 
 
 def test_onboarding_reads_the_trained_backends_residuals_on_stored_prompts(open_service, monkeypatch):
