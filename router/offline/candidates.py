@@ -199,6 +199,19 @@ def knn_training_inputs(X, records, backends, ds: DatastoreConfig, tr, va, cfg: 
     return K, knn_quality(store, X[va], backends, cfg.knn_scales)
 
 
+def shared_knn_inputs(cache: dict[str, Any], X, data: RoutingData, ds: DatastoreConfig, tr, va,
+                      cfg: CapabilityConfig, seed: int, *, store: Datastore | None = None) -> tuple[Any, Any]:
+    """``knn_training_inputs`` for a model of ``cfg``, computed once per set of neighbourhoods in
+    ``cache`` (models that take the same datastore inputs share them); (None, None) for a model
+    that takes none."""
+    if not cfg.knn_blend:
+        return None, None
+    key = repr(cfg.knn_scales)
+    if key not in cache:
+        cache[key] = knn_training_inputs(X, data.records, data.backends, ds, tr, va, cfg, seed, store=store)
+    return cache[key]
+
+
 def vouched_margin(margins: npt.ArrayLike) -> float:
     """Mean of per-fold margins less one standard error of that mean (0 for all-zero margins)."""
     d = np.asarray(margins, dtype=np.float64)
@@ -249,11 +262,7 @@ class _Fold:
         # Patience 10 instead of 20 while choosing: the ranking, not the last 0.001 of each fit,
         # is what this needs (it halves the time of the slowest fits).
         cfg = replace(c.capability, patience=min(c.capability.patience, 10))
-        key = repr(cfg.knn_scales) if cfg.knn_blend else "none"
-        if key not in self.knn_inputs:
-            self.knn_inputs[key] = knn_training_inputs(X, data.records, data.backends, self.ds, tr, va, cfg,
-                                                       self.seed) if cfg.knn_blend else (None, None)
-        K, Kv = self.knn_inputs[key]
+        K, Kv = shared_knn_inputs(self.knn_inputs, X, data, self.ds, tr, va, cfg, self.seed)
         model = train(X[tr], data.Y[tr], X[va], data.Y[va], cfg, K=K, Kv=Kv).model
         Kh = knn_estimates(self.store, X[self.held], data.backends, self.fallback, scales=cfg.knn_scales)[0] \
             if cfg.knn_blend else None

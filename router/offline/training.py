@@ -155,16 +155,13 @@ def fit_router(X: npt.NDArray[np.float32], data: RoutingData, tr: npt.NDArray[np
     if not learned:
         return FittedRouter(report, [], [], ds, store, seconds=seconds)
     t0 = time.perf_counter()
-    fits, configs, inputs = [], [], {}
+    fits, configs = [], []
+    inputs: dict[str, Any] = {}
     for m in learned:
         cfg = m.capability
         assert cfg is not None
         configs.append(cfg)
-        key = repr(cfg.knn_scales) if cfg.knn_blend else "none"
-        if key not in inputs:       # members that take the same datastore inputs share them
-            inputs[key] = candidates.knn_training_inputs(X, data.records, data.backends, ds, tr, va, cfg, seed,
-                                                         store=store) if cfg.knn_blend else (None, None)
-        K, Kv = inputs[key]
+        K, Kv = candidates.shared_knn_inputs(inputs, X, data, ds, tr, va, cfg, seed, store=store)
         fits.append(train(X[tr], data.Y[tr], X[va], data.Y[va], cfg, K=K, Kv=Kv, progress=progress))
     seconds["training_s"] = time.perf_counter() - t0
     models = [r.model for r in fits]
