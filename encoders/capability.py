@@ -154,20 +154,46 @@ def sinkhorn_plan(a, marginal: npt.NDArray[np.float64], reg: float) -> npt.NDArr
     """The entropic OT plan between n prompts (uniform) and K codes (``marginal``), cost -a.
 
     a: (n, K) assignment logits (as numpy). Returns the plan scaled so each row sums to 1."""
-    import ot
-    import torch
-
     n = a.shape[0]
     M = -a.astype(np.float64)
     M = M - M.min()
     M = M / max(M.max(), 1e-12)
-    # Log-domain iterations: stable at the small regularization that keeps the plan sharp. On
-    # torch tensors POT runs its torch backend: the same plan (to 1e-17) 6x faster than on numpy
-    # arrays, whose logsumexp (scipy's, per iteration) took 90% of a training run's time.
+    if reg >= 1.0 / 600:
+        return _sinkhorn_knopp(M, marginal, reg) * n
+    # Smaller regularizations underflow that kernel: POT's log-domain iterations. On torch tensors
+    # POT runs its torch backend: the same plan (to 1e-17) 6x faster than on numpy arrays, whose
+    # logsumexp (scipy's, per iteration) took 90% of a training run's time.
+    import ot
+    import torch
+
     plan = ot.sinkhorn(torch.full((n,), 1.0 / n, dtype=torch.float64), torch.as_tensor(marginal, dtype=torch.float64),
                        torch.as_tensor(M), reg, method="sinkhorn_log", numItermax=500, stopThr=1e-6,
                        warn=False)   # a plan short of 1e-6 after 500 iterations is still a fine soft target
     return plan.numpy() * n
+
+
+def _sinkhorn_knopp(M: npt.NDArray[np.float64], b: npt.NDArray[np.float64], reg: float, *, iters: int = 500,
+                    tol: float = 1e-6) -> npt.NDArray[np.float64]:
+    """Entropic OT plan between uniform rows and column marginal ``b`` for cost M (n, K) in [0, 1]:
+    POT's ``sinkhorn_knopp`` (same iterations, same stopping test every 10th), without its
+    per-iteration checks for zeros and NaN, which cannot arise here: the kernel exp(-M / reg)
+    stays above e^-600 (float64 holds it) for the regularizations this is called with.
+
+    Why not POT: measured on 316 logit batches of real training runs (256 x 8), POT's plain
+    Sinkhorn on numpy took 5.6 ms per plan, most of it in those checks, and its log-domain
+    iterations on torch (used before) about 10 ms; this takes 1.3 ms for the identical plan
+    (tested against both). The OT term's plans had been 36% of `caprouter train`'s choosing time."""
+    n = M.shape[0]
+    K = np.exp(-M / reg)
+    a = np.full(n, 1.0 / n)
+    u, v = np.full(n, 1.0 / n), np.full(len(b), 1.0 / len(b))
+    Kp = K / a[:, None]
+    for it in range(iters):
+        v = b / (K.T @ u)
+        u = 1.0 / (Kp @ v)
+        if it % 10 == 0 and np.linalg.norm(v * (K.T @ u) - b) < tol:
+            break
+    return u[:, None] * K * v[None, :]
 
 
 def ot_loss(a, marginal: npt.NDArray[np.float64], reg: float):

@@ -29,6 +29,30 @@ def test_sinkhorn_plan_respects_both_marginals(marginal):
     np.testing.assert_allclose(plan.sum(0) / 200, m, atol=1e-3)      # each code's traffic share
 
 
+def test_plain_and_log_domain_sinkhorn_give_the_same_plan():
+    """sinkhorn_plan runs its own plain Sinkhorn where the kernel cannot underflow (POT's
+    iterations without their checks) and POT's log-domain iterations below that regularization:
+    the same plan as POT's plain and log-domain ones."""
+    import ot
+    import torch
+
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(256, 8)) * 4
+    m = np.full(8, 1 / 8)
+    plan = sinkhorn_plan(a, m, 0.05)
+    M = -a - (-a).min()
+    M = M / M.max()
+    np.testing.assert_allclose(plan, ot.sinkhorn(np.full(256, 1 / 256), m, M, 0.05, method="sinkhorn", numItermax=500,
+                                                 stopThr=1e-6) * 256, atol=1e-12)   # POT's, without its checks
+    log_plan = ot.sinkhorn(torch.full((256,), 1 / 256, dtype=torch.float64), torch.as_tensor(m), torch.as_tensor(M),
+                           0.05, method="sinkhorn_log", numItermax=500, stopThr=1e-6).numpy() * 256
+    np.testing.assert_allclose(plan, log_plan, atol=1e-9)
+    sharp = sinkhorn_plan(a, m, 1e-3)            # the log-domain path: exp(-1 / 1e-3) underflows
+    assert np.isfinite(sharp).all()
+    np.testing.assert_allclose(sharp.sum(1), 1.0, atol=1e-4)
+    np.testing.assert_allclose(sharp.sum(0) / 256, m, atol=5e-3)    # 500 iterations: close, not exact
+
+
 @pytest.mark.slow  # trains capability models for seconds
 def test_training_loss_falls_and_predictions_follow_the_clusters():
     X, Y, c = toy()
