@@ -27,7 +27,7 @@ from router.offline.candidates import inner_split, out_of_fold_knn
 from router.offline.evaluation import evaluate, two_backend, zero_router
 from router.offline.routing_data import split_indices
 from router.offline.training import fit_router
-from router.prediction.predictor import knn_estimates
+from router.prediction.predictor import Predictor, knn_estimates
 from router.prediction.predictor import knn_store as prediction_knn_store
 
 
@@ -36,6 +36,7 @@ def knn_store(X, data, idx, cfg):
 
 
 MAIN = "caprouter (as `caprouter train` serves it)"
+NO_REPEATS = "caprouter, repeats not pooled (datastore.repeats off)"
 BASELINES = ("kNN (k=40)", "MLP classifier", "matrix factorization", "random", "zero router")
 
 
@@ -79,7 +80,12 @@ def run_split(data, X, tr, va, te, seed: int, ablation: bool) -> dict:
     t0 = time.time()
     fit = fit_router(X, data, tr, va, cfg.datastore, base, seed=seed, progress=True)
     fit_s = time.time() - t0
-    preds[MAIN] = fit.predictor(data.backends).predict(X[te], data.backends, mean_cost).quality
+    served = fit.predictor(data.backends)
+    preds[MAIN] = served.predict(X[te], data.backends, mean_cost).quality
+    preds[NO_REPEATS] = Predictor(served.datastore, served.capability, repeats=False).predict(
+        X[te], data.backends, mean_cost).quality
+    # Test prompts whose very text the training rows hold (datastore.repeats pools their records).
+    repeated = (served.datastore.recorded(X[te]).support > 0).any(1)
     if ablation:
         K = out_of_fold_knn(X[tr], [data.records[i] for i in tr], data.backends, cfg.datastore, seed=seed,
                             scales=base.knn_scales)
@@ -94,7 +100,12 @@ def run_split(data, X, tr, va, te, seed: int, ablation: bool) -> dict:
     rows = {"zero router": zero_router(Y, C)}
     for label, Q in preds.items():
         rows[label] = evaluate(Q, Chat, Y, C)
+    fresh = ~repeated
     out = {"n_train": int(len(tr)), "n_val": int(len(va)), "n_test": int(len(te)), "main": MAIN, "rows": rows,
+           "repeats": {"share": float(repeated.mean()), "margin_se": margin_se(preds[MAIN], preds["kNN (k=40)"],
+                                                                               Chat, Y, C, seed),
+                       "fresh_rows": {label: evaluate(preds[label][fresh], Chat[fresh], Y[fresh], C[fresh])["aiq"]
+                                      for label in (MAIN, NO_REPEATS, "kNN (k=40)")} if fresh.sum() > 1 else {}},
            "selection": fit.report.as_json(), "fit_seconds": fit_s,
            "accuracy": {b: float(Y[:, j].mean()) for j, b in enumerate(data.backends)},
            "mean_cost": {b: float(C[:, j].mean()) for j, b in enumerate(data.backends)}}
@@ -103,6 +114,16 @@ def run_split(data, X, tr, va, te, seed: int, ablation: bool) -> dict:
         weak = 1 - strong
         out["two_backend"] = {label: two_backend(Q, Y, strong, weak) for label, Q in preds.items()}
     return out
+
+
+def margin_se(Qa, Qb, Chat, Y, C, seed: int, n: int = 200) -> float:
+    """Bootstrap standard error (``n`` resamples of the test prompts) of AIQ(Qa) - AIQ(Qb)."""
+    rng = np.random.default_rng(seed)
+    d = []
+    for _ in range(n):
+        i = rng.integers(0, len(Y), len(Y))
+        d.append(evaluate(Qa[i], Chat[i], Y[i], C[i])["aiq"] - evaluate(Qb[i], Chat[i], Y[i], C[i])["aiq"])
+    return float(np.std(d))
 
 
 def run_set(name: str, seed: int, ablation: bool, ood_folds: int) -> dict:
@@ -165,6 +186,26 @@ def write_doc(results: list[dict], path: str, seed: int) -> dict:
                          f"{m['kNN (k=40)']:.3f} | {m[MAIN] - m['kNN (k=40)']:+.3f} | {other} {m[other]:.3f} | "
                          f"{', '.join(sorted({f['selection']['chosen'] for f in r['ood']}))} |")
     lines.append("")
+    if any("repeats" in r for r in results):
+        lines += ["## Repeated prompts", "",
+                  "Share of the test prompts whose very text (cosine >= 0.9999) is among the training rows; "
+                  "caprouter pools a repeated prompt's own records into its estimate (`datastore.repeats`, "
+                  "on by default; `router/prediction/predictor.py` `pool_repeats`). AIQ on every test prompt "
+                  "and on the prompts that repeat none (\"fresh\"); the margin's standard error is a bootstrap "
+                  "over the test prompts (200 resamples).", "",
+                  "| set | test prompts repeated | caprouter | repeats not pooled | kNN (k=40) | margin over kNN "
+                  "(bootstrap SE) | fresh: caprouter | fresh: not pooled | fresh: kNN |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in results:
+            if "repeats" not in r:
+                continue
+            rp, rows = r["repeats"], r["rows"]
+            fr = rp["fresh_rows"]
+            lines.append(f"| {r['set']} | {rp['share']:.1%} | {rows[MAIN]['aiq']:.3f} | {rows[NO_REPEATS]['aiq']:.3f} | "
+                         f"{rows['kNN (k=40)']['aiq']:.3f} | {rows[MAIN]['aiq'] - rows['kNN (k=40)']['aiq']:+.3f} "
+                         f"({rp['margin_se']:.3f}) | {fr.get(MAIN, float('nan')):.3f} | "
+                         f"{fr.get(NO_REPEATS, float('nan')):.3f} | {fr.get('kNN (k=40)', float('nan')):.3f} |")
+        lines.append("")
     if any(r.get("ood") for r in results):
         lines += ["## Out of distribution: categories held out", "",
                   "Each set's categories are dealt (seeded) into three groups; each group's prompts are the test "
@@ -212,6 +253,12 @@ def write_doc(results: list[dict], path: str, seed: int) -> dict:
         figures[f"{r['set']}_knn_aiq"] = f"{r['rows']['kNN (k=40)']['aiq']:.3f}"
         figures[f"{r['set']}_zero_aiq"] = f"{r['rows']['zero router']['aiq']:.3f}"
         figures[f"{r['set']}_cost_share"] = fmt(cap["cost_share_for_best_quality"])
+        if "repeats" in r:
+            figures[f"{r['set']}_repeated_share"] = f"{r['repeats']['share']:.3f}"
+            figures[f"{r['set']}_margin_se"] = f"{r['repeats']['margin_se']:.3f}"
+            fr = r["repeats"]["fresh_rows"]
+            if fr:
+                figures[f"{r['set']}_fresh_margin"] = f"{fr[MAIN] - fr['kNN (k=40)']:+.3f}"
         if r.get("ood"):
             m = _ood_means(r)
             figures[f"{r['set']}_ood_aiq"] = f"{m[MAIN]:.3f}"

@@ -129,6 +129,11 @@ class DatastoreConfig(_Model):
     prior_strength: float = Field(2.0, ge=0)
     # Neighbour weight = exp((sim - max_sim) / temperature): small values trust the closest.
     temperature: float = Field(0.05, gt=0)
+    # A prompt the store already holds outcomes for (the same text: cosine >= 0.9999) is
+    # estimated from them: each backend's recorded mean, pooled with the prediction counted as one
+    # more record. Traffic repeats prompts (retries, templates, shared benchmarks), and the
+    # prompt's own outcome is better evidence than any neighbourhood (docs/routing_quality.md).
+    repeats: bool = True
     # Above ann_min_size rows the kNN search is approximate: hnsw (the default), ivf, or off
     # (always exact). benchmarks/datastore_scale.py measures both against the exact search.
     ann: Literal["hnsw", "ivf", "off"] = "hnsw"

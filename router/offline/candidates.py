@@ -37,13 +37,13 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from datastore.base import Datastore
+from datastore.base import Datastore, Estimate
 from datastore.records import OutcomeRecord
 from encoders.capability import CANDIDATE_WEIGHTS, CapabilityConfig, predict, train
 from router.core.config import DatastoreConfig
 from router.offline.evaluation import evaluate
 from router.offline.routing_data import RoutingData
-from router.prediction.predictor import knn_estimates, knn_quality, knn_store
+from router.prediction.predictor import knn_estimates, knn_quality, knn_store, pool_repeats
 
 # Below this many prompts a learned model is not tried: measured on the shared data sets'
 # subsets, the blend's fold-to-fold spread at 100-200 prompts exceeds its margin over the datastore.
@@ -245,11 +245,19 @@ class _Fold:
         self.tr, self.va = inner_split(train_rows, inner_seed)
         self.knn_inputs: dict[str, Any] = {}
         self.preds: dict[str, npt.NDArray[np.float32]] = {}
+        self.recorded: Estimate | None = None
 
     def quality(self, c: Candidate) -> npt.NDArray[np.float32]:
-        """(len(held), B) predicted quality of candidate ``c``."""
+        """(len(held), B) predicted quality of candidate ``c``, as the Predictor serves it (with
+        the held prompts' repeats in the store pooled in, where the datastore config says so; an
+        ensemble's members are pooled already, and pooling is linear)."""
         if c.name not in self.preds:
-            self.preds[c.name] = self._predict(c)
+            q = self._predict(c)
+            if self.ds.repeats and c.kind != "ensemble":
+                if self.recorded is None:
+                    self.recorded = self.store.recorded(self.X[self.held])
+                q = pool_repeats(q, self.recorded, self.data.backends)
+            self.preds[c.name] = q
         return self.preds[c.name]
 
     def _predict(self, c: Candidate) -> npt.NDArray[np.float32]:

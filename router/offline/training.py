@@ -130,7 +130,8 @@ class FittedRouter:
 
     def predictor(self, backends: Sequence[str]) -> Predictor:
         """What ``caprouter serve`` makes of this router: the same Predictor."""
-        return Predictor(self.store, art.served_capability(self.models, self.configs, backends, self.neighbourhoods))
+        return Predictor(self.store, art.served_capability(self.models, self.configs, backends, self.neighbourhoods),
+                         repeats=self.datastore.repeats)
 
 
 def fit_router(X: npt.NDArray[np.float32], data: RoutingData, tr: npt.NDArray[np.int64], va: npt.NDArray[np.int64],
@@ -269,7 +270,7 @@ def eval_command(config: AppConfig, artifact_dir: str, data_path: str, *, json_o
     X = _embed(encoder, data, progress)
     store = knn_store(a.embeddings, a.records, config.datastore.model_copy(update=a.manifest["datastore"]))
     fallback = np.array([a.manifest["cost"]["mean_per_request"][b] for b in a.backends])
-    p = Predictor(store, a.capability()).predict(X, a.backends, fallback)
+    p = Predictor(store, a.capability(), repeats=config.datastore.repeats).predict(X, a.backends, fallback)
     q, c = p.quality, p.cost
     Y, C = data.Y, data.C
     Ytr = np.array([[r.scores.get(b, np.nan) for b in a.backends] for r in a.records], dtype=np.float32)

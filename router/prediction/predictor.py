@@ -191,19 +191,40 @@ class Ensemble:
         return np.asarray(np.mean(parts, 0, dtype=np.float64), dtype=np.float32)
 
 
+def pool_repeats(quality: npt.NDArray[np.float32], recorded: Estimate, backends: Sequence[str]
+                 ) -> npt.NDArray[np.float32]:
+    """quality (n, B) over ``backends``, where the store holds outcomes for the very prompt
+    (``Datastore.recorded``: m copies scored a backend, mean r), replaced by (m r + q) / (m + 1):
+    the prompt's own records, with the prediction counted as one more. The pseudo-count of one was
+    fixed before measuring, not tuned. A new array; rows without repeats are unchanged."""
+    out = np.array(quality, dtype=np.float32, copy=True)
+    for j, b in enumerate(backends):
+        c = recorded.column(b)
+        if c is None:
+            continue
+        m = recorded.support[:, c]
+        hit = m > 0
+        if hit.any():
+            out[hit, j] = (m[hit] * recorded.quality[hit, c] + out[hit, j]) / (m[hit] + 1.0)
+    return out
+
+
 class Predictor:
     """Quality, cost and support per backend for prompt embeddings: the datastore's estimates,
     blended by the capability encoder (or an ensemble of them) where one is served (for the
-    backends it knows; others keep the datastore's estimate). Immutable: onboarding builds a new
-    one (``with_capability``), so a request that runs meanwhile sees the old predictor or the
-    new one, never half."""
+    backends it knows; others keep the datastore's estimate), and, with ``repeats``, pooled with
+    the outcomes the store holds for the very prompt (``pool_repeats``). Immutable: onboarding
+    builds a new one (``with_capability``), so a request that runs meanwhile sees the old
+    predictor or the new one, never half."""
 
-    def __init__(self, datastore: Datastore, capability: Capability | Ensemble | None = None) -> None:
+    def __init__(self, datastore: Datastore, capability: Capability | Ensemble | None = None, *,
+                 repeats: bool = True) -> None:
         self.datastore = datastore
         self.capability = capability
+        self.repeats = repeats
 
     def with_capability(self, capability: Capability | Ensemble) -> Predictor:
-        return Predictor(self.datastore, capability)
+        return Predictor(self.datastore, capability, repeats=self.repeats)
 
     def predict(self, X: npt.NDArray[np.float32], backends: Sequence[str],
                 fallback_cost: npt.NDArray[np.floating[Any]]) -> Prediction:
@@ -220,4 +241,6 @@ class Predictor:
                 c = cap.column(b)
                 if c is not None:
                     quality[:, j] = blended[:, c]
+        if self.repeats:
+            quality = pool_repeats(quality, self.datastore.recorded(X), backends)
         return Prediction(tuple(backends), quality, cost, support)

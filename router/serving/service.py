@@ -202,7 +202,7 @@ class RouterService:
         self.access = access or Access(config.auth)
         self.encoder = encoder
         self.datastore = datastore
-        self.predictor = Predictor(datastore, capability)
+        self.predictor = Predictor(datastore, capability, repeats=config.datastore.repeats)
         self.backends = dict(backends)
         r = config.routing
         self.defaults = Knobs(r.cost_weight, r.min_quality, r.max_cost, max_queue_ms=r.max_queue_ms)

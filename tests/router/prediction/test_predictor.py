@@ -90,7 +90,7 @@ def test_an_ensemble_predicts_the_mean_of_its_members_and_neighbourhoods():
     by = store.estimate_many(X, ens.scales)
     by = dict(zip(ens.scales, by))
     parts = [m.predict(X, by) for m in ens.members] + [columns(by[(20.0, 100.0)], ["a", "b"])[0]]
-    got = Predictor(store, ens).predict(X, ["a", "b"], np.zeros(2)).quality
+    got = Predictor(store, ens, repeats=False).predict(X, ["a", "b"], np.zeros(2)).quality   # X: stored prompts
     np.testing.assert_allclose(got, np.mean(parts, 0), atol=1e-6)
     assert all(np.abs(got - p).max() > 1e-3 for p in parts)        # every member moves the mean
     with pytest.raises(ValueError, match="same backends"):
@@ -130,3 +130,25 @@ def test_the_own_neighbourhood_is_searched_once_whatever_the_model_asks_for():
     cfg = CapabilityConfig(dim=4, hidden=8, codes=2, knn_scales=[[0, 0], [30, 1.0]])
     Predictor(store, Capability(build_model(X.shape[1], 2, cfg).eval(), ["a", "b"])).predict(X, ["a", "b"], np.zeros(2))
     assert asked == [[OWN, (30.0, 1.0)]]
+
+
+def test_a_repeated_prompt_is_estimated_from_its_own_records_pooled_with_the_prediction():
+    store, X, centres = _store()
+    backends = ["a", "b", "new"]
+    fresh = _unit(centres + 0.05)                          # near the clusters, stored nowhere
+    probe = np.vstack([X[:2], fresh])
+    off = Predictor(store, repeats=False).predict(probe, backends, np.zeros(3)).quality
+    on = Predictor(store).predict(probe, backends, np.zeros(3)).quality
+    # X[0] recorded a=1, b=0; X[1] a=0, b=1: one copy each, pooled with the prediction as one more.
+    np.testing.assert_allclose(on[0, :2], (np.array([1.0, 0.0]) + off[0, :2]) / 2, atol=1e-6)
+    np.testing.assert_allclose(on[1, :2], (np.array([0.0, 1.0]) + off[1, :2]) / 2, atol=1e-6)
+    np.testing.assert_array_equal(on[:, 2], off[:, 2])     # no records of "new": its estimate stands
+    np.testing.assert_array_equal(on[2:], off[2:])         # prompts stored nowhere: unchanged
+    # A second recorded copy of X[0] with a=0 makes its own mean 0.5 over two copies.
+    store.insert(X[:1], [OutcomeRecord(id="again", prompt="", scores={"a": 0.0, "b": 0.0})])
+    off2 = Predictor(store, repeats=False).predict(X[:1], backends, np.zeros(3)).quality
+    on2 = Predictor(store).predict(X[:1], backends, np.zeros(3)).quality
+    np.testing.assert_allclose(on2[0, :2], (2 * np.array([0.5, 0.0]) + off2[0, :2]) / 3, atol=1e-6)
+    # Onboarding's successor keeps the setting.
+    cap = Capability(build_model(X.shape[1], 2, CapabilityConfig(dim=4, hidden=8, codes=2)).eval(), ["a", "b"])
+    assert Predictor(store, repeats=False).with_capability(cap).repeats is False

@@ -131,6 +131,22 @@ def test_feedback_by_decision_changes_later_routing(make_service):
     assert svc.route(Query(prompt=q)).backend == "mathy"
 
 
+def test_a_prompts_own_feedback_is_pooled_into_its_next_estimate(make_service, any_encoder):
+    """datastore.repeats: a prompt the store holds outcomes for is estimated from them (pooled
+    with the neighbourhood's prediction as one more record), from the first Feedback on."""
+    from router.prediction.predictor import Predictor
+
+    svc = make_service([ScriptedBackend("mathy"), ScriptedBackend("wordy")])
+    q = "Compose a limerick about a frog."
+    x = any_encoder.encode([q])
+    svc.feedback("", 1.0, backend="mathy", prompt=q)
+    pooled = svc.predict(x, [len(q)]).quality[0]
+    svc.predictor = Predictor(svc.datastore, repeats=False)
+    plain = svc.predict(x, [len(q)]).quality[0]
+    np.testing.assert_allclose(pooled[0], (1.0 + plain[0]) / 2, atol=1e-6)    # mathy: its one record
+    assert pooled[1] == plain[1]                                                # wordy: none recorded
+
+
 @pytest.mark.parametrize("kwargs,err,part", [
     (dict(decision_id="nope", score=1.0), NotFound, "unknown decision_id"),
     (dict(decision_id="", score=1.0), InvalidArgument, "needs a decision_id"),
@@ -342,7 +358,9 @@ def test_a_light_keys_feedback_moves_the_estimate_less(keyed_service, any_encode
         svc.datastore.close()
         import shutil
         shutil.rmtree(svc.datastore.state_dir)
-    assert 0 < moved[0.1] < 0.6 * moved[1.0]
+    # Its four records weigh 0.4 in the neighbourhood and in the prompt's own pool (datastore.repeats):
+    # measured 0.40 against 0.67 for the full-weight key.
+    assert 0 < moved[0.1] < 0.7 * moved[1.0]
 
 
 def test_generate_is_charged_its_realized_cost_and_a_spent_budget_refuses(keyed_service):
