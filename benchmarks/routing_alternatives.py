@@ -1,0 +1,213 @@
+"""Ideas for beating plain kNN that were measured and not adopted (docs/routing_quality_notes.md),
+scored as `caprouter train` scores its candidates: 3 random and 3 category-held-out folds of the
+training rows (the vouched margin over plain kNN of router/offline/candidates.py ``select``), and
+the test split for reference only (never used to choose).
+
+- ``metric``: kNN in a learned metric. A 384 x 384 map of the MiniLM embedding (from the
+  identity, weight decay towards it) and a softmax temperature, trained so that each training
+  prompt's k=40 neighbours (itself excluded) predict its scores (soft-kNN regression, NCA-style);
+  early stopping on the fold's inner validation rows.
+- ``offsets``: per-backend offsets added to a router's predicted quality, fitted by coordinate
+  search to maximize AIQ on the other folds' out-of-fold predictions (cross-fitting), applied to
+  the held-out fold.
+- ``decision``: the blend with a decision-focused term: the expected score less lambda x cost of
+  a softmax choice (temperature 0.05) over ten lambdas, so the model is trained on what AIQ
+  rewards rather than on calibration alone.
+- ``balanced``: the random folds re-weighted so that every category counts equally (50 prompts
+  per category, 20 draws), as the published LLMRouter test split weighs its tasks.
+
+    .venv/bin/python benchmarks/routing_alternatives.py --set llmrouter --try metric,offsets,decision,balanced
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+
+import numpy as np
+from common import embeddings, load  # noqa: I001
+
+from encoders.capability import CapabilityConfig
+from router.core.config import AppConfig
+from router.offline import candidates as cm
+from router.offline.evaluation import evaluate
+from router.offline.routing_data import split_indices
+
+BLEND = "blend w_con=0 w_ot=0"
+ENS = cm.ensemble_name(cm.ENSEMBLES[0])
+
+
+def soft_knn(zq, zk, Yk, Mk, k: int, logt):
+    """Similarity-softmax mean of the k nearest keys' scores, per backend over the keys that
+    scored it. zq (n, d), zk (m, d) unit rows; Yk, Mk (m, B) scores (0 where missing) and mask."""
+    import torch
+
+    v, i = (zq @ zk.T).topk(k, dim=1)
+    w = torch.softmax(v * torch.exp(logt), 1)[..., None]
+    return (w * Yk[i] * Mk[i]).sum(1) / (w * Mk[i]).sum(1).clamp_min(1e-6)
+
+
+def metric_knn(X, Y, tr, va, rows, held, *, k: int = 40, lr: float = 3e-3, wd: float = 1e-2, epochs: int = 80,
+               patience: int = 8, seed: int = 0, bs: int = 512):
+    """Fit the map on tr (early stopping on va); predict held from the keys ``rows``. (len(held), B)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    d = X.shape[1]
+    M, Y0 = ~np.isnan(Y), np.nan_to_num(Y)
+    t = lambda a: torch.as_tensor(a, dtype=torch.float32)   # noqa: E731
+    Xt, Yt, Mt = t(X[tr]), t(Y0[tr]), t(M[tr])
+    W = torch.nn.Parameter(torch.eye(d))
+    logt = torch.nn.Parameter(torch.tensor(float(np.log(20.0))))
+    opt = torch.optim.Adam([W, logt], lr=lr)
+
+    def emb(x):
+        return torch.nn.functional.normalize(x @ W, dim=1)
+
+    best, state, bad = np.inf, None, 0
+    for _ in range(epochs):
+        perm = torch.randperm(len(tr), generator=g)
+        for s in range(0, len(tr), bs):
+            q = perm[s:s + bs]
+            zk = emb(Xt)
+            sim = zk[q] @ zk.T
+            sim[torch.arange(len(q)), q] = -10.0          # a prompt is not its own neighbour
+            v, i = sim.topk(k, dim=1)
+            w = torch.softmax(v * torch.exp(logt), 1)[..., None]
+            pred = (w * Yt[i] * Mt[i]).sum(1) / (w * Mt[i]).sum(1).clamp_min(1e-6)
+            loss = (((pred - Yt[q]) ** 2) * Mt[q]).sum() / Mt[q].sum() + wd * ((W - torch.eye(d)) ** 2).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            pv = soft_knn(emb(t(X[va])), emb(Xt), Yt, Mt, k, logt)
+            vl = float((((pv - t(Y0[va])) ** 2) * t(M[va])).sum() / t(M[va]).sum())
+        if vl < best - 1e-6:
+            best, state, bad = vl, (W.detach().clone(), logt.detach().clone()), 0
+        else:
+            bad += 1
+            if bad >= patience:
+                break
+    W.data, logt.data = state
+    with torch.no_grad():
+        return soft_knn(emb(t(X[held])), emb(t(X[rows])), t(Y0[rows]), t(M[rows]), k, logt).numpy()
+
+
+def decision_term(cost, T: float = 0.05):
+    """A loss on (logits, y, mask) (n, B): minus the expected score less lambda x normalized cost
+    of a softmax choice over backends, averaged over ten lambdas; complete rows only."""
+    import torch
+
+    cn = torch.as_tensor((cost - cost.min()) / max(float(np.ptp(cost)), 1e-12), dtype=torch.float32)
+    lams = torch.as_tensor(np.concatenate([[0.0], np.geomspace(0.02, 2.0, 9)]), dtype=torch.float32)
+
+    def loss(logits, y, m):
+        full = m.min(1).values > 0
+        if full.sum() < 2:
+            return logits.sum() * 0
+        u = y[full][:, None, :] - lams[None, :, None] * cn
+        p = torch.softmax((torch.sigmoid(logits[full])[:, None, :] - lams[None, :, None] * cn) / T, -1)
+        return -(p * u).sum(-1).mean()
+    return loss
+
+
+def fit_offsets(Q, Chat, Y, C, passes: int = 2):
+    """(B,) offsets on Q that maximize AIQ on (Q, Chat, Y, C), by coordinate search."""
+    off = np.zeros(Q.shape[1], np.float32)
+    best = evaluate(Q, Chat, Y, C)["aiq"]
+    for _ in range(passes):
+        for b in range(Q.shape[1]):
+            for g in np.linspace(-0.1, 0.1, 21):
+                o = off.copy()
+                o[b] = g
+                s = evaluate(Q + o, Chat, Y, C)["aiq"]
+                if s > best + 1e-6:
+                    best, off = s, o
+    return off
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--set", default="llmrouter")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--try", dest="tries", default="metric,offsets,decision,balanced")
+    args = ap.parse_args()
+    tries = set(args.tries.split(","))
+    data = load(args.set)
+    X = embeddings(args.set, data)
+    tr, va, te = split_indices(data, seed=args.seed)
+    ds = AppConfig().datastore
+    by = {c.name: c for c in cm.default_candidates(CapabilityConfig(seed=args.seed))}
+    cands = [by[cm.REFERENCE], by[BLEND], by[ENS]]
+    if "decision" in tries:
+        import encoders.capability as capm
+
+        # The ranking term's slot carries the decision term (w_rank is its weight).
+        capm.ranking_loss = decision_term(np.nanmean(data.C[np.concatenate([tr, va])], 0))
+        cands.append(cm.Candidate("blend + decision term w=0.5", "capability",
+                                  capability=replace(by[BLEND].capability, w_rank=0.5)))
+    complete = data.complete_rows()
+    rows = np.sort(np.concatenate([tr, va]))
+
+    def kind(splits):
+        out = []
+        for f, (trr, held) in enumerate(splits):
+            held = held[complete[held]]
+            fold = cm._Fold(X, data, trr, held, ds, [[40, 100.0], [100, 100.0]], args.seed, args.seed + f)
+            q = {c.name: fold.quality(c) for c in cands}
+            if "metric" in tries:
+                q["kNN in a learned metric"] = metric_knn(X, data.Y, fold.tr, fold.va, trr, held, seed=args.seed)
+            out.append((q, fold.Chat, data.Y[held], data.C[held], held))
+            print(f"fold {f} done", flush=True)
+        return out
+
+    kinds = {"random": kind([(rows[a != f], rows[a == f]) for a in [cm.fold_split(len(rows), 3, args.seed)]
+                             for f in range(3)])}
+    cs = cm.category_fold_split([data.categories[i] for i in rows], 3, args.seed)
+    if cs is not None:
+        kinds["category"] = kind([(rows[cs != f], rows[cs == f]) for f in range(3)])
+    kinds["test"] = kind([(tr, te)])
+
+    def aiq(p, q):
+        return evaluate(q, p[1], p[2], p[3])["aiq"]
+
+    names = list(kinds["random"][0][0])
+    print(f"\n{'router':<60} " + " ".join(f"{k:>22}" for k in kinds))
+    figures = {}
+    for n in names:
+        cells = []
+        for k, ps in kinds.items():
+            v = np.array([aiq(p, p[0][n]) for p in ps])
+            ref = np.array([aiq(p, p[0][cm.REFERENCE]) for p in ps])
+            vm = cm.vouched_margin(v - ref)
+            cells.append(f"{v.mean():.4f} ({vm:+.4f})")
+            figures[f"{k}_{n.split(':')[0].replace(' ', '_')}_margin"] = f"{vm:+.4f}"
+        print(f"{n:<60} " + " ".join(f"{c:>22}" for c in cells))
+        if "offsets" in tries:
+            cells = []
+            for k, ps in kinds.items():
+                got = []
+                for f, p in enumerate(ps):
+                    fit_on = kinds["random"] if k == "test" else [o for g, o in enumerate(ps) if g != f]
+                    off = fit_offsets(*(np.concatenate([o[j] if j else o[0][n] for o in fit_on]) for j in range(4)))
+                    got.append(aiq(p, p[0][n] + off) - aiq(p, p[0][cm.REFERENCE]))
+                cells.append(f"{cm.vouched_margin(got):+.4f}")
+            print(f"{'  with per-backend offsets (margin over kNN)':<60} " + " ".join(f"{c:>22}" for c in cells))
+    if "balanced" in tries and data.categories:
+        rng = np.random.default_rng(args.seed)
+        print("\nrandom folds, every category weighted equally (50 prompts per category, 20 draws):")
+        for n in names:
+            per = []
+            for q, Chat, Y, C, held in kinds["random"]:
+                cats = np.array([data.categories[i] for i in held])
+                draws = [np.concatenate([rng.choice(np.where(cats == c)[0], 50) for c in sorted(set(cats))])
+                         for _ in range(20)]
+                per.append(np.mean([evaluate(q[n][i], Chat[i], Y[i], C[i])["aiq"]
+                                    - evaluate(q[cm.REFERENCE][i], Chat[i], Y[i], C[i])["aiq"] for i in draws]))
+            print(f"{n:<60} margin over kNN per fold {np.round(per, 4)}")
+    print(" ".join(f"{k}={v}" for k, v in figures.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
