@@ -1,7 +1,10 @@
 """Ideas for beating plain kNN that were measured and not adopted (docs/routing_quality_notes.md),
 scored as `caprouter train` scores its candidates: 3 random and 3 category-held-out folds of the
 training rows (the vouched margin over plain kNN of router/offline/candidates.py ``select``), and
-the test split for reference only (never used to choose).
+the test split for reference only (never used to choose). Every router's predictions are pooled
+with the held-out prompts' own records where the store holds them (``datastore.repeats``), as
+`caprouter train` scores and serves them: 20% of LLMRouter's published test prompts repeat a
+training prompt (docs/routing_quality_notes.md).
 
 - ``metric``: kNN in a learned metric. A 384 x 384 map of the MiniLM embedding (from the
   identity, weight decay towards it) and a softmax temperature, trained so that each training
@@ -32,6 +35,7 @@ from router.core.config import AppConfig
 from router.offline import candidates as cm
 from router.offline.evaluation import evaluate
 from router.offline.routing_data import split_indices
+from router.prediction.predictor import pool_repeats
 
 BLEND = "blend w_con=0 w_ot=0"
 ENS = cm.ensemble_name(cm.ENSEMBLES[0])
@@ -156,7 +160,10 @@ def main() -> int:
             fold = cm._Fold(X, data, trr, held, ds, [[40, 100.0], [100, 100.0]], args.seed, args.seed + f)
             q = {c.name: fold.quality(c) for c in cands}
             if "metric" in tries:
-                q["kNN in a learned metric"] = metric_knn(X, data.Y, fold.tr, fold.va, trr, held, seed=args.seed)
+                # Repeats pooled as for every candidate (datastore.repeats; fold.quality does it).
+                q["kNN in a learned metric"] = pool_repeats(
+                    metric_knn(X, data.Y, fold.tr, fold.va, trr, held, seed=args.seed),
+                    fold.store.recorded(X[held]), data.backends)
             out.append((q, fold.Chat, data.Y[held], data.C[held], held))
             print(f"fold {f} done", flush=True)
         return out
