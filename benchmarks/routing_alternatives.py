@@ -4,7 +4,7 @@ training rows (the vouched margin over plain kNN of router/offline/candidates.py
 the test split for reference only (never used to choose). Every router's predictions are pooled
 with the held-out prompts' own records where the store holds them (``datastore.repeats``), as
 `caprouter train` scores and serves them: 20% of LLMRouter's published test prompts repeat a
-training prompt (docs/routing_quality_notes.md).
+training prompt (docs/routing_quality_notes.md); ``--no-repeats`` scores them without.
 
 - ``metric``: kNN in a learned metric. A 384 x 384 map of the MiniLM embedding (from the
   identity, weight decay towards it) and a softmax temperature, trained so that each training
@@ -19,7 +19,7 @@ training prompt (docs/routing_quality_notes.md).
 - ``balanced``: the random folds re-weighted so that every category counts equally (50 prompts
   per category, 20 draws), as the published LLMRouter test split weighs its tasks.
 
-    .venv/bin/python benchmarks/routing_alternatives.py --set llmrouter --try metric,offsets,decision,balanced
+    .venv/bin/python benchmarks/routing_alternatives.py --set llmrouter [--no-repeats]     # ~10 min
 """
 from __future__ import annotations
 
@@ -135,12 +135,13 @@ def main() -> int:
     ap.add_argument("--set", default="llmrouter")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--try", dest="tries", default="metric,offsets,decision,balanced")
+    ap.add_argument("--no-repeats", action="store_true", help="do not pool repeated prompts' records (every router)")
     args = ap.parse_args()
     tries = set(args.tries.split(","))
     data = load(args.set)
     X = embeddings(args.set, data)
     tr, va, te = split_indices(data, seed=args.seed)
-    ds = AppConfig().datastore
+    ds = AppConfig().datastore.model_copy(update={"repeats": not args.no_repeats})
     by = {c.name: c for c in cm.default_candidates(CapabilityConfig(seed=args.seed))}
     cands = [by[cm.REFERENCE], by[BLEND], by[ENS]]
     if "decision" in tries:
@@ -161,9 +162,10 @@ def main() -> int:
             q = {c.name: fold.quality(c) for c in cands}
             if "metric" in tries:
                 # Repeats pooled as for every candidate (datastore.repeats; fold.quality does it).
-                q["kNN in a learned metric"] = pool_repeats(
-                    metric_knn(X, data.Y, fold.tr, fold.va, trr, held, seed=args.seed),
-                    fold.store.recorded(X[held]), data.backends)
+                q["kNN in a learned metric"] = metric_knn(X, data.Y, fold.tr, fold.va, trr, held, seed=args.seed)
+                if ds.repeats:
+                    q["kNN in a learned metric"] = pool_repeats(q["kNN in a learned metric"],
+                                                                fold.store.recorded(X[held]), data.backends)
             out.append((q, fold.Chat, data.Y[held], data.C[held], held))
             print(f"fold {f} done", flush=True)
         return out
