@@ -356,7 +356,7 @@ def test_a_light_keys_feedback_moves_the_estimate_less(keyed_service, any_encode
         x = any_encoder.encode([q])
         plain = Predictor(svc.datastore, repeats=False)      # the neighbourhood alone
 
-        def mathy(p):
+        def mathy(p, x=x):
             return p.predict(x, ["mathy"], np.zeros(1)).quality[0, 0]
         before, before_plain = svc.predict(x, [len(q)]).quality[0, 0], mathy(plain)
         for _ in range(4):
