@@ -302,7 +302,7 @@ def test_an_ensemble_trains_evaluates_and_serves(slice_file, tmp_path):
 
     from router.core.config import load_config
     from router.prediction import artifact as art
-    from router.prediction.predictor import Ensemble, Predictor, knn_store
+    from router.prediction.predictor import Ensemble, Predictor, knn_store, pool_repeats
     from tests.conftest import LiveServer
 
     out = tmp_path / "router"
@@ -327,9 +327,14 @@ def test_an_ensemble_trains_evaluates_and_serves(slice_file, tmp_path):
     assert m["metrics"]["test"]["aiq"] > 0
     store = knn_store(a.embeddings, a.records, load_config(None).datastore.model_copy(update=m["datastore"]))
     x = a.embeddings[:7]
-    q = Predictor(store, ens).predict(x, a.backends, np.zeros(len(a.backends))).quality
     by = dict(zip(ens.scales, store.estimate_many(x, ens.scales)))
-    np.testing.assert_allclose(q, ens.predict(x, by), atol=1e-6)
+    mean = ens.predict(x, by)
+    q = Predictor(store, ens, repeats=False).predict(x, a.backends, np.zeros(len(a.backends))).quality
+    np.testing.assert_allclose(q, mean, atol=1e-6)
+    # These prompts are stored, so the served estimate (repeats on, the default) pools their records.
+    served = Predictor(store, ens).predict(x, a.backends, np.zeros(len(a.backends))).quality
+    assert (store.recorded(x).support > 0).any(1).all()
+    np.testing.assert_allclose(served, pool_repeats(mean, store.recorded(x), a.backends), atol=1e-6)
     rep = tmp_path / "eval.json"
     r = subprocess.run([str(BIN), "eval", "--artifact", str(out), "--data", str(slice_file), "--json", str(rep)],
                        capture_output=True, text=True, timeout=600)
