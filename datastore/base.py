@@ -52,9 +52,10 @@ class Datastore(Protocol):
         """embeddings: float32 (n, d), unit rows; k and temperature override the store's own."""
         ...
 
-    def estimate_many(self, embeddings: npt.NDArray[np.float32],
-                      scales: Sequence[tuple[float, float]]) -> list[Estimate]:
-        """One Estimate per neighbourhood (k, temperature) (0: the store's own), one search."""
+    def estimate_many(self, embeddings: npt.NDArray[np.float32], scales: Sequence[tuple[float, float]], *,
+                      recorded: bool = False) -> list[Estimate]:
+        """One Estimate per neighbourhood (k, temperature) (0: the store's own), one search; with
+        ``recorded``, ``recorded``'s Estimate last, from the same search."""
         ...
 
     def recorded(self, embeddings: npt.NDArray[np.float32]) -> Estimate:

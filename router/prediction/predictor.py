@@ -198,14 +198,10 @@ def pool_repeats(quality: npt.NDArray[np.float32], recorded: Estimate, backends:
     the prompt's own records, with the prediction counted as one more. The pseudo-count of one was
     fixed before measuring, not tuned. A new array; rows without repeats are unchanged."""
     out = np.array(quality, dtype=np.float32, copy=True)
-    for j, b in enumerate(backends):
-        c = recorded.column(b)
-        if c is None:
-            continue
-        m = recorded.support[:, c]
-        hit = m > 0
-        if hit.any():
-            out[hit, j] = (m[hit] * recorded.quality[hit, c] + out[hit, j]) / (m[hit] + 1.0)
+    r, _, m = columns(recorded, backends)     # a backend the store never saw: support 0, unchanged
+    hit = m > 0
+    if hit.any():     # vectorized: a loop over backends cost 0.4 ms a Route at 27 of them
+        out[hit] = (m[hit] * r[hit] + out[hit]) / (m[hit] + 1.0)
     return out
 
 
@@ -232,7 +228,9 @@ class Predictor:
         neighbour recorded one -> Prediction over ``backends``."""
         X = np.asarray(X, dtype=np.float32).reshape(len(X), -1)
         cap = self.capability
-        by = search(self.datastore, X, cap.scales if cap is not None else [])
+        wanted = list(dict.fromkeys([OWN, *(cap.scales if cap is not None else [])]))
+        found = self.datastore.estimate_many(X, wanted, recorded=self.repeats)
+        by = dict(zip(wanted, found))
         quality, recorded, support = columns(by[OWN], backends)
         cost = _priced(recorded, fallback_cost)
         if cap is not None:
@@ -242,5 +240,5 @@ class Predictor:
                 if c is not None:
                     quality[:, j] = blended[:, c]
         if self.repeats:
-            quality = pool_repeats(quality, self.datastore.recorded(X), backends)
+            quality = pool_repeats(quality, found[-1], backends)
         return Prediction(tuple(backends), quality, cost, support)

@@ -48,6 +48,24 @@ def test_recorded_returns_the_scores_stored_for_the_very_prompt():
     assert np.isnan(FaissKnnDatastore(2, "toy").recorded(_unit([[1, 0]])).quality).all()
 
 
+def test_recorded_comes_from_the_estimates_search_and_counts_copies_beyond_k():
+    """estimate_many(..., recorded=True) is the estimates of estimate_many and recorded's from one
+    search; copies of the prompt count even where the neighbourhoods are smaller than their number."""
+    ds = FaissKnnDatastore(2, "toy", k=1)
+    emb = _unit([[1, 0], [1, 0], [1, 0], [0.6, 0.8]])
+    ds._insert(emb, ["a", "b", "c", "d"], [{"m": 1.0}, {"m": 0.0}, {"m": 1.0}, {"m": 0.0}], [{}, {}, {}, {}])
+    q = _unit([[1, 0], [0.6, 0.8], [0, 1]])
+    scales = [(0, 0.0), (2, 100.0)]
+    *ests, rec = ds.estimate_many(q, scales, recorded=True)
+    for a, b in zip(ests, ds.estimate_many(q, scales), strict=True):
+        np.testing.assert_array_equal(a.quality, b.quality)
+        np.testing.assert_array_equal(a.support, b.support)
+    m = rec.column("m")
+    assert rec.support[0, m] == 3 and rec.quality[0, m] == pytest.approx(2 / 3)
+    assert rec.support[1, m] == 1 and rec.quality[1, m] == 0.0 and np.isnan(rec.quality[2, m])
+    np.testing.assert_array_equal(rec.quality, ds.recorded(q).quality)
+
+
 def test_backend_without_neighbours_gets_its_prior():
     ds = FaissKnnDatastore(2, "toy", k=1, prior_strength=2.0)
     ds._insert(_unit([[1, 0], [0, 1]]), ["a", "b"], [{"m": 1.0}, {"n": 0.25}], [{}, {}])

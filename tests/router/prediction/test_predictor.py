@@ -117,19 +117,23 @@ def test_batched_equals_one_by_one(with_capability):
         np.testing.assert_allclose(one.support[0], batch.support[i], atol=1e-5)
 
 
-def test_the_own_neighbourhood_is_searched_once_whatever_the_model_asks_for():
+def test_the_store_is_searched_once_whatever_the_model_asks_for():
+    """The own neighbourhood once, the model's others and the repeats' records from the same search."""
     store, X, _ = _store()
     asked = []
     real = store.estimate_many
 
-    def spy(emb, scales):
-        asked.append(list(scales))
-        return real(emb, scales)
+    def spy(emb, scales, *, recorded=False):
+        asked.append((list(scales), recorded))
+        return real(emb, scales, recorded=recorded)
 
     store.estimate_many = spy
     cfg = CapabilityConfig(dim=4, hidden=8, codes=2, knn_scales=[[0, 0], [30, 1.0]])
-    Predictor(store, Capability(build_model(X.shape[1], 2, cfg).eval(), ["a", "b"])).predict(X, ["a", "b"], np.zeros(2))
-    assert asked == [[OWN, (30.0, 1.0)]]
+    for repeats in (True, False):
+        asked.clear()
+        Predictor(store, Capability(build_model(X.shape[1], 2, cfg).eval(), ["a", "b"]), repeats=repeats).predict(
+            X, ["a", "b"], np.zeros(2))
+        assert asked == [([OWN, (30.0, 1.0)], repeats)]
 
 
 def test_a_repeated_prompt_is_estimated_from_its_own_records_pooled_with_the_prediction():
