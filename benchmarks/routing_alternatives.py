@@ -18,8 +18,17 @@ training prompt (docs/routing_quality_notes.md); ``--no-repeats`` scores them wi
   rewards rather than on calibration alone.
 - ``balanced``: the random folds re-weighted so that every category counts equally (50 prompts
   per category, 20 draws), as the published LLMRouter test split weighs its tasks.
+- ``attention``: a richer view of the prompt from MiniLM's own token states: the blend and the
+  MLP take, beside the mean-pooled embedding, four learned attention poolings of the last layer's
+  token states (one query vector each, trained with the router), and the ensemble takes them in
+  place of its MLP and blend. ``layers``: the same with the mean-pooled fourth layer's states
+  (fixed, not learned) beside the embedding. The token states are computed here (torch runtime,
+  about 1.5 minutes for LLMRouter), not cached.
 
     .venv/bin/python benchmarks/routing_alternatives.py --set llmrouter [--no-repeats]     # ~10 min
+    .venv/bin/python benchmarks/routing_alternatives.py --set llmrouter --try attention,layers   # ~35 min
+    .venv/bin/python benchmarks/routing_alternatives.py --set mmlu_pro --try attention,layers \
+        --ensemble 1 --kinds random,test
 """
 from __future__ import annotations
 
@@ -30,15 +39,14 @@ from dataclasses import replace
 import numpy as np
 from common import embeddings, load  # noqa: I001
 
-from encoders.capability import CapabilityConfig
+from encoders.capability import CapabilityConfig, predict, train
 from router.core.config import AppConfig
 from router.offline import candidates as cm
 from router.offline.evaluation import evaluate
 from router.offline.routing_data import split_indices
-from router.prediction.predictor import pool_repeats
+from router.prediction.predictor import knn_estimates, pool_repeats
 
 BLEND = "blend w_con=0 w_ot=0"
-ENS = cm.ensemble_name(cm.ENSEMBLES[0])
 
 
 def soft_knn(zq, zk, Yk, Mk, k: int, logt):
@@ -130,12 +138,104 @@ def fit_offsets(Q, Chat, Y, C, passes: int = 2):
     return off
 
 
+def token_states(data, *, max_tokens: int = 256):
+    """MiniLM's last-layer token states of every prompt, as the served encoder truncates them:
+    T (n, max_tokens, 384) float16 (zero past each prompt's length), lengths (n,), and the
+    mean-pooled fourth layer (n, 384), unit rows."""
+    import torch
+    from tqdm import tqdm
+
+    from encoders.minilm import MiniLMEncoder
+    from encoders.padding import length_groups
+
+    enc = MiniLMEncoder(runtime="torch", max_tokens=max_tokens)
+    ids = [enc._ids(t) for t in data.prompts]
+    lens = np.array([len(c) for c in ids])
+    T = np.zeros((len(ids), max_tokens, enc.dim), np.float16)
+    layer4 = np.zeros((len(ids), enc.dim), np.float32)
+    for g in tqdm(length_groups(list(lens), max_batch=64, overhead_tokens=50.0), desc="token states", unit="batch"):
+        w = int(lens[g].max())
+        a = np.full((len(g), w), enc.tokenizer.pad_token_id, np.int64)
+        m = np.zeros((len(g), w), np.float32)
+        for r, i in enumerate(g):
+            a[r, :lens[i]], m[r, :lens[i]] = ids[i], 1
+        with torch.inference_mode():
+            out = enc.model(input_ids=torch.from_numpy(a), attention_mask=torch.from_numpy(m).long(),
+                            output_hidden_states=True)
+        mm = torch.from_numpy(m)[..., None]
+        T[g, :w] = (out.last_hidden_state * mm).numpy().astype(np.float16)
+        layer4[g] = torch.nn.functional.normalize((out.hidden_states[4] * mm).sum(1) / mm.sum(1), dim=-1).numpy()
+    return T, lens, layer4
+
+
+def fit_pooled(X, T, lens, Y, tr, va, held, K, Kv, Kh, cfg: CapabilityConfig, heads: int = 4, seed: int = 0):
+    """The capability model on [embedding, ``heads`` attention poolings of the token states T],
+    pooling and model trained together on the prediction loss (early stopping on va as
+    ``encoders.capability.train``); -> quality (len(held), B). K, Kv, Kh: the datastore inputs
+    for tr, va, held (None: a model without them)."""
+    import copy
+
+    import torch
+
+    from encoders.capability import _masked_bce, build_model
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    d = X.shape[1]
+    query = torch.nn.Parameter(torch.zeros(heads, d))
+    model = build_model(d * (1 + heads), Y.shape[1], cfg)
+    opt = torch.optim.AdamW([*model.parameters(), query], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    M, Y0 = (~np.isnan(Y)).astype(np.float32), np.nan_to_num(Y).astype(np.float32)
+
+    def logits(idx, k):
+        w = int(lens[idx].max())
+        t = torch.from_numpy(T[idx, :w].astype(np.float32))                       # (b, w, d)
+        s = torch.einsum("bld,hd->bhl", t, query)
+        s = s.masked_fill(torch.from_numpy(np.arange(w)[None, None] >= lens[idx][:, None, None]), -1e9)
+        pooled = torch.nn.functional.normalize(torch.einsum("bhl,bld->bhd", torch.softmax(s, -1), t), dim=-1)
+        x = torch.cat([torch.from_numpy(X[idx]), pooled.flatten(1)], 1)
+        return model(x, None if k is None else torch.as_tensor(k))[0]
+
+    def run(idx, k):
+        return torch.cat([logits(idx[s:s + 512], None if k is None else k[s:s + 512]) for s in range(0, len(idx), 512)])
+
+    best, bad, state = np.inf, 0, None
+    for _ in range(cfg.max_epochs):
+        model.train()
+        perm = rng.permutation(len(tr))
+        for s in range(0, len(perm), cfg.batch_size):
+            j = perm[s:s + cfg.batch_size]
+            if len(j) < 8:
+                continue
+            loss = _masked_bce(logits(tr[j], None if K is None else K[j]), torch.from_numpy(Y0[tr[j]]),
+                               torch.from_numpy(M[tr[j]]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            vl = float(_masked_bce(run(va, Kv), torch.from_numpy(Y0[va]), torch.from_numpy(M[va])))
+        if vl < best - 1e-5:
+            best, bad, state = vl, 0, (copy.deepcopy(model.state_dict()), query.detach().clone())
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    model.load_state_dict(state[0])
+    query.data = state[1]
+    model.eval()
+    with torch.no_grad():
+        return torch.sigmoid(run(held, Kh)).numpy()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--set", default="llmrouter")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--try", dest="tries", default="metric,offsets,decision,balanced")
     ap.add_argument("--no-repeats", action="store_true", help="do not pool repeated prompts' records (every router)")
+    ap.add_argument("--ensemble", type=int, default=0, help="which of candidates.ENSEMBLES is compared (0, 1)")
+    ap.add_argument("--kinds", default="random,category,test", help="which folds: random, category, test")
     args = ap.parse_args()
     tries = set(args.tries.split(","))
     data = load(args.set)
@@ -143,7 +243,13 @@ def main() -> int:
     tr, va, te = split_indices(data, seed=args.seed)
     ds = AppConfig().datastore.model_copy(update={"repeats": not args.no_repeats})
     by = {c.name: c for c in cm.default_candidates(CapabilityConfig(seed=args.seed))}
-    cands = [by[cm.REFERENCE], by[BLEND], by[ENS]]
+    ens = by[cm.ensemble_name(cm.ENSEMBLES[args.ensemble])]
+    cands = [by[cm.REFERENCE], by[BLEND], by["MLP"], ens]
+    views = {}
+    if tries & {"attention", "layers"}:
+        T, lens, layer4 = token_states(data)
+        if "layers" in tries:
+            views["layers"] = np.concatenate([X, layer4], 1)
     if "decision" in tries:
         import encoders.capability as capm
 
@@ -166,21 +272,41 @@ def main() -> int:
                 if ds.repeats:
                     q["kNN in a learned metric"] = pool_repeats(q["kNN in a learned metric"],
                                                                 fold.store.recorded(X[held]), data.backends)
+            for view in [v for v in ("attention", "layers") if v in tries]:
+                for c in (by[BLEND], by["MLP"]):
+                    cfg = replace(c.capability, patience=10)     # as candidates._Fold fits them
+                    K, Kv = cm.shared_knn_inputs(fold.knn_inputs, X, data, ds, fold.tr, fold.va, cfg, args.seed)
+                    Kh = knn_estimates(fold.store, X[held], data.backends, fold.fallback,
+                                       scales=cfg.knn_scales)[0] if cfg.knn_blend else None
+                    if view == "attention":
+                        pred = fit_pooled(X, T, lens, data.Y, fold.tr, fold.va, held, K, Kv, Kh, cfg, seed=f)
+                    else:
+                        V = views[view]
+                        pred = predict(train(V[fold.tr], data.Y[fold.tr], V[fold.va], data.Y[fold.va], cfg, K=K,
+                                             Kv=Kv).model, V[held], Kh)
+                    q[f"{c.name} on {view}"] = pool_repeats(pred, fold.store.recorded(X[held]), data.backends) \
+                        if ds.repeats else pred
+                q[f"ensemble on {view}"] = np.mean([q.get(f"{m.name} on {view}", q.get(m.name)) if m.name in
+                                                    (BLEND, "MLP") else fold.quality(m) for m in ens.members], 0)
             out.append((q, fold.Chat, data.Y[held], data.C[held], held))
             print(f"fold {f} done", flush=True)
         return out
 
-    kinds = {"random": kind([(rows[a != f], rows[a == f]) for a in [cm.fold_split(len(rows), 3, args.seed)]
-                             for f in range(3)])}
+    wanted = args.kinds.split(",")
+    kinds = {}
+    if "random" in wanted:
+        a = cm.fold_split(len(rows), 3, args.seed)
+        kinds["random"] = kind([(rows[a != f], rows[a == f]) for f in range(3)])
     cs = cm.category_fold_split([data.categories[i] for i in rows], 3, args.seed)
-    if cs is not None:
+    if cs is not None and "category" in wanted:
         kinds["category"] = kind([(rows[cs != f], rows[cs == f]) for f in range(3)])
-    kinds["test"] = kind([(tr, te)])
+    if "test" in wanted:
+        kinds["test"] = kind([(tr, te)])
 
     def aiq(p, q):
         return evaluate(q, p[1], p[2], p[3])["aiq"]
 
-    names = list(kinds["random"][0][0])
+    names = list(next(iter(kinds.values()))[0][0])
     print(f"\n{'router':<60} " + " ".join(f"{k:>22}" for k in kinds))
     figures = {}
     for n in names:

@@ -270,3 +270,55 @@ def test_a_serving_store_builds_its_approximate_index_aside(tmp_path, any_encode
         _time.sleep(0.01)
     assert ds.ann is not None and ds.ann.ntotal == len(ds)
     assert ds.estimate(emb).quality.shape == exact.shape
+
+
+def test_the_approximate_index_is_saved_with_the_snapshot_and_reused_while_its_settings_hold(tmp_path, caplog):
+    """A start reads the saved HNSW index instead of building it again (every replica's start paid
+    the build), replays feedback into it, and builds (and saves) a new one when the settings change
+    or the file is unreadable."""
+    import logging
+
+    from datastore.records import OutcomeRecord
+    from datastore.store import AnnSettings
+    from tests.fakes import WordEncoder
+
+    enc = WordEncoder()
+    rng = np.random.default_rng(0)
+    X = _unit(rng.standard_normal((600, enc.dim)))
+    recs = [OutcomeRecord(f"r{i}", f"p{i}", {"a": float(rng.random() < 0.5), "b": float(i % 2)}) for i in range(600)]
+    snap = tmp_path / "state" / "snapshot"
+
+    def start(ann):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, "datastore.store"):
+            return FaissKnnDatastore.open(tmp_path / "state", enc, [], base=(X, recs, "h"), progress=False, ann=ann)
+
+    hnsw = AnnSettings("hnsw", min_size=500)
+    first = start(hnsw)
+    assert first.ann is not None and (snap / "ann.faiss").exists() and "reused" not in caplog.text
+    fb = "Feedback on a prompt nobody stored"
+    first.add(enc.encode([fb]), [{"prompt": fb, "scores": {"a": 1.0}}])
+    q = X[:20]
+    before = first.estimate(q)
+    first.close()
+
+    second = start(hnsw)
+    assert "reused the saved hnsw index of 600 rows" in caplog.text
+    assert second.ann.ntotal == len(second) == 601                 # the feedback replayed into it
+    np.testing.assert_array_equal(second.estimate(q).quality, before.quality)
+    np.testing.assert_array_equal(second._search(q, 8)[1], first._search(q, 8)[1])
+    second.close()
+
+    other = AnnSettings("hnsw", min_size=500, hnsw_m=16)
+    third = start(other)                                           # other settings: built, and saved
+    assert "reused" not in caplog.text and third.ann.hnsw.nb_neighbors(1) == 16
+    third.close()
+    fourth = start(other)
+    assert "reused the saved hnsw index" in caplog.text and fourth.ann.hnsw.nb_neighbors(1) == 16
+    fourth.close()
+
+    (snap / "ann.faiss").write_bytes(b"not an index")
+    fifth = start(other)
+    assert "unreadable; rebuilding it" in caplog.text and fifth.ann.ntotal == len(fifth)
+    fifth.close()
+    assert not start(AnnSettings("off")).ann                       # exact search: the file is ignored
