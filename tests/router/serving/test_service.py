@@ -280,14 +280,15 @@ def test_capability_with_a_broad_neighbourhood_asks_the_datastore_for_it(make_se
     calls = []
     real = svc.datastore.estimate_many
 
-    def spy(emb, scales):
-        calls.append(list(scales))
-        return real(emb, scales)
+    def spy(emb, scales, *, recorded=False):
+        calls.append((list(scales), recorded))
+        return real(emb, scales, recorded=recorded)
 
     svc.datastore.estimate_many = spy
     svc.predictor = svc.predictor.with_capability(Capability(model, ["mathy", "wordy"], config=cfg))
     d = svc.route(Query(prompt="What is 3 + 9?"))
-    assert calls == [[(0.0, 0.0), (24.0, 1.0)]] and len(d.selection.ranked) == 2      # one search, both scales
+    # One search: both scales, and the repeats' records (datastore.repeats, on by default).
+    assert calls == [([(0.0, 0.0), (24.0, 1.0)], True)] and len(d.selection.ranked) == 2
     # The same numbers as asking for each neighbourhood on its own.
     e = svc.encoder.encode(["What is 3 + 9?"])[0]
     many = real(e[None], [(0, 0), (24, 1.0)])
