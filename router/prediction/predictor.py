@@ -74,8 +74,13 @@ def columns(est: Estimate, backends: Sequence[str]
 
 def search(store: Datastore, X: npt.NDArray[np.float32], scales: Sequence[Scale]) -> dict[Scale, Estimate]:
     """One search of ``store`` for X (n, d) at every neighbourhood of ``scales`` and the store's own."""
-    wanted = list(dict.fromkeys([OWN, *scales]))
+    wanted = _wanted(scales)
     return dict(zip(wanted, store.estimate_many(X, wanted)))
+
+
+def _wanted(scales: Sequence[Scale]) -> list[Scale]:
+    """The store's own neighbourhood first, then ``scales``, each once."""
+    return list(dict.fromkeys([OWN, *scales]))
 
 
 def _priced(cost: npt.NDArray[np.float32], fallback: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float64]:
@@ -228,7 +233,7 @@ class Predictor:
         neighbour recorded one -> Prediction over ``backends``."""
         X = np.asarray(X, dtype=np.float32).reshape(len(X), -1)
         cap = self.capability
-        wanted = list(dict.fromkeys([OWN, *(cap.scales if cap is not None else [])]))
+        wanted = _wanted(cap.scales if cap is not None else [])
         found = self.datastore.estimate_many(X, wanted, recorded=self.repeats)
         by = dict(zip(wanted, found))
         quality, recorded, support = columns(by[OWN], backends)
