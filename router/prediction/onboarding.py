@@ -15,7 +15,7 @@ from datastore.base import Datastore
 from datastore.records import OutcomeRecord
 from encoders.capability import add_backend, onboard, replace_backend
 from router.core.config import DatastoreConfig
-from router.prediction.predictor import Capability, Ensemble, knn_quality, knn_store, search
+from router.prediction.predictor import Capability, Ensemble, knn_quality, knn_store, search_with_repeats
 
 
 def aptitude_knn(X: npt.NDArray[np.float32], y: npt.NDArray[np.float32], ds_cfg: DatastoreConfig, *,
@@ -66,12 +66,12 @@ def fit_capability(capability: Capability | Ensemble, name: str, X: npt.NDArray[
 
 def _fit_one(capability: Capability, name: str, X: npt.NDArray[np.float32], y: npt.NDArray[np.float32],
              ds_cfg: DatastoreConfig, datastore: Datastore) -> Capability:
-    rec = datastore.recorded(X)
+    by_scale, rec = search_with_repeats(datastore, X, capability.scales)
     # The backend being fitted is nobody's peer (re-onboarded, its old vector is in the model).
     cols = [rec.column(b) if b != name else None for b in capability.backends]
     recorded = np.stack([rec.quality[:, c] if c is not None else np.full(len(X), np.nan, np.float32)
                          for c in cols], 1)
-    R = peer_residuals(recorded, capability.predict(X, search(datastore, X, capability.scales)))
+    R = peer_residuals(recorded, capability.predict(X, by_scale))
     model, config = capability.model, capability.config
 
     def fit() -> Any:

@@ -78,6 +78,14 @@ def search(store: Datastore, X: npt.NDArray[np.float32], scales: Sequence[Scale]
     return dict(zip(wanted, store.estimate_many(X, wanted)))
 
 
+def search_with_repeats(store: Datastore, X: npt.NDArray[np.float32], scales: Sequence[Scale]
+                        ) -> tuple[dict[Scale, Estimate], Estimate]:
+    """``search`` and ``Datastore.recorded`` for X (n, d) from the same one search."""
+    wanted = _wanted(scales)
+    *found, recorded = store.estimate_many(X, wanted, recorded=True)
+    return dict(zip(wanted, found)), recorded
+
+
 def _wanted(scales: Sequence[Scale]) -> list[Scale]:
     """The store's own neighbourhood first, then ``scales``, each once."""
     return list(dict.fromkeys([OWN, *scales]))
@@ -233,9 +241,11 @@ class Predictor:
         neighbour recorded one -> Prediction over ``backends``."""
         X = np.asarray(X, dtype=np.float32).reshape(len(X), -1)
         cap = self.capability
-        wanted = _wanted(cap.scales if cap is not None else [])
-        found = self.datastore.estimate_many(X, wanted, recorded=self.repeats)
-        by = dict(zip(wanted, found))
+        scales = cap.scales if cap is not None else []
+        if self.repeats:
+            by, repeats = search_with_repeats(self.datastore, X, scales)
+        else:
+            by = search(self.datastore, X, scales)
         quality, recorded, support = columns(by[OWN], backends)
         cost = _priced(recorded, fallback_cost)
         if cap is not None:
@@ -245,5 +255,5 @@ class Predictor:
                 if c is not None:
                     quality[:, j] = blended[:, c]
         if self.repeats:
-            quality = pool_repeats(quality, found[-1], backends)
+            quality = pool_repeats(quality, repeats, backends)
         return Prediction(tuple(backends), quality, cost, support)
