@@ -22,13 +22,18 @@ training prompt (docs/routing_quality_notes.md); ``--no-repeats`` scores them wi
   MLP take, beside the mean-pooled embedding, four learned attention poolings of the last layer's
   token states (one query vector each, trained with the router), and the ensemble takes them in
   place of its MLP and blend. ``layers``: the same with the mean-pooled fourth layer's states
-  (fixed, not learned) beside the embedding. The token states are computed here (torch runtime,
-  about 1.5 minutes for LLMRouter), not cached.
+  (fixed, not learned) beside the embedding; ``all-layers``: the mean-pooled layers 1 to 5 beside
+  it. The token states are computed here (torch runtime, about 1.5 minutes for LLMRouter), not
+  cached.
+- ``clusters``: the cluster table (router/prediction/clusters.py) alone at 8, 16, 32 and 64
+  regions, and the ensemble's other members with and without each (the served ensemble holds the
+  32-region table).
 
     .venv/bin/python benchmarks/routing_alternatives.py --set llmrouter [--no-repeats]     # ~10 min
     .venv/bin/python benchmarks/routing_alternatives.py --set llmrouter --try attention,layers   # ~35 min
     .venv/bin/python benchmarks/routing_alternatives.py --set mmlu_pro --try attention,layers \
         --ensemble 1 --kinds random,test
+    .venv/bin/python benchmarks/routing_alternatives.py --set llmrouter --try clusters   # ~5 min; mmlu_pro --ensemble 1
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ from router.core.config import AppConfig
 from router.offline import candidates as cm
 from router.offline.evaluation import evaluate
 from router.offline.routing_data import split_indices
+from router.prediction.clusters import ClusterTable
 from router.prediction.predictor import knn_estimates, pool_repeats
 
 BLEND = "blend w_con=0 w_ot=0"
@@ -140,8 +146,8 @@ def fit_offsets(Q, Chat, Y, C, passes: int = 2):
 
 def token_states(data, *, max_tokens: int = 256):
     """MiniLM's last-layer token states of every prompt, as the served encoder truncates them:
-    T (n, max_tokens, 384) float16 (zero past each prompt's length), lengths (n,), and the
-    mean-pooled fourth layer (n, 384), unit rows."""
+    T (n, max_tokens, 384) float16 (zero past each prompt's length), lengths (n,), and every
+    layer's mean-pooled states (7, n, 384; 0: the token embeddings, 6: the last), unit rows."""
     import torch
     from tqdm import tqdm
 
@@ -152,7 +158,7 @@ def token_states(data, *, max_tokens: int = 256):
     ids = [enc._ids(t) for t in data.prompts]
     lens = np.array([len(c) for c in ids])
     T = np.zeros((len(ids), max_tokens, enc.dim), np.float16)
-    layer4 = np.zeros((len(ids), enc.dim), np.float32)
+    pooled = np.zeros((7, len(ids), enc.dim), np.float32)
     for g in tqdm(length_groups(list(lens), max_batch=64, overhead_tokens=50.0), desc="token states", unit="batch"):
         w = int(lens[g].max())
         a = np.full((len(g), w), enc.tokenizer.pad_token_id, np.int64)
@@ -164,8 +170,9 @@ def token_states(data, *, max_tokens: int = 256):
                             output_hidden_states=True)
         mm = torch.from_numpy(m)[..., None]
         T[g, :w] = (out.last_hidden_state * mm).numpy().astype(np.float16)
-        layer4[g] = torch.nn.functional.normalize((out.hidden_states[4] * mm).sum(1) / mm.sum(1), dim=-1).numpy()
-    return T, lens, layer4
+        for j, h in enumerate(out.hidden_states):
+            pooled[j, g] = torch.nn.functional.normalize((h * mm).sum(1) / mm.sum(1), dim=-1).numpy()
+    return T, lens, pooled
 
 
 def fit_pooled(X, T, lens, Y, tr, va, held, K, Kv, Kh, cfg: CapabilityConfig, heads: int = 4, seed: int = 0):
@@ -246,10 +253,12 @@ def main() -> int:
     ens = by[cm.ensemble_name(cm.ENSEMBLES[args.ensemble])]
     cands = [by[cm.REFERENCE], by[BLEND], by["MLP"], ens]
     views = {}
-    if tries & {"attention", "layers"}:
-        T, lens, layer4 = token_states(data)
+    if tries & {"attention", "layers", "all-layers"}:
+        T, lens, pooled = token_states(data)
         if "layers" in tries:
-            views["layers"] = np.concatenate([X, layer4], 1)
+            views["layers"] = np.concatenate([X, pooled[4]], 1)
+        if "all-layers" in tries:
+            views["all-layers"] = np.concatenate([X, *pooled[1:6]], 1)
     if "decision" in tries:
         import encoders.capability as capm
 
@@ -272,7 +281,7 @@ def main() -> int:
                 if ds.repeats:
                     q["kNN in a learned metric"] = pool_repeats(q["kNN in a learned metric"],
                                                                 fold.store.recorded(X[held]), data.backends)
-            for view in [v for v in ("attention", "layers") if v in tries]:
+            for view in [v for v in ("attention", "layers", "all-layers") if v in tries]:
                 for c in (by[BLEND], by["MLP"]):
                     cfg = replace(c.capability, patience=10)     # as candidates._Fold fits them
                     K, Kv = cm.shared_knn_inputs(fold.knn_inputs, X, data, ds, fold.tr, fold.va, cfg, args.seed)
@@ -288,6 +297,15 @@ def main() -> int:
                         if ds.repeats else pred
                 q[f"ensemble on {view}"] = np.mean([q.get(f"{m.name} on {view}", q.get(m.name)) if m.name in
                                                     (BLEND, "MLP") else fold.quality(m) for m in ens.members], 0)
+            if "clusters" in tries:
+                rest = [fold.quality(m) for m in ens.members if m.kind != "clusters"]
+                q["ensemble without its cluster table"] = np.mean(rest, 0)
+                for regions in (8, 16, 32, 64):
+                    table = ClusterTable.fit(X[trr], data.Y[trr], data.backends, clusters=regions, seed=args.seed)
+                    t = table.predict(X[held])
+                    t = pool_repeats(t, fold.store.recorded(X[held]), data.backends) if ds.repeats else t
+                    q[f"cluster table {regions} regions alone"] = t
+                    q[f"ensemble without its table + {regions} regions"] = np.mean([*rest, t], 0)
             out.append((q, fold.Chat, data.Y[held], data.C[held], held))
             print(f"fold {f} done", flush=True)
         return out

@@ -156,9 +156,9 @@ a share of that model's cost (`inf`: never).
 
 "caprouter" is what `caprouter train` serves: every candidate (the datastore alone at six
 neighbourhoods, plain kNN among them; matrix factorization; an MLP; the capability encoder
-blended with the datastore under each loss variant) scored on 3 held-out folds of the training
-rows, the best one fitted on them (`router/offline/candidates.py`). Nothing is chosen on the test
-rows."""
+blended with the datastore under each loss variant; two ensembles of these, each with a cluster
+table) scored on 3 held-out folds of the training rows, the best one fitted on them
+(`router/offline/candidates.py`). Nothing is chosen on the test rows."""
 
 
 def _ood_means(r: dict) -> dict[str, float]:

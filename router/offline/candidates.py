@@ -12,7 +12,8 @@ the candidates are
   its ablations);
 - a learned router without the datastore: an MLP, and RouteLLM's matrix factorization (a linear
   prompt map, one vector per backend);
-- two ensembles: the mean of several of the above's predicted quality (see ``ENSEMBLES``).
+- two ensembles: the mean of several of the above's predicted quality and a cluster table's
+  (per-region mean scores, router/prediction/clusters.py; see ``ENSEMBLES``).
 
 Each is scored on ``folds`` held-out folds of the rows that are not test data (and, where the
 data has categories, on folds that hold out whole categories: see ``select``), trained on the
@@ -43,6 +44,7 @@ from encoders.capability import CANDIDATE_WEIGHTS, CapabilityConfig, predict, tr
 from router.core.config import DatastoreConfig
 from router.offline.evaluation import evaluate
 from router.offline.routing_data import RoutingData
+from router.prediction.clusters import CLUSTERS, ClusterTable
 from router.prediction.predictor import knn_estimates, knn_quality, knn_store, pool_repeats
 
 # Below this many prompts a learned model is not tried: measured on the shared data sets'
@@ -58,8 +60,9 @@ DATASTORE_SCALES: tuple[tuple[int, float], ...] = ((0, 0.0), (10, 0.05), (100, 0
 @dataclass(frozen=True)
 class Candidate:
     name: str
-    kind: Literal["datastore", "capability", "ensemble"]
+    kind: Literal["datastore", "capability", "clusters", "ensemble"]
     scale: tuple[int, float] = (0, 0.0)            # datastore: (k, temperature); 0: the configured value
+    clusters: int = 0                              # clusters: how many regions (an ensemble member only)
     capability: CapabilityConfig | None = None     # capability: how to train it
     members: tuple[Candidate, ...] = ()            # ensemble: whose predicted quality it averages
 
@@ -71,10 +74,13 @@ class Candidate:
 # 3 category folds of the shared sets' training rows, the rule of ``select``) against the best
 # single candidate's vouched margin over kNN: the first is LLMRouter +0.0027 (single best: kNN
 # itself, 0), RouteLLM +0.0018 (+0.0007); the second MMLU-Pro +0.0153 (+0.0123, MF). The best of
-# the 50 subsets of two to four of six candidates was within 0.0004 of these on each set.
+# the 50 subsets of two to four of six candidates was within 0.0004 of these on each set. Each
+# then took a cluster table as one more member (router/prediction/clusters.py, measured there).
+CLUSTER_TABLE = f"cluster table {CLUSTERS} regions"
 ENSEMBLES: tuple[tuple[str, ...], ...] = (
-    ("datastore k=40 temperature=100", "datastore k=100 temperature=100", "MLP", "blend w_con=0 w_ot=0"),
-    ("matrix factorization", "MLP", "blend w_con=0 w_ot=0"),
+    ("datastore k=40 temperature=100", "datastore k=100 temperature=100", "MLP", "blend w_con=0 w_ot=0",
+     CLUSTER_TABLE),
+    ("matrix factorization", "MLP", "blend w_con=0 w_ot=0", CLUSTER_TABLE),
 )
 
 
@@ -91,7 +97,8 @@ def default_candidates(base: CapabilityConfig) -> list[Candidate]:
     out.append(Candidate("MLP", "capability", capability=plain))
     out += [Candidate(f"blend w_con={a:g} w_ot={b:g}", "capability", capability=replace(base, w_con=a, w_ot=b))
             for a, b in CANDIDATE_WEIGHTS]
-    by_name = {c.name: c for c in out}
+    # A cluster table is served only inside an ensemble (``Ensemble`` needs a learned member).
+    by_name = {c.name: c for c in out} | {CLUSTER_TABLE: Candidate(CLUSTER_TABLE, "clusters", clusters=CLUSTERS)}
     out += [Candidate(ensemble_name(m), "ensemble", members=tuple(by_name[n] for n in m)) for m in ENSEMBLES]
     return out
 
@@ -240,6 +247,7 @@ class _Fold:
         self.X, self.data, self.ds, self.scales, self.seed = X, data, ds, scales, seed
         self.held = held
         self.fallback = np.nanmean(data.C[train_rows], 0)
+        self.train_rows = train_rows
         self.store = knn_store(X[train_rows], [data.records[i] for i in train_rows], ds)
         self.Qds, self.Chat = knn_estimates(self.store, X[held], data.backends, self.fallback, scales=scales or None)
         self.tr, self.va = inner_split(train_rows, inner_seed)
@@ -265,6 +273,11 @@ class _Fold:
             return self.Qds[..., self.scales.index(list(c.scale))]
         if c.kind == "ensemble":
             return np.mean([self.quality(m) for m in c.members], 0).astype(np.float32)
+        if c.kind == "clusters":    # on every training row, as the datastore: nothing to stop early
+            rows = self.train_rows
+            table = ClusterTable.fit(self.X[rows], self.data.Y[rows], self.data.backends, clusters=c.clusters,
+                                     seed=self.seed)
+            return table.predict(self.X[self.held])
         assert c.capability is not None
         X, data, tr, va = self.X, self.data, self.tr, self.va
         # Patience 10 instead of 20 while choosing: the ranking, not the last 0.001 of each fit,

@@ -23,6 +23,7 @@ from router.offline import evaluation as M
 from router.offline.evaluation import evaluate, zero_router
 from router.offline.routing_data import RoutingData, load_routing_data, split_indices
 from router.prediction import artifact as art
+from router.prediction.clusters import ClusterTable
 from router.prediction.predictor import Predictor, knn_store
 from router.serving.app import build_encoder
 
@@ -118,6 +119,7 @@ class FittedRouter:
     val_bce: float | None = None
     members: list[dict[str, Any]] = field(default_factory=list)   # an ensemble's: name, best epoch, val BCE
     seconds: dict[str, float] = field(default_factory=dict)
+    tables: list[ClusterTable] = field(default_factory=list)      # an ensemble's cluster tables
 
     @property
     def chosen(self) -> candidates.Candidate:
@@ -130,7 +132,8 @@ class FittedRouter:
 
     def predictor(self, backends: Sequence[str]) -> Predictor:
         """What ``caprouter serve`` makes of this router: the same Predictor."""
-        return Predictor(self.store, art.served_capability(self.models, self.configs, backends, self.neighbourhoods),
+        return Predictor(self.store, art.served_capability(self.models, self.configs, backends, self.neighbourhoods,
+                                                           tables=self.tables),
                          repeats=self.datastore.repeats)
 
 
@@ -153,6 +156,11 @@ def fit_router(X: npt.NDArray[np.float32], data: RoutingData, tr: npt.NDArray[np
     members = chosen.members if chosen.kind == "ensemble" else (chosen,)
     learned = [m for m in members if m.kind == "capability"]
     neighbourhoods = [(float(m.scale[0]), float(m.scale[1])) for m in members if m.kind == "datastore"]
+    # Cluster tables take every row the served datastore holds (train and validation), as on the
+    # folds: nothing is stopped early on the validation rows.
+    served = np.sort(np.concatenate([tr, va]))
+    tables = [ClusterTable.fit(X[served], data.Y[served], data.backends, clusters=m.clusters, seed=seed)
+              for m in members if m.kind == "clusters"]
     if not learned:
         return FittedRouter(report, [], [], ds, store, seconds=seconds)
     t0 = time.perf_counter()
@@ -168,7 +176,8 @@ def fit_router(X: npt.NDArray[np.float32], data: RoutingData, tr: npt.NDArray[np
     models = [r.model for r in fits]
     if chosen.kind == "ensemble":
         info = [{"name": m.name, "best_epoch": r.best_epoch, "val_bce": r.best_val} for m, r in zip(learned, fits)]
-        return FittedRouter(report, models, configs, ds, store, neighbourhoods, members=info, seconds=seconds)
+        return FittedRouter(report, models, configs, ds, store, neighbourhoods, members=info, seconds=seconds,
+                            tables=tables)
     return FittedRouter(report, models, configs, ds, store, best_epoch=fits[0].best_epoch, val_bce=fits[0].best_val,
                         seconds=seconds)
 
@@ -223,6 +232,8 @@ def train_command(config: AppConfig, data_path: str, out: str, *, costs: str | N
     va_c = va[data.complete_rows()[va]]
     if len(va_c):
         p = pred.predict(X[va_c], data.backends, fallback)
+        # Early stopping (and an ensemble's cluster table) saw these rows: a check, not a score; the
+        # folds' are the held-out figures.
         metrics["val_aiq"] = evaluate(p.quality, p.cost, data.Y[va_c], data.C[va_c])["aiq"]
     if len(te):
         p = pred.predict(X[te], data.backends, fallback)
@@ -242,14 +253,16 @@ def train_command(config: AppConfig, data_path: str, out: str, *, costs: str | N
            if model is not None and cfg is not None else {}),
         **({"ensemble": {"members": [{"name": i["name"], "capability": config_dict(c), "weights": f"member-{j}.safetensors"}
                                      for j, (i, c) in enumerate(zip(fit.members, fit.configs))],
-                         "neighbourhoods": [list(s) for s in fit.neighbourhoods]}}
+                         "neighbourhoods": [list(s) for s in fit.neighbourhoods],
+                         "clusters": [{"regions": len(t.centroids), "weights": f"clusters-{j}.safetensors"}
+                                      for j, t in enumerate(fit.tables)]}}
            if fit.chosen.kind == "ensemble" else {}),
         "datastore": ds.model_dump(include={"k", "prior_strength", "temperature"}),
         "metrics": metrics,
     }
     served = np.sort(np.concatenate([tr, va]))
     art.save(Path(out), models=fit.models, manifest=manifest, records=[data.records[i] for i in served],
-             embeddings=X[served])
+             embeddings=X[served], tables=fit.tables)
     return manifest
 
 

@@ -5,10 +5,11 @@ the one contract between the two (backend names included: ``router.core.names``)
                              data (path, sha256, split sizes), the router chosen ("router":
                              "capability", "ensemble" or "datastore") and the candidates' scores,
                              training config, blend weight, the datastore's k and temperature, metrics;
-                             an ensemble's members ("ensemble": their configs and weight files) and
-                             neighbourhoods
+                             an ensemble's members ("ensemble": their configs and weight files),
+                             neighbourhoods and cluster tables
     DIR/model.safetensors    the capability encoder's weights (absent when the datastore alone serves)
     DIR/member-<i>.safetensors  an ensemble's learned members, instead
+    DIR/clusters-<i>.safetensors  an ensemble's cluster tables (centroids, quality, prior_mean)
     DIR/outcomes.jsonl.gz    the training outcomes (the datastore served next to the encoder)
     DIR/embeddings.npy       their embeddings, row-aligned
 """
@@ -33,6 +34,7 @@ from router import __version__
 from router.core.compute import Compute
 from router.core.errors import ArtifactError
 from router.core.names import BACKEND_NAME_RULE, invalid_backend_names
+from router.prediction.clusters import ClusterTable
 from router.prediction.predictor import Capability, Ensemble, Scale
 
 FORMAT = 1
@@ -47,6 +49,7 @@ class Artifact:
     embeddings: np.ndarray
     records: list[OutcomeRecord]
     neighbourhoods: list[Scale] = field(default_factory=list)     # an ensemble's datastore members
+    tables: list[ClusterTable] = field(default_factory=list)      # an ensemble's cluster tables
 
     @property
     def backends(self) -> list[str]:
@@ -59,18 +62,21 @@ class Artifact:
 
     def capability(self, compute: Compute | None = None) -> Capability | Ensemble | None:
         """What serving blends with the datastore (None: the datastore alone)."""
-        return served_capability(self.models, self.configs, self.backends, self.neighbourhoods, compute)
+        return served_capability(self.models, self.configs, self.backends, self.neighbourhoods, compute,
+                                 tables=self.tables)
 
 
 def served_capability(models: Sequence[Any], configs: Sequence[CapabilityConfig], backends: Sequence[str],
-                      neighbourhoods: Sequence[Scale] = (), compute: Compute | None = None
-                      ) -> Capability | Ensemble | None:
+                      neighbourhoods: Sequence[Scale] = (), compute: Compute | None = None, *,
+                      tables: Sequence[ClusterTable] = ()) -> Capability | Ensemble | None:
     """``caprouter train``'s chosen router as serving runs it: no model, one capability model, or
-    the ensemble of the models and datastore neighbourhoods."""
+    the ensemble of the models, datastore neighbourhoods and cluster tables."""
     caps = [Capability(m, backends, compute, config=c) for m, c in zip(models, configs)]
     if not caps:
         return None
-    return caps[0] if len(caps) == 1 and not neighbourhoods else Ensemble(caps, neighbourhoods)
+    if len(caps) == 1 and not neighbourhoods and not tables:
+        return caps[0]
+    return Ensemble(caps, neighbourhoods, tables)
 
 
 def capability_config(manifest: dict[str, Any]) -> CapabilityConfig:
@@ -84,9 +90,11 @@ def _state(model: Any) -> dict[str, Any]:
 
 
 def save(out: Path, *, models: list[Any], manifest: dict[str, Any], records: list[OutcomeRecord],
-         embeddings: np.ndarray) -> Path:
+         embeddings: np.ndarray, tables: Sequence[ClusterTable] = ()) -> Path:
     """``models``: none (the datastore alone: manifest "router": "datastore"), one ("capability")
-    or an ensemble's learned members, in the order of the manifest's "ensemble" "members"."""
+    or an ensemble's learned members, in the order of the manifest's "ensemble" "members";
+    ``tables``: an ensemble's cluster tables, in the order of its "clusters"."""
+    from safetensors.numpy import save_file as save_arrays
     from safetensors.torch import save_file
 
     bad = invalid_backend_names(manifest["backends"])
@@ -99,6 +107,9 @@ def save(out: Path, *, models: list[Any], manifest: dict[str, Any], records: lis
     if manifest.get("router") == "ensemble":
         for i, m in enumerate(models):
             save_file(_state(m), str(tmp / f"member-{i}.safetensors"))
+        for i, t in enumerate(tables):
+            save_arrays({"centroids": t.centroids, "quality": t.quality, "prior_mean": t.prior_mean},
+                        str(tmp / f"clusters-{i}.safetensors"))
     elif models:
         save_file(_state(models[0]), str(tmp / "model.safetensors"))
     np.save(tmp / "embeddings.npy", embeddings.astype(np.float32))
@@ -140,9 +151,10 @@ def load(path: Path, *, embedder_id: str | None = None, dim: int | None = None) 
         ens = manifest["ensemble"]
         files = [(path / m["weights"], capability_config(m)) for m in ens["members"]]
         neighbourhoods: list[Scale] = [(float(k), float(t)) for k, t in ens.get("neighbourhoods", [])]
+        tables = [_table(path / c["weights"], manifest["backends"]) for c in ens.get("clusters", [])]
     else:
         files = [(path / "model.safetensors", capability_config(manifest))] if kind == "capability" else []
-        neighbourhoods = []
+        neighbourhoods, tables = [], []
     models = []
     for file, cfg in files:
         model = build_model(emb["dim"], len(manifest["backends"]), cfg)
@@ -156,4 +168,13 @@ def load(path: Path, *, embedder_id: str | None = None, dim: int | None = None) 
     records = list(read_outcomes(path / "outcomes.jsonl.gz"))
     if len(records) != len(embeddings):
         raise ArtifactError(f"{path}: {len(records)} outcomes but {len(embeddings)} embeddings")
-    return Artifact(path, manifest, models, [c for _, c in files], embeddings, records, neighbourhoods)
+    return Artifact(path, manifest, models, [c for _, c in files], embeddings, records, neighbourhoods, tables)
+
+
+def _table(file: Path, backends: Sequence[str]) -> ClusterTable:
+    from safetensors.numpy import load_file as load_arrays
+
+    a = load_arrays(str(file))
+    if a["quality"].shape != (len(a["centroids"]), len(backends)):
+        raise ArtifactError(f"{file}: a cluster table of shape {a['quality'].shape} for {len(backends)} backends")
+    return ClusterTable(a["centroids"], a["quality"], a["prior_mean"], tuple(backends))

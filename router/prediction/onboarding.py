@@ -58,9 +58,11 @@ def fit_capability(capability: Capability | Ensemble, name: str, X: npt.NDArray[
     fitted to the aptitude results X (m, d), y (m,). Where the datastore holds the trained
     backends' own outcomes on those prompts, their residuals correct the fit for the luck of the
     sample. Call it before the new results join the datastore. An ensemble's learned members are
-    each fitted so (each against its own predictions); its neighbourhoods need no fit."""
+    each fitted so (each against its own predictions); its cluster tables take the results' means
+    per region; its neighbourhoods need no fit."""
     if isinstance(capability, Ensemble):
-        return capability.with_members([_fit_one(m, name, X, y, ds_cfg, datastore) for m in capability.members])
+        return capability.with_members([_fit_one(m, name, X, y, ds_cfg, datastore) for m in capability.members],
+                                       [t.with_backend(name, X, y) for t in capability.tables])
     return _fit_one(capability, name, X, y, ds_cfg, datastore)
 
 

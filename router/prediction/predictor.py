@@ -29,6 +29,7 @@ from datastore.store import FaissKnnDatastore
 from encoders.capability import FrozenCapability
 from router.core.compute import Compute, Inline
 from router.core.config import DatastoreConfig
+from router.prediction.clusters import ClusterTable
 
 Scale = tuple[float, float]
 """A datastore neighbourhood (k, temperature); 0 means the store's own setting."""
@@ -168,18 +169,21 @@ class Capability:
 
 
 class Ensemble:
-    """The mean predicted quality of several trained capability encoders and datastore
-    neighbourhoods (``caprouter train``'s ensemble candidates, router/offline/candidates.py).
+    """The mean predicted quality of several trained capability encoders, datastore
+    neighbourhoods and cluster tables (``caprouter train``'s ensemble candidates,
+    router/offline/candidates.py).
     Serves where a ``Capability`` does: the members share their backends, and onboarding fits a
     new backend into each learned member (``prediction.onboarding.fit_capability``)."""
 
-    def __init__(self, members: Sequence[Capability], neighbourhoods: Sequence[Scale] = ()) -> None:
+    def __init__(self, members: Sequence[Capability], neighbourhoods: Sequence[Scale] = (),
+                 tables: Sequence[ClusterTable] = ()) -> None:
         if not members:
             raise ValueError("an ensemble needs at least one trained member")
-        if len({m.backends for m in members}) != 1:
+        if len({m.backends for m in members} | {t.backends for t in tables}) != 1:
             raise ValueError("an ensemble's members must predict the same backends")
         self.members = tuple(members)
         self.neighbourhoods = tuple((float(k), float(t)) for k, t in neighbourhoods)
+        self.tables = tuple(tables)
 
     @property
     def backends(self) -> tuple[str, ...]:
@@ -193,14 +197,15 @@ class Ensemble:
     def column(self, backend: str) -> int | None:
         return self.members[0].column(backend)
 
-    def with_members(self, members: Sequence[Capability]) -> Ensemble:
-        return Ensemble(members, self.neighbourhoods)
+    def with_members(self, members: Sequence[Capability], tables: Sequence[ClusterTable] | None = None) -> Ensemble:
+        return Ensemble(members, self.neighbourhoods, self.tables if tables is None else tables)
 
     def predict(self, X: npt.NDArray[np.float32], by_scale: dict[Scale, Estimate]) -> npt.NDArray[np.float32]:
         """X: (n, d) and the datastore's estimates at (at least) ``scales`` -> (n, B) quality, the
         members' and neighbourhoods' mean, in ``backends`` order."""
         parts = [m.predict(X, by_scale) for m in self.members]
         parts += [columns(by_scale[s], self.backends)[0] for s in self.neighbourhoods]
+        parts += [t.predict(X) for t in self.tables]
         return np.asarray(np.mean(parts, 0, dtype=np.float64), dtype=np.float32)
 
 

@@ -297,12 +297,12 @@ def test_small_data_serves_the_datastore_alone_chosen_on_folds_and_says_so(slice
 def test_an_ensemble_trains_evaluates_and_serves(slice_file, tmp_path):
     """--router ensemble: the ensembles alone are compared (their members fitted on each fold), the
     winner's learned members are written one file each, and `eval` and `serve --artifact` run the
-    same mean of members and neighbourhoods that was chosen."""
+    same mean of members, neighbourhoods and cluster table that was chosen."""
     import numpy as np
 
     from router.core.config import load_config
     from router.prediction import artifact as art
-    from router.prediction.predictor import Ensemble, Predictor, knn_store, pool_repeats
+    from router.prediction.predictor import Ensemble, Predictor, columns, knn_store, pool_repeats
     from tests.conftest import LiveServer
 
     out = tmp_path / "router"
@@ -322,6 +322,9 @@ def test_an_ensemble_trains_evaluates_and_serves(slice_file, tmp_path):
     ens = a.capability()
     assert isinstance(ens, Ensemble) and a.model is None and len(ens.members) == len(members)
     assert [list(s) for s in ens.neighbourhoods] == m["ensemble"]["neighbourhoods"]
+    tables = m["ensemble"]["clusters"]
+    assert len(ens.tables) == len(tables) == 1 and all((out / c["weights"]).exists() for c in tables)
+    assert ens.tables[0].quality.shape == (tables[0]["regions"], len(a.backends))
     # Served: the mean of the members and neighbourhoods over the store of every non-test outcome.
     rows = [json.loads(line) for line in gzip.open(slice_file, "rt")]
     assert m["metrics"]["test"]["aiq"] > 0
@@ -329,6 +332,9 @@ def test_an_ensemble_trains_evaluates_and_serves(slice_file, tmp_path):
     x = a.embeddings[:7]
     by = dict(zip(ens.scales, store.estimate_many(x, ens.scales)))
     mean = ens.predict(x, by)
+    parts = [*(mm.predict(x, by) for mm in ens.members), *(columns(by[s], a.backends)[0] for s in ens.neighbourhoods),
+             *(t.predict(x) for t in ens.tables)]
+    np.testing.assert_allclose(mean, np.mean(parts, 0), atol=1e-6)
     q = Predictor(store, ens, repeats=False).predict(x, a.backends, np.zeros(len(a.backends))).quality
     np.testing.assert_allclose(q, mean, atol=1e-6)
     # These prompts are stored, so the served estimate (repeats on, the default) pools their records.

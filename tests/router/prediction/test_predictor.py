@@ -9,6 +9,7 @@ from datastore.base import Estimate
 from datastore.records import OutcomeRecord
 from encoders.capability import CapabilityConfig, build_model
 from router.core.config import DatastoreConfig
+from router.prediction.clusters import ClusterTable
 from router.prediction.predictor import (
     OWN,
     Capability,
@@ -75,26 +76,32 @@ def test_the_predictor_blends_only_the_backends_the_capability_model_knows():
 
 
 def _ensemble(dim: int) -> Ensemble:
-    """A blend taking two neighbourhoods, a plain model (no datastore input) and one neighbourhood
-    of the ensemble's own."""
+    """A blend taking two neighbourhoods, a plain model (no datastore input), one neighbourhood of
+    the ensemble's own and a cluster table of _store's prompts."""
     blend = CapabilityConfig(dim=4, hidden=8, codes=2, knn_scales=[[0, 0], [30, 1.0]])
     plain = CapabilityConfig(dim=4, hidden=8, codes=1, knn_blend=False, knn_scales=None, seed=1)
+    _, X, _ = _store(dim)
+    Y = np.stack([np.arange(len(X)) % 2 == 0, np.arange(len(X)) % 2 == 1], 1).astype(np.float32)
     return Ensemble([Capability(build_model(dim, 2, blend).eval(), ["a", "b"]),
-                     Capability(build_model(dim, 2, plain).eval(), ["a", "b"])], [(20, 100.0)])
+                     Capability(build_model(dim, 2, plain).eval(), ["a", "b"])], [(20, 100.0)],
+                    [ClusterTable.fit(X, Y, ["a", "b"], clusters=2)])
 
 
-def test_an_ensemble_predicts_the_mean_of_its_members_and_neighbourhoods():
+def test_an_ensemble_predicts_the_mean_of_its_members_neighbourhoods_and_tables():
     store, X, _ = _store()
     ens = _ensemble(X.shape[1])
     assert ens.scales == [OWN, (30.0, 1.0), (20.0, 100.0)]        # each neighbourhood searched once
     by = store.estimate_many(X, ens.scales)
     by = dict(zip(ens.scales, by))
-    parts = [m.predict(X, by) for m in ens.members] + [columns(by[(20.0, 100.0)], ["a", "b"])[0]]
+    parts = [m.predict(X, by) for m in ens.members] + [columns(by[(20.0, 100.0)], ["a", "b"])[0]] \
+        + [ens.tables[0].predict(X)]
     got = Predictor(store, ens, repeats=False).predict(X, ["a", "b"], np.zeros(2)).quality   # X: stored prompts
     np.testing.assert_allclose(got, np.mean(parts, 0), atol=1e-6)
     assert all(np.abs(got - p).max() > 1e-3 for p in parts)        # every member moves the mean
     with pytest.raises(ValueError, match="same backends"):
         Ensemble([ens.members[0], Capability(ens.members[1].model, ["a", "c"])])
+    with pytest.raises(ValueError, match="same backends"):
+        Ensemble(ens.members, (), [ens.tables[0].with_backend("c", X, np.ones(len(X)))])
     with pytest.raises(ValueError, match="at least one trained member"):
         Ensemble([], [(40, 100.0)])
 

@@ -77,10 +77,11 @@ def test_update_replaces_the_earlier_results(open_service):
 
 
 @pytest.mark.parametrize("served", ["model", "ensemble"])
-def test_aptitude_items_by_id_and_capability_vector_fitted(open_service, served):
+def test_aptitude_items_by_id_and_capability_vector_fitted(open_service, any_encoder, served):
     import torch
 
     from encoders.capability import CapabilityConfig, build_model
+    from router.prediction.clusters import ClusterTable
     from router.prediction.predictor import Capability, Ensemble
     from router.serving.registrations import load_suite, suite_path
 
@@ -89,10 +90,13 @@ def test_aptitude_items_by_id_and_capability_vector_fitted(open_service, served)
     with torch.no_grad():
         model.w.fill_(1.0)
     cap = Capability(model, ["mathy", "wordy"], config=cfg)
-    if served == "ensemble":    # a learned member without datastore input, and a neighbourhood of the ensemble's own
+    if served == "ensemble":    # a learned member without datastore input, a neighbourhood and a cluster table
         plain = CapabilityConfig(dim=8, hidden=16, codes=1, knn_blend=False, knn_scales=None, seed=1)
+        stored = any_encoder.encode([r["prompt"] for r in OUTCOMES])
+        table = ClusterTable.fit(stored, np.array([[r["scores"][b] for b in ("mathy", "wordy")] for r in OUTCOMES]),
+                                 ["mathy", "wordy"], clusters=2)
         cap = Ensemble([cap, Capability(build_model(384, 2, plain).eval(), ["mathy", "wordy"], config=plain)],
-                       [(8, 100.0)])
+                       [(8, 100.0)], [table])
     svc = open_service(cap)
     items = load_suite(suite_path(None))
     arith = [it for it in items if it["kind"] == "arithmetic"][:15]
@@ -104,6 +108,10 @@ def test_aptitude_items_by_id_and_capability_vector_fitted(open_service, served)
     assert res.capability_fitted and svc.capability.backends == ("mathy", "wordy", "calc-1")
     members = svc.capability.members if served == "ensemble" else (svc.capability,)
     assert all(m.backends == ("mathy", "wordy", "calc-1") for m in members)      # each learned member fitted
+    if served == "ensemble":   # the table's new column: each region's mean of the results in it
+        grown = svc.capability.tables[0]
+        assert grown.backends == ("mathy", "wordy", "calc-1")
+        np.testing.assert_array_equal(grown.quality[:, :2], table.quality)
     X = svc.encoder.encode(["What is 12 + 30? Answer with just the number.",
                             "What is the capital of Italy? Answer in one word."])
     q_math, q_fact = svc.predict(X, [40, 40]).quality
