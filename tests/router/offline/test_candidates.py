@@ -20,6 +20,7 @@ from router.offline.candidates import (
     vouched_margin,
 )
 from router.offline.routing_data import RoutingData
+from router.prediction.clusters import ClusterTable
 
 QUICK = CapabilityConfig(max_epochs=8, patience=3, hidden=32, dim=8, codes=2)
 # Enough training for the learned candidates to find a boundary (lr and batch for 400 prompts).
@@ -140,6 +141,15 @@ def test_an_ensemble_scores_the_mean_of_its_members_each_fitted_once_per_fold(mo
     np.testing.assert_allclose(q, np.mean([part.quality(m) for m in ens[0].members], 0), atol=1e-6)
     part.quality(ens[1])
     assert len(fits) == 3                                 # only MF is new: the MLP and the blend are shared
+    # With a cluster table: no new fit; the table is fitted on every training row of the fold.
+    tabled = [c for c in ens if c.members[-1].kind == "clusters"]
+    assert [c.members[:-1] for c in tabled] == [c.members for c in ens if c not in tabled]
+    q = part.quality(tabled[0])
+    assert len(fits) == 3
+    table = ClusterTable.fit(X[rows[fold != 0]], data.Y[rows[fold != 0]], data.backends, clusters=cm.CLUSTERS)
+    held = part.held
+    np.testing.assert_allclose(q, np.mean([*(part.quality(m) for m in tabled[0].members[:-1]), table.predict(X[held])],
+                                          0), atol=1e-6)
     # Through select, with no member among the candidates: scored all the same.
     rep = select(X, data, rows, DatastoreConfig(), [ens[1]], folds=3, seed=0)
     assert rep.chosen is ens[1] and len(rep.scores[ens[1].name]) == 3

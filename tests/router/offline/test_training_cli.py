@@ -301,6 +301,7 @@ def test_an_ensemble_trains_evaluates_and_serves(slice_file, tmp_path):
     import numpy as np
 
     from router.core.config import load_config
+    from router.offline import candidates as cm
     from router.prediction import artifact as art
     from router.prediction.predictor import Ensemble, Predictor, columns, knn_store, pool_repeats
     from tests.conftest import LiveServer
@@ -313,7 +314,7 @@ def test_an_ensemble_trains_evaluates_and_serves(slice_file, tmp_path):
     sel = m["metrics"]["selection"]
     assert m["router"] == "ensemble" and "capability" not in m and "ensemble: " in r.stdout
     names = [c["name"] for c in sel["candidates"]]
-    assert len(names) == 2 and sel["chosen"] in names and all(n.startswith("ensemble: ") for n in names)
+    assert len(names) == len(cm.ENSEMBLES) and sel["chosen"] in names and all(n.startswith("ensemble: ") for n in names)
     members = m["ensemble"]["members"]
     assert [x["name"] for x in members] == [x["name"] for x in m["metrics"]["ensemble_members"]]
     assert all((out / x["weights"]).exists() for x in members) and not (out / "model.safetensors").exists()
@@ -323,8 +324,9 @@ def test_an_ensemble_trains_evaluates_and_serves(slice_file, tmp_path):
     assert isinstance(ens, Ensemble) and a.model is None and len(ens.members) == len(members)
     assert [list(s) for s in ens.neighbourhoods] == m["ensemble"]["neighbourhoods"]
     tables = m["ensemble"]["clusters"]
-    assert len(ens.tables) == len(tables) == 1 and all((out / c["weights"]).exists() for c in tables)
-    assert ens.tables[0].quality.shape == (tables[0]["regions"], len(a.backends))
+    assert len(ens.tables) == len(tables) == (cm.CLUSTER_TABLE in sel["chosen"])
+    assert all((out / c["weights"]).exists() and t.quality.shape == (c["regions"], len(a.backends))
+               for c, t in zip(tables, ens.tables))
     # Served: the mean of the members and neighbourhoods over the store of every non-test outcome.
     rows = [json.loads(line) for line in gzip.open(slice_file, "rt")]
     assert m["metrics"]["test"]["aiq"] > 0

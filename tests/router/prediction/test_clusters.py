@@ -87,3 +87,36 @@ def test_onboarding_a_backend_adds_or_replaces_its_column_the_way_fit_computes_i
     np.testing.assert_allclose(again.quality[:, 1:], full.quality[:, 1:])
     np.testing.assert_allclose(again.quality[:, 0], 1.0 - full.quality[:, 0], atol=1e-5)
     assert full.quality[0, 0] != again.quality[0, 0]                        # the original is unchanged
+
+
+def test_an_ensembles_cluster_table_is_saved_in_the_artifact_and_served_from_it(tmp_path):
+    from datastore.records import OutcomeRecord
+    from encoders.capability import CapabilityConfig, build_model, config_dict
+    from router.prediction import artifact as art
+    from router.prediction.predictor import Ensemble
+
+    X, Y, _, _ = _data()
+    table = ClusterTable.fit(X, Y, ["a", "b", "c"], clusters=3)
+    cfg = CapabilityConfig(dim=4, hidden=8, codes=1, knn_blend=False, knn_scales=None)
+    model = build_model(X.shape[1], 3, cfg).eval()
+    records = [OutcomeRecord(id=str(i), prompt=f"p{i}", scores={b: float(v) for b, v in zip("abc", y) if v == v})
+               for i, y in enumerate(Y)]
+    manifest = {"embedder": {"id": "synthetic", "dim": X.shape[1], "max_tokens": 8}, "backends": ["a", "b", "c"],
+                "router": "ensemble",
+                "ensemble": {"members": [{"name": "MLP", "capability": config_dict(cfg), "weights": "member-0.safetensors"}],
+                             "neighbourhoods": [[40, 100.0]],
+                             "clusters": [{"regions": 3, "weights": "clusters-0.safetensors"}]}}
+    art.save(tmp_path / "r", models=[model], manifest=manifest, records=records, embeddings=X, tables=[table])
+    a = art.load(tmp_path / "r")
+    served = a.capability()
+    assert isinstance(served, Ensemble) and len(served.tables) == 1
+    got = served.tables[0]
+    assert got.backends == table.backends
+    for name in ("centroids", "quality", "prior_mean"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(table, name))
+    # A table that does not fit the artifact's backends is refused with the file named.
+    manifest["backends"] = ["a", "b"]
+    art.save(tmp_path / "bad", models=[build_model(X.shape[1], 2, cfg).eval()], manifest=manifest,
+             records=records, embeddings=X, tables=[table])
+    with pytest.raises(art.ArtifactError, match="clusters-0.safetensors"):
+        art.load(tmp_path / "bad")
