@@ -12,8 +12,9 @@ the candidates are
   its ablations);
 - a learned router without the datastore: an MLP, and RouteLLM's matrix factorization (a linear
   prompt map, one vector per backend);
-- two ensembles: the mean of several of the above's predicted quality and a cluster table's
-  (per-region mean scores, router/prediction/clusters.py; see ``ENSEMBLES``).
+- ensembles: the mean of several of the above's predicted quality, two fixed sets of members,
+  each also with a cluster table (per-region mean scores, router/prediction/clusters.py; see
+  ``ENSEMBLES``).
 
 Each is scored on ``folds`` held-out folds of the rows that are not test data (and, where the
 data has categories, on folds that hold out whole categories: see ``select``), trained on the

@@ -2,18 +2,20 @@
 
 The idea of Avengers / Avengers-Pro (Zhang et al., 2025), which LLMRouterBench found level with
 the leading learned routers: much of what a router can learn is coarse domain structure, which a
-table of per-region means captures with little variance. Here it is one more member of
+table of per-region means captures with little variance. Here it is a possible member of
 ``caprouter train``'s ensembles, beside the datastore's neighbourhoods, the MLP and the blend: a
 region's mean pools more prompts than a k=40 neighbourhood and errs differently from a fitted map.
 
-Measured (seed 0, ``benchmarks/routing_alternatives.py --try clusters``; the vouched margin over
-plain kNN on 3 random and 3 category-held-out folds of the training rows, the worse of the two
-kinds, then the test split): adding a 32-region table to the served ensemble moved LLMRouter
-+0.0027 -> +0.0034 (test +0.0008 -> +0.0039), RouteLLM +0.0019 -> +0.0026 (+0.0021 -> +0.0025) and
-MMLU-Pro +0.0150 -> +0.0167 (+0.0082 -> +0.0113). 8, 16 and 64 regions were measured too; 32 was the
-best or within 0.0003 of it on each set's folds. The soft assignment (the 3 nearest regions,
-softmax of cosine x 20) and the prior (10 pseudo-records at the backend's overall mean) were fixed
-before measuring, not tuned.
+Measured (seed 0, `benchmarks/routing_alternatives.py --try clusters`; vouched margin over plain
+kNN on 3 random / 3 category-held-out folds of the training rows, then the test split for
+reference), the served ensemble without -> with a 32-region table: LLMRouter +0.0027 / +0.0031 ->
++0.0023 / +0.0042 (test +0.0008 -> +0.0047); RouteLLM +0.0019 / +0.0037 -> +0.0026 / +0.0033
+(+0.0021 -> +0.0022); MMLU-Pro (the MF ensemble) +0.0150 / +0.0206 -> +0.0162 / +0.0203 (+0.0082
+-> +0.0115). Small and mixed on the folds, so ``caprouter train`` tries each ensemble with and
+without it (router/offline/candidates.py). 32 regions came from a first, ad hoc measurement; 8,
+16 and 64 lie within 0.0006 of it on each set's folds. The soft assignment (the 3 nearest
+regions, softmax of cosine x 20) and the prior (10 pseudo-records at the backend's overall mean)
+were fixed before measuring, not tuned.
 """
 from __future__ import annotations
 

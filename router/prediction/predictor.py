@@ -173,7 +173,7 @@ class Ensemble:
     neighbourhoods and cluster tables (``caprouter train``'s ensemble candidates,
     router/offline/candidates.py).
     Serves where a ``Capability`` does: the members share their backends, and onboarding fits a
-    new backend into each learned member (``prediction.onboarding.fit_capability``)."""
+    new backend into each learned member and table (``prediction.onboarding.fit_capability``)."""
 
     def __init__(self, members: Sequence[Capability], neighbourhoods: Sequence[Scale] = (),
                  tables: Sequence[ClusterTable] = ()) -> None:
@@ -202,7 +202,7 @@ class Ensemble:
 
     def predict(self, X: npt.NDArray[np.float32], by_scale: dict[Scale, Estimate]) -> npt.NDArray[np.float32]:
         """X: (n, d) and the datastore's estimates at (at least) ``scales`` -> (n, B) quality, the
-        members' and neighbourhoods' mean, in ``backends`` order."""
+        members', neighbourhoods' and tables' mean, in ``backends`` order."""
         parts = [m.predict(X, by_scale) for m in self.members]
         parts += [columns(by_scale[s], self.backends)[0] for s in self.neighbourhoods]
         parts += [t.predict(X) for t in self.tables]
