@@ -59,13 +59,8 @@ class ClusterTable:
         km.train(X)
         centroids = np.asarray(km.centroids, dtype=np.float32)
         centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
-        region = (X @ centroids.T).argmax(1)
-        Y = np.asarray(Y, dtype=np.float64)
-        seen = ~np.isnan(Y)
-        total = np.where(seen, Y, 0.0)
-        prior_mean = total.sum(0) / np.maximum(seen.sum(0), 1)
-        return cls(centroids, _table(region, total, seen, prior_mean, k), prior_mean.astype(np.float32),
-                   tuple(backends))
+        quality, prior_mean = _region_means(centroids, X, Y)
+        return cls(centroids, quality, prior_mean, tuple(backends))
 
     def predict(self, X: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """X (n, d) unit rows -> (n, B) quality: the nearest regions' means, softly weighted."""
@@ -83,26 +78,28 @@ class ClusterTable:
     def with_backend(self, name: str, X: npt.NDArray[np.float32], y: npt.NDArray[np.floating]) -> ClusterTable:
         """A copy that also predicts ``name`` (or predicts it anew) from its results y (m,) on the
         prompts X (m, d) (onboarding): each region's shrunk mean of the results that fall in it."""
-        region = (np.asarray(X, dtype=np.float32) @ self.centroids.T).argmax(1)
-        y = np.asarray(y, dtype=np.float64)[:, None]
-        seen = ~np.isnan(y)
-        total = np.where(seen, y, 0.0)
-        g = total.sum(0) / np.maximum(seen.sum(0), 1)
-        col = _table(region, total, seen, g, len(self.centroids))
+        col, g = _region_means(self.centroids, X, np.asarray(y)[:, None])
         j = self.column(name)
         if j is None:
             return ClusterTable(self.centroids, np.concatenate([self.quality, col], 1),
-                                np.concatenate([self.prior_mean, g.astype(np.float32)]), (*self.backends, name))
+                                np.concatenate([self.prior_mean, g]), (*self.backends, name))
         quality, prior = self.quality.copy(), self.prior_mean.copy()
         quality[:, j], prior[j] = col[:, 0], g[0]
         return ClusterTable(self.centroids, quality, prior, self.backends)
 
 
-def _table(region: npt.NDArray[np.int64], total: npt.NDArray[np.float64], seen: npt.NDArray[np.bool_],
-           prior_mean: npt.NDArray[np.float64], k: int) -> npt.NDArray[np.float32]:
-    """(k, B) per-region (sum + PRIOR x prior mean) / (records + PRIOR)."""
-    s = np.zeros((k, total.shape[1]))
-    c = np.zeros((k, total.shape[1]))
+def _region_means(centroids: npt.NDArray[np.float32], X: npt.NDArray[np.float32], Y: npt.NDArray[np.floating]
+                  ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """X (n, d) assigned to the nearest of centroids (K, d); scores Y (n, B), NaN where not
+    recorded -> ((K, B) per-region (sum + PRIOR x prior mean) / (records + PRIOR), (B,) prior
+    mean: each column's mean over its recorded scores)."""
+    region = (np.asarray(X, dtype=np.float32) @ centroids.T).argmax(1)
+    Y = np.asarray(Y, dtype=np.float64)
+    seen = ~np.isnan(Y)
+    total = np.where(seen, Y, 0.0)
+    prior_mean = total.sum(0) / np.maximum(seen.sum(0), 1)
+    s = np.zeros((len(centroids), Y.shape[1]))
+    c = np.zeros((len(centroids), Y.shape[1]))
     np.add.at(s, region, total)
     np.add.at(c, region, seen)
-    return ((s + PRIOR * prior_mean) / (c + PRIOR)).astype(np.float32)
+    return ((s + PRIOR * prior_mean) / (c + PRIOR)).astype(np.float32), prior_mean.astype(np.float32)
