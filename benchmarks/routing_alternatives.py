@@ -241,7 +241,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--try", dest="tries", default="metric,offsets,decision,balanced")
     ap.add_argument("--no-repeats", action="store_true", help="do not pool repeated prompts' records (every router)")
-    ap.add_argument("--ensemble", type=int, default=0, help="which of candidates.ENSEMBLES is compared (0, 1)")
+    ap.add_argument("--ensemble", type=int, default=0,
+                    help="which of candidates.ENSEMBLES is compared (0: kNN + k=100 + MLP + blend, 1: MF + MLP + "
+                         "blend, 2 and 3: the same with a cluster table)")
     ap.add_argument("--kinds", default="random,category,test", help="which folds: random, category, test")
     args = ap.parse_args()
     tries = set(args.tries.split(","))
@@ -275,12 +277,12 @@ def main() -> int:
             held = held[complete[held]]
             fold = cm._Fold(X, data, trr, held, ds, [[40, 100.0], [100, 100.0]], args.seed, args.seed + f)
             q = {c.name: fold.quality(c) for c in cands}
+            rec = fold.store.recorded(X[held])      # the held prompts' repeats, pooled into every router below
             if "metric" in tries:
                 # Repeats pooled as for every candidate (datastore.repeats; fold.quality does it).
                 q["kNN in a learned metric"] = metric_knn(X, data.Y, fold.tr, fold.va, trr, held, seed=args.seed)
                 if ds.repeats:
-                    q["kNN in a learned metric"] = pool_repeats(q["kNN in a learned metric"],
-                                                                fold.store.recorded(X[held]), data.backends)
+                    q["kNN in a learned metric"] = pool_repeats(q["kNN in a learned metric"], rec, data.backends)
             for view in [v for v in ("attention", "layers", "all-layers") if v in tries]:
                 for c in (by[BLEND], by["MLP"]):
                     cfg = replace(c.capability, patience=10)     # as candidates._Fold fits them
@@ -293,17 +295,16 @@ def main() -> int:
                         V = views[view]
                         pred = predict(train(V[fold.tr], data.Y[fold.tr], V[fold.va], data.Y[fold.va], cfg, K=K,
                                              Kv=Kv).model, V[held], Kh)
-                    q[f"{c.name} on {view}"] = pool_repeats(pred, fold.store.recorded(X[held]), data.backends) \
-                        if ds.repeats else pred
+                    q[f"{c.name} on {view}"] = pool_repeats(pred, rec, data.backends) if ds.repeats else pred
                 q[f"ensemble on {view}"] = np.mean([q.get(f"{m.name} on {view}", q.get(m.name)) if m.name in
                                                     (BLEND, "MLP") else fold.quality(m) for m in ens.members], 0)
             if "clusters" in tries:
                 rest = [fold.quality(m) for m in ens.members if m.kind != "clusters"]
-                q["ensemble without its cluster table"] = np.mean(rest, 0)
+                q["ensemble's members without a cluster table"] = np.mean(rest, 0)
                 for regions in (8, 16, 32, 64):
                     table = ClusterTable.fit(X[trr], data.Y[trr], data.backends, clusters=regions, seed=args.seed)
                     t = table.predict(X[held])
-                    t = pool_repeats(t, fold.store.recorded(X[held]), data.backends) if ds.repeats else t
+                    t = pool_repeats(t, rec, data.backends) if ds.repeats else t
                     q[f"cluster table {regions} regions alone"] = t
                     q[f"ensemble without its table + {regions} regions"] = np.mean([*rest, t], 0)
             out.append((q, fold.Chat, data.Y[held], data.C[held], held))
